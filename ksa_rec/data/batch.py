@@ -1,0 +1,57 @@
+"""The batch that flows from the DataModule into the model.
+
+Users are a jagged batch: every key of ``features`` (a TorchRec ``KeyedJaggedTensor``) has the same
+lengths, and ``offsets`` is their ``[B+1]`` cumulative form, computed on the host (fbgemm's CUDA
+cumsum is not available with the CPU build of fbgemm-gpu). Example, B = 2, n = (3, 1)::
+
+    features["item_id"] | 7  12  7 | 3 |      offsets   = [0, 3, 4]
+    positions           | 8  9  10 | 0 |      (absolute index in each user's history)
+    targets (training)  | 12 7  5  | 0 |      (next item; 0 = no label)
+    eval_targets        |        9 | 4 |      (evaluation: the item after the last event)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torchrec import KeyedJaggedTensor
+
+
+@dataclass
+class SequenceBatch:
+    features: KeyedJaggedTensor
+    offsets: Tensor
+    """int64 ``[B+1]``."""
+    positions: Tensor
+    """int64 ``[T]``: absolute index of each event in its user's full history."""
+    max_len: int
+    """Longest user in the batch (host int: saves a device sync when padding)."""
+    user_index: Tensor
+    """int64 ``[B]``: row of the user in the processed data."""
+    targets: Tensor | None = None
+    """Training: int64 ``[T]`` next item at each event, 0 where there is none."""
+    eval_targets: Tensor | None = None
+    """Evaluation: int64 ``[B]`` the item to rank."""
+    seen_values: Tensor | None = None
+    """Evaluation: items to exclude from the ranking, jagged int64 ``[sum_b m_b]`` ..."""
+    seen_offsets: Tensor | None = None
+    """... with offsets ``[B+1]``."""
+    labels: dict[str, Tensor] = field(default_factory=dict)
+    """Evaluation: per-user int64 ``[B]`` labels of the target event (e.g. ``evidence_distance``)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.offsets.numel() - 1
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SequenceBatch":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return SequenceBatch(
+            features=self.features.to(device, non_blocking=non_blocking), offsets=move(self.offsets),
+            positions=move(self.positions), max_len=self.max_len, user_index=move(self.user_index),
+            targets=move(self.targets), eval_targets=move(self.eval_targets),
+            seen_values=move(self.seen_values), seen_offsets=move(self.seen_offsets),
+            labels={k: move(v) for k, v in self.labels.items()})

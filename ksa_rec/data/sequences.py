@@ -1,0 +1,147 @@
+"""Samples over the processed data and their collation into ``SequenceBatch``.
+
+A sample is a slice of one user's history, stored as three ints so datasets stay tiny:
+
+- training: ``(user, start, end)``: inputs are events ``[start, end-1)``, targets ``[start+1, end)``;
+- evaluation: ``(user, start, end)``: inputs ``[start, end)``, the target is event ``end``, and every item
+  of ``[0, end)`` is excluded from the ranking.
+
+``start`` is always a multiple of ``chunk_size`` (KSA.md section 6): training sees the same chunks that
+a streaming state builds from the user's first event.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchrec import KeyedJaggedTensor
+
+from ksa_rec.data.batch import SequenceBatch
+from ksa_rec.data.etl import InteractionData
+from ksa_rec.data.split import EvalTargets
+from ksa_rec.data.truncation import chunk_aligned_start
+from ksa_rec.modules.embeddings import ITEM_KEY, TIME_GAP_KEY, time_gap_bucket
+
+
+class TrainWindows(Dataset):
+    """One training slice per user with at least two training events.
+
+    ``window="last"`` takes the newest ``max_len`` inputs of the training prefix; ``"random"`` draws the
+    slice's end uniformly per (epoch, user), so long histories are seen whole over epochs. Items are
+    addressed by ``(index, epoch)`` keys, which :class:`EpochSampler` yields: the draw then depends on
+    the epoch even inside persistent worker processes.
+    """
+
+    def __init__(self, train_len: np.ndarray, max_len: int, chunk_size: int, window: str = "last",
+                 seed: int = 0):
+        if window not in ("last", "random"):
+            raise ValueError(f"train window must be 'last' or 'random', got {window!r}")
+        self.users = np.flatnonzero(train_len >= 2)
+        self.train_len = train_len[self.users]
+        self.max_len, self.chunk_size, self.window, self.seed = max_len, chunk_size, window, seed
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, int]:
+        i, epoch = key
+        end = int(self.train_len[i])
+        if self.window == "random" and end > self.max_len + 1:
+            low = self.max_len + 1
+            end = int(np.random.default_rng((self.seed, epoch, i)).integers(low, end + 1))
+        start = int(chunk_aligned_start(end - 1, self.max_len, self.chunk_size))
+        return int(self.users[i]), start, end
+
+
+class EpochSampler(Sampler):
+    """Shuffles ``range(n)`` anew each epoch (seeded) and yields ``(index, epoch)`` keys.
+
+    Lightning calls ``set_epoch`` on the sampler before every training epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else range(self.n)
+        return iter([(int(i), self.epoch) for i in order])
+
+
+class EvalWindows(Dataset):
+    """One evaluation sample per target: history ``[start, position)`` predicts event ``position``."""
+
+    def __init__(self, targets: EvalTargets, max_len: int, chunk_size: int):
+        self.user, self.end = targets.user, targets.position
+        self.start = chunk_aligned_start(self.end, max_len, chunk_size)
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def __getitem__(self, i: int) -> tuple[int, int, int]:
+        return int(self.user[i]), int(self.start[i]), int(self.end[i])
+
+
+class Collator:
+    """Gathers samples into a ``SequenceBatch`` (numpy index arithmetic, no per-event Python loops)."""
+
+    def __init__(self, data: InteractionData, time_gap_buckets: int, train: bool, labels: tuple[str, ...] = ()):
+        self.data, self.train, self.labels = data, train, labels
+        self.gap_bucket = None
+        if time_gap_buckets:
+            self.gap_bucket = time_gap_bucket(torch.from_numpy(event_gaps(data)), time_gap_buckets).numpy()
+
+    def __call__(self, samples: list[tuple[int, int, int]]) -> SequenceBatch:
+        user, start, end = (np.asarray(col, dtype=np.int64) for col in zip(*samples))
+        base = self.data.offsets[user]
+        input_end = end - 1 if self.train else end
+        lengths = input_end - start
+        rows = _ranges(base + start, lengths)
+        positions = rows - np.repeat(base, lengths)
+        keys, values = [ITEM_KEY], [self.data.item_ids[rows]]
+        for name, ids in sorted(self.data.feature_ids.items()):
+            keys.append(name)
+            values.append(ids[rows])
+        if self.gap_bucket is not None:
+            keys.append(TIME_GAP_KEY)
+            values.append(self.gap_bucket[rows])
+        lengths_t = torch.from_numpy(lengths)
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+        all_lengths = lengths_t.repeat(len(keys))
+        features = KeyedJaggedTensor(
+            keys=keys, values=torch.from_numpy(np.concatenate(values)), lengths=all_lengths,
+            offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(all_lengths.numpy())])))
+        batch = SequenceBatch(features=features, offsets=offsets, positions=torch.from_numpy(positions),
+                              max_len=int(lengths.max(initial=0)), user_index=torch.from_numpy(user))
+        if self.train:
+            batch.targets = torch.from_numpy(self.data.item_ids[rows + 1])
+        else:
+            target_rows = base + end
+            batch.eval_targets = torch.from_numpy(self.data.item_ids[target_rows])
+            seen_rows = _ranges(base, end)
+            batch.seen_values = torch.from_numpy(self.data.item_ids[seen_rows])
+            batch.seen_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(end)]))
+            batch.labels = {name: torch.from_numpy(self.data.labels[name][target_rows]) for name in self.labels}
+        return batch
+
+
+def event_gaps(data: InteractionData) -> np.ndarray:
+    """Seconds since the same user's previous event, ``[N]``; -1 at each user's first event."""
+    gaps = np.diff(data.timestamps, prepend=data.timestamps[:1]).astype(np.int64)
+    gaps[data.offsets[:-1][data.lengths() > 0]] = -1
+    return gaps
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each pair, vectorised."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    seg_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + (np.arange(total) - seg_start)

@@ -1,0 +1,53 @@
+"""The plain next-item model (no Lightning): embeddings -> encoder -> head tied to the item table."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ksa_rec.data.batch import SequenceBatch
+from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
+from ksa_rec.modules.embeddings import EventEmbedding
+from ksa_rec.modules.encoder import SequenceEncoder
+from ksa_rec.modules.losses import full_cross_entropy, sampled_softmax
+
+
+class SeqRecModel(nn.Module):
+    """Next-item recommender over jagged user histories.
+
+    ``encode`` gives a state per event ``(sum_b n_b, dim)``; ``user_vectors`` the state after each
+    user's newest event ``[B, dim]``; scores of item i are ``<state, item_embedding[i]>``.
+    """
+
+    def __init__(self, encoder: EncoderConfig, loss: LossConfig, data_spec: DataSpec):
+        super().__init__()
+        self.encoder_cfg, self.loss_cfg, self.data_spec = encoder, loss, data_spec
+        self.embedding = EventEmbedding(encoder.dim, data_spec.num_items, data_spec.feature_cardinalities,
+                                        encoder.time_gap_buckets)
+        self.encoder = SequenceEncoder(encoder)
+        # Training frequency of each item, for the logQ correction; filled by the trainer from the data.
+        self.register_buffer("item_prob", torch.full((data_spec.num_items,), 1.0 / data_spec.num_items))
+
+    @property
+    def item_weight(self) -> Tensor:
+        return self.embedding.item_weight
+
+    def encode(self, batch: SequenceBatch) -> Tensor:
+        tokens, time_part = self.embedding(batch.features)
+        return self.encoder(tokens, batch.offsets, batch.positions, time_part, batch.max_len)
+
+    def user_vectors(self, batch: SequenceBatch) -> Tensor:
+        """State after each user's newest event, ``[B, dim]`` (every user must have >= 1 event)."""
+        lengths = batch.offsets[1:] - batch.offsets[:-1]
+        if bool((lengths == 0).any()):
+            raise ValueError("user_vectors needs at least one event per user")
+        return self.encode(batch)[batch.offsets[1:] - 1]
+
+    def loss(self, batch: SequenceBatch) -> Tensor:
+        """Next-item loss at every event that has a target."""
+        hidden = self.encode(batch)
+        has_target = batch.targets > 1
+        hidden, targets = hidden[has_target], batch.targets[has_target]
+        if self.loss_cfg.kind == "ce":
+            return full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature)
+        return sampled_softmax(hidden, targets, self.item_weight, self.loss_cfg, self.item_prob)

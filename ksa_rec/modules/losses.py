@@ -1,0 +1,69 @@
+"""Next-item losses over a head tied to the item table (ids 0 = PAD and 1 = OOV are never targets).
+
+- Full softmax cross-entropy over the whole catalogue.
+- Sampled softmax: candidates = the positive, every other target of the batch (in-batch negatives) and
+  U uniform draws. Each sampled negative's logit is corrected by ``-log E[its count among the draws]``
+  (logQ correction, Yi et al. 2019) and negatives equal to the row's positive are masked (accidental
+  hits); the positive is always present, not drawn, so it is not corrected. Then
+  ``e^{s_pos} + sum_neg e^{s_j - log E[count_j]}`` estimates the full partition function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ksa_rec.models.config import LossConfig
+
+RESERVED_IDS = 2  # PAD and OOV
+
+
+def catalogue_logits(hidden: Tensor, item_weight: Tensor) -> Tensor:
+    """``hidden [N, dim]`` x ``item_weight [num_items, dim]`` -> ``[N, num_items]``, reserved ids at -inf."""
+    logits = hidden @ item_weight.t()
+    logits[:, :RESERVED_IDS] = float("-inf")
+    return logits
+
+
+def full_cross_entropy(hidden: Tensor, targets: Tensor, item_weight: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean softmax cross-entropy over the full catalogue. ``hidden [N, dim]``, ``targets [N]``."""
+    return F.cross_entropy(catalogue_logits(hidden, item_weight) / temperature, targets)
+
+
+def sampled_softmax(hidden: Tensor, targets: Tensor, item_weight: Tensor, cfg: LossConfig,
+                    item_prob: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+    """Sampled softmax with logQ correction.
+
+    Args:
+        hidden: ``[N, dim]`` states at positions with a target; targets: ``[N]`` item ids (>= 2).
+        item_prob: ``[num_items]`` training frequency of each item (sums to 1), used for the expected
+            in-batch count; None means uniform.
+    """
+    n, num_items = targets.shape[0], item_weight.shape[0]
+    negatives = []
+    if cfg.in_batch_negatives:
+        negatives.append(targets)
+    if cfg.num_uniform_negatives:
+        negatives.append(torch.randint(RESERVED_IDS, num_items, (cfg.num_uniform_negatives,),
+                                       device=targets.device, generator=generator))
+    neg = torch.cat(negatives)
+    pos_logit = (hidden * item_weight[targets]).sum(-1, keepdim=True)
+    neg_logit = hidden @ item_weight[neg].t()
+    neg_logit = neg_logit / cfg.temperature
+    if cfg.logq_correction:
+        neg_logit = neg_logit - torch.log(_expected_counts(neg, n, cfg, num_items, item_prob))[None, :]
+    neg_logit = neg_logit.masked_fill(neg[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([pos_logit / cfg.temperature, neg_logit], dim=1)
+    return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=targets.device))
+
+
+def _expected_counts(items: Tensor, batch: int, cfg: LossConfig, num_items: int,
+                     item_prob: Tensor | None) -> Tensor:
+    """Expected number of times each item appears among the drawn negatives, ``[len(items)]``."""
+    real_items = num_items - RESERVED_IDS
+    expected = torch.full(items.shape, cfg.num_uniform_negatives / real_items, dtype=torch.float32,
+                          device=items.device)
+    if cfg.in_batch_negatives:
+        expected = expected + (batch / real_items if item_prob is None else batch * item_prob[items])
+    return expected.clamp(min=1e-12)

@@ -1,0 +1,67 @@
+"""``ksa-rec fit|validate|test`` through LightningCLI.
+
+The data module is built first; its ``data_spec`` (table sizes from the vocabularies) is linked into the
+model, and the model's chunk size into the data (truncation must keep whole chunks). Checkpointing and
+early stopping watch validation NDCG@10 (``--checkpoint.*``, ``--early_stopping.*`` tune them). ``fit``
+ends with a test pass on the best checkpoint, so one command prints validation and test metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+from ksa_rec.data.datamodule import RecDataModule
+from ksa_rec.training.module import RecModule
+
+MONITOR = "val/ndcg@10"
+
+TRAINER_DEFAULTS = {
+    "default_root_dir": "runs",
+    "logger": [
+        # The first logger's directory (runs/csv/version_N) also holds checkpoints and metrics.json.
+        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}},
+        {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+         "init_args": {"save_dir": "runs", "name": "tensorboard"}},
+    ],
+}
+
+
+class RecCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": MONITOR, "checkpoint.mode": "max", "checkpoint.save_last": True,
+                             "checkpoint.filename": "best-{epoch}"})
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": MONITOR, "early_stopping.mode": "max",
+                             "early_stopping.patience": 10})
+        parser.link_arguments("model.encoder.chunk_size", "data.chunk_size", apply_on="parse")
+        parser.link_arguments("model.encoder.time_gap_buckets", "data.time_gap_buckets", apply_on="parse")
+        parser.link_arguments("data.data_spec", "model.data_spec", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.fast_dev_run or trainer.interrupted:
+            return
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+        self.write_results(best)
+
+    def after_test(self) -> None:
+        self.write_results(self.config[self.subcommand].get("ckpt_path") or "")
+
+    def write_results(self, checkpoint: str) -> None:
+        """Every metric of the last validation/test pass, with 95% CIs and user counts, as JSON."""
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"checkpoint": checkpoint, **self.model.last_metrics}, indent=2))
+        print(f"metrics with 95% CIs: {out}")
+
+
+def run_lightning(args: list[str]) -> RecCLI:
+    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/smoke.yaml"]``."""
+    return RecCLI(RecModule, RecDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
+                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

@@ -1,0 +1,104 @@
+"""Full-catalogue ranking metrics: HR@K, NDCG@K, MRR, with already-seen items masked.
+
+The rank of the target is counted chunk by chunk over the item table, so the ``[B, num_items]`` score
+matrix never exists at once (millions of items fit). Rank = number of eligible items scoring at least
+as high as the target (ties count against the model); eligible = not PAD/OOV, not already seen by the
+user, not the target itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from ksa_rec.modules.losses import RESERVED_IDS
+from ksa_rec.utils.jagged import segment_ids
+
+CUTOFFS = (5, 10, 20)
+
+
+def target_ranks(user_vecs: Tensor, item_weight: Tensor, targets: Tensor, seen_values: Tensor | None,
+                 seen_offsets: Tensor | None, item_chunk: int = 65536) -> Tensor:
+    """0-based rank of each target among the eligible items.
+
+    Args:
+        user_vecs: ``[B, dim]``; item_weight: ``[num_items, dim]``; targets: int64 ``[B]``.
+        seen_values, seen_offsets: jagged items to exclude per user (``[M]``, ``[B+1]``), or None.
+    Returns:
+        int64 ``[B]``.
+    """
+    batch = user_vecs.shape[0]
+    target_scores = (user_vecs * item_weight[targets]).sum(-1, keepdim=True)
+    # Exclusions as (user, item) pairs: seen items and the target itself.
+    ex_user = torch.arange(batch, device=targets.device)
+    ex_item = targets
+    if seen_values is not None and seen_values.numel():
+        ex_user = torch.cat([ex_user, segment_ids(seen_offsets, seen_values.numel())])
+        ex_item = torch.cat([ex_item, seen_values])
+    ranks = torch.zeros(batch, dtype=torch.int64, device=targets.device)
+    for start in range(RESERVED_IDS, item_weight.shape[0], item_chunk):
+        stop = min(start + item_chunk, item_weight.shape[0])
+        scores = user_vecs @ item_weight[start:stop].t()
+        inside = (ex_item >= start) & (ex_item < stop)
+        scores[ex_user[inside], ex_item[inside] - start] = float("-inf")
+        ranks += (scores >= target_scores).sum(1)
+    return ranks
+
+
+def rank_metrics(ranks: Tensor) -> dict[str, Tensor]:
+    """Per-user metric values ``[B]`` (float) from 0-based ranks."""
+    ranks_f = ranks.to(torch.float64)
+    out = {"mrr": 1.0 / (ranks_f + 1.0)}
+    for k in CUTOFFS:
+        hit = ranks < k
+        out[f"hr@{k}"] = hit.to(torch.float64)
+        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks_f + 2.0), torch.zeros_like(ranks_f))
+    return out
+
+
+class RankingMetrics(Metric):
+    """Accumulates mean HR@{5,10,20}, NDCG@{5,10,20}, MRR (and their 95% normal-approximation
+    half-widths) over users, optionally per group (e.g. a distance-of-evidence bucket)."""
+
+    full_state_update = False
+
+    def __init__(self, groups: tuple[str, ...] = ()):
+        super().__init__()
+        self.groups = ("all",) + tuple(groups)
+        names = list(rank_metrics(torch.zeros(1, dtype=torch.int64)))
+        self.names = names
+        shape = (len(self.groups), len(names))
+        self.add_state("sums", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squares", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(len(self.groups), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, ranks: Tensor, group: Tensor | None = None) -> None:
+        """``ranks [B]``; ``group [B]`` int index into ``groups[1:]`` (-1: only counted under "all")."""
+        values = torch.stack(list(rank_metrics(ranks).values()), dim=1)  # [B, M]
+        self._add(0, values)
+        if group is not None:
+            for g in range(1, len(self.groups)):
+                sel = group == g - 1
+                if bool(sel.any()):
+                    self._add(g, values[sel])
+
+    def _add(self, g: int, values: Tensor) -> None:
+        self.sums[g] += values.sum(0)
+        self.squares[g] += (values * values).sum(0)
+        self.counts[g] += values.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for g, group in enumerate(self.groups):
+            n = float(self.counts[g])
+            if n == 0:
+                continue
+            prefix = "" if group == "all" else f"{group}/"
+            for m, name in enumerate(self.names):
+                mean = float(self.sums[g, m]) / n
+                var = max(float(self.squares[g, m]) / n - mean * mean, 0.0)
+                out[f"{prefix}{name}"] = mean
+                out[f"{prefix}{name}_ci95"] = 1.96 * (var / max(n - 1.0, 1.0)) ** 0.5
+            out[f"{prefix}users"] = n
+        return out

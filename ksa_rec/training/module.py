@@ -1,0 +1,158 @@
+"""LightningModule around :class:`SeqRecModel`: losses, full-catalogue metrics, optimisers, vocabularies
+in checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from ksa_rec.data.batch import SequenceBatch
+from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig, coerce
+from ksa_rec.models.seqrec import SeqRecModel
+from ksa_rec.training.metrics import RankingMetrics, target_ranks
+
+CHECKPOINT_VOCAB_KEY = "ksa_rec_vocab"
+EVIDENCE_LABEL = "evidence_distance"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 0
+    """Linear warm-up, then constant (cosine decay to 10% when ``cosine_steps`` > 0)."""
+    cosine_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.cosine_steps < 0:
+            raise ValueError("optim: lr must be > 0; weight_decay, warmup_steps, cosine_steps >= 0")
+
+
+@dataclass
+class EvalConfig:
+    item_chunk: int = 65536
+    """Items scored at once when ranking the full catalogue (bounds memory at eval_batch x item_chunk)."""
+    distance_edges: tuple[int, ...] = (64, 264, 1024)
+    """Buckets of ``evidence_distance`` for the long-range breakdown (when the data has that label)."""
+
+
+class RecModule(pl.LightningModule):
+    """Trains and evaluates a next-item model. ``data_spec`` is linked from the DataModule by the CLI."""
+
+    def __init__(self, encoder: EncoderConfig = EncoderConfig(), loss: LossConfig = LossConfig(),
+                 optim: OptimConfig = OptimConfig(), eval: EvalConfig = EvalConfig(),
+                 data_spec: DataSpec | None = None):
+        super().__init__()
+        if data_spec is None:
+            raise ValueError("model.data_spec is required (the CLI links it from the data)")
+        self.encoder_cfg = coerce(EncoderConfig, encoder)
+        self.loss_cfg = coerce(LossConfig, loss)
+        self.optim_cfg = coerce(OptimConfig, optim)
+        self.eval_cfg = coerce(EvalConfig, eval)
+        self.data_spec = coerce(DataSpec, data_spec)
+        # Plain dicts in hparams: checkpoints stay loadable with weights_only and readable as YAML.
+        self.save_hyperparameters({"encoder": asdict(self.encoder_cfg), "loss": asdict(self.loss_cfg),
+                                   "optim": asdict(self.optim_cfg), "eval": asdict(self.eval_cfg),
+                                   "data_spec": asdict(self.data_spec)})
+        self.model = SeqRecModel(self.encoder_cfg, self.loss_cfg, self.data_spec)
+        self.vocab: dict | None = None
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self.val_metrics = RankingMetrics()
+        self.test_metrics = RankingMetrics(self.distance_groups())
+
+    # ---- data hand-over ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        if stage == "fit" and hasattr(dm, "item_probability"):
+            prob = torch.as_tensor(dm.item_probability(), dtype=torch.float32)
+            self.model.item_prob.copy_(prob.to(self.model.item_prob.device))
+        if hasattr(dm, "data"):
+            data = dm.data
+            self.vocab = {"items": data.items.to_dict(),
+                          "features": {k: v.to_dict() for k, v in data.features.items()}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.vocab is not None:
+            checkpoint[CHECKPOINT_VOCAB_KEY] = self.vocab
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.vocab = checkpoint.get(CHECKPOINT_VOCAB_KEY)
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
+        loss = self.model.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.batch_size)
+        return loss
+
+    def _ranks(self, batch: SequenceBatch) -> Tensor:
+        vecs = self.model.user_vectors(batch)
+        return target_ranks(vecs, self.model.item_weight, batch.eval_targets, batch.seen_values,
+                            batch.seen_offsets, self.eval_cfg.item_chunk)
+
+    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self.val_metrics.update(self._ranks(batch))
+
+    def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        group = None
+        if EVIDENCE_LABEL in batch.labels:
+            group = self.distance_group(batch.labels[EVIDENCE_LABEL])
+        self.test_metrics.update(self._ranks(batch), group)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, split: str, metric: RankingMetrics) -> None:
+        values = metric.compute()
+        metric.reset()
+        self.last_metrics[split] = values
+        for name, value in values.items():
+            if name.endswith(("_ci95", "users")):
+                continue  # kept in last_metrics / the results JSON, not in the console table
+            self.log(f"{split}/{name}", value, prog_bar=name in ("ndcg@10", "hr@10"))
+
+    # ---- long-range breakdown ------------------------------------------------------------------------
+    def distance_groups(self) -> tuple[str, ...]:
+        edges = self.eval_cfg.distance_edges
+        names = ["no_long_range"]
+        bounds = [1, *edges]
+        names += [f"dist_{lo}_{hi}" for lo, hi in zip(bounds[:-1], bounds[1:])]
+        names.append(f"dist_{bounds[-1]}_plus")
+        return tuple(names)
+
+    def distance_group(self, distance: Tensor) -> Tensor:
+        """``evidence_distance [B]`` (-1 = none) -> index into ``distance_groups()``."""
+        edges = torch.tensor(self.eval_cfg.distance_edges, device=distance.device)
+        bucket = 1 + torch.bucketize(distance, edges, right=True)
+        return torch.where(distance < 1, torch.zeros_like(bucket), bucket)
+
+    # ---- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        if not cfg.warmup_steps and not cfg.cosine_steps:
+            return optimizer
+
+        def factor(step: int) -> float:
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            if cfg.cosine_steps:
+                t = min(1.0, (step - cfg.warmup_steps) / cfg.cosine_steps)
+                return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,52 @@
+"""Full-catalogue ranking metrics against a hand-computed example."""
+
+import math
+
+import pytest
+import torch
+
+from ksa_rec.training.metrics import RankingMetrics, rank_metrics, target_ranks
+
+# Scores of items 2..6 for a user vector [1, 0]: 0.9, 0.5, 0.7, 0.1, 0.8 (ids 0, 1 are PAD/OOV).
+ITEMS = torch.tensor([[5.0, 0.0], [4.0, 0.0], [0.9, 0.0], [0.5, 0.0], [0.7, 0.0], [0.1, 0.0], [0.8, 0.0]])
+
+
+@pytest.mark.parametrize("item_chunk", [1, 2, 3, 100])
+def test_ranks_mask_seen_reserved_and_target(item_chunk):
+    users = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    targets = torch.tensor([3, 2, 5])
+    # user 0 has seen item 6 (0.8) -> masked; eligible above 0.5: items 2 (0.9) and 4 (0.7) -> rank 2.
+    # user 1: target 2 is the best eligible item -> rank 0 (PAD/OOV score 5 and 4 but are reserved).
+    # user 2: has seen 2, 4 and its own target 5 earlier; eligible above 0.1: items 3, 6 -> rank 2.
+    seen_values = torch.tensor([6, 2, 4, 5])
+    seen_offsets = torch.tensor([0, 1, 1, 4])
+    ranks = target_ranks(users, ITEMS, targets, seen_values, seen_offsets, item_chunk=item_chunk)
+    assert ranks.tolist() == [2, 0, 2]
+
+
+def test_ties_count_against_the_model():
+    items = torch.tensor([[0.0], [0.0], [1.0], [1.0], [1.0]])
+    ranks = target_ranks(torch.tensor([[1.0]]), items, torch.tensor([3]), None, None)
+    assert ranks.tolist() == [2]
+
+
+def test_metric_values_from_ranks():
+    m = rank_metrics(torch.tensor([0, 2, 7, 30]))
+    assert m["hr@5"].tolist() == [1, 1, 0, 0]
+    assert m["hr@10"].tolist() == [1, 1, 1, 0]
+    assert m["ndcg@5"].tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert m["ndcg@10"].tolist() == pytest.approx([1.0, 0.5, 1 / math.log2(9), 0.0])
+    assert m["mrr"].tolist() == pytest.approx([1.0, 1 / 3, 1 / 8, 1 / 31])
+
+
+def test_accumulator_means_groups_and_ci():
+    metric = RankingMetrics(groups=("near", "far"))
+    metric.update(torch.tensor([0, 2]), torch.tensor([0, 1]))
+    metric.update(torch.tensor([7, 30]), torch.tensor([1, -1]))
+    out = metric.compute()
+    assert out["hr@10"] == pytest.approx(0.75)
+    assert out["users"] == 4
+    assert out["near/hr@5"] == 1.0 and out["near/users"] == 1
+    assert out["far/ndcg@5"] == pytest.approx(0.25) and out["far/users"] == 2
+    # 95% CI half-width of HR@10 over values (1, 1, 1, 0): 1.96 * sqrt(0.1875 / 3)
+    assert out["hr@10_ci95"] == pytest.approx(1.96 * math.sqrt(0.1875 / 3))
