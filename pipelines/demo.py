@@ -4,7 +4,7 @@ How to run (from the repository root, after `make venv`; `make demo` does both):
 
     .venv/bin/python pipelines/demo.py [extra LightningCLI args, e.g. --trainer.max_epochs=2]
 
-Everything lands under demo-out/ (checkpoints, CSV/TensorBoard logs, the generated events in .cache/).
+Checkpoints, CSV/TensorBoard logs and metrics.json land under runs/; the generated events under .cache/.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(extra: list[str]) -> int:
     started = time.time()
-    args = ["fit", "--config", str(ROOT / "configs" / "demo.yaml"),
-            "--trainer.default_root_dir", "demo-out", *extra]
-    code = ksa_rec(args)
-    print(f"demo: finished in {time.time() - started:.0f} s; logs and checkpoints under demo-out/")
+    code = ksa_rec(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), *extra])
+    print(f"demo: finished in {time.time() - started:.0f} s; checkpoints, logs and metrics.json under runs/")
     return code
 
 

@@ -61,7 +61,8 @@ class RecCLI(LightningCLI):
         print(f"metrics with 95% CIs: {out}")
 
 
-def run_lightning(args: list[str]) -> RecCLI:
-    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/smoke.yaml"]``."""
-    return RecCLI(RecModule, RecDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
+def run_lightning(args: list[str], run: bool = True) -> RecCLI:
+    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/smoke.yaml"]``; with
+    ``run=False`` only parse and instantiate (no subcommand in ``args`` then)."""
+    return RecCLI(RecModule, RecDataModule, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS,
                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

@@ -88,7 +88,7 @@ class RecModule(pl.LightningModule):
     # ---- steps -------------------------------------------------------------------------------------
     def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
         loss = self.model.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.batch_size)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch.batch_size)
         return loss
 
     def _ranks(self, batch: SequenceBatch) -> Tensor:
