@@ -58,7 +58,7 @@ class KindAttention(nn.Module):
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, summary: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``x [N, dim]`` -> q, k, v ``[N, H, Dh]`` with RoPE applied to q and k."""
         proj = self.qkv_sum if summary else self.qkv
-        q, k, v = proj(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
+        q, k, v = proj(x).view(x.shape[0], 3, self.num_heads, self.cfg.dim // self.num_heads).unbind(1)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, Tensor | None]:
