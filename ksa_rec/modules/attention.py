@@ -75,14 +75,15 @@ class KindAttention(nn.Module):
     def attend_events_only(self, q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout) -> Tensor:
         cfg = self.cfg
         if self.kind == "full":
-            return causal_attention(q, k, v, layout.offsets, max_len=layout.max_len)
+            return causal_attention(q, k, v, layout.offsets, max_len=layout.max_len, check_offsets=False)
         if self.kind == "swa":
             return sliding_window_attention(q, k, v, layout.offsets, window_tokens=cfg.window * cfg.chunk_size,
-                                            backend=cfg.attention_backend)
+                                            backend=cfg.attention_backend, check_offsets=False)
         if self.kind == "sca":
             none = q.new_zeros((0, *q.shape[1:]))
             return ksa_attention(q, k, v, none, none, none, layout.offsets, chunk_size=cfg.chunk_size,
-                                 window=cfg.window, summary_tokens=0, backend=cfg.attention_backend)[0]
+                                 window=cfg.window, summary_tokens=0, backend=cfg.attention_backend,
+                                 check_offsets=False)[0]
         raise ValueError(f"attention kind {self.kind!r} needs the summary stream")
 
     def attend_with_summaries(self, q, k, v, qs, ks, vs, layout: StreamLayout) -> tuple[Tensor, Tensor]:
@@ -96,7 +97,8 @@ class KindAttention(nn.Module):
         }[self.kind]
         out, out_sum = ksa_attention(q, k, v, qs, ks, vs, layout.offsets, chunk_size=cfg.chunk_size,
                                      window=window, summary_tokens=cfg.summary_tokens,
-                                     max_summaries=max_summaries, backend=cfg.attention_backend)
+                                     max_summaries=max_summaries, backend=cfg.attention_backend,
+                                     check_offsets=False)
         if self.kind == "swa":
             out = self.attend_events_only(q, k, v, layout)
         return out, out_sum

@@ -14,6 +14,7 @@ from ksa_rec.models.config import EncoderConfig
 from ksa_rec.modules.attention import KindAttention, StreamLayout
 from ksa_rec.modules.rope import RotaryEmbedding
 from ksa_rec.ops.ksa.layout import summary_event_positions, summary_index
+from ksa_rec.utils.jagged import validate_offsets
 
 
 class FeedForward(nn.Sequential):
@@ -75,6 +76,8 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, tokens: Tensor, offsets: Tensor, positions: Tensor, time_part: Tensor | None = None,
                 max_len: int | None = None) -> Tensor:
+        # The layout is checked once here; every layer's op then skips the checks that sync a GPU.
+        validate_offsets(offsets, tokens.shape[0])
         if max_len is None:
             max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
         cos, sin = self.rope.tables(positions, tokens.dtype)

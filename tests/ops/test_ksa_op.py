@@ -87,7 +87,7 @@ def outputs_and_grads(fn, inputs, offsets, kwargs, seed: int):
     """Run ``fn`` and backprop fixed random cotangents: (out, out_sum, grads of the six inputs)."""
     out, out_sum = fn(*inputs, offsets, **kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
-    cotangent = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)  # noqa: E731
+    cotangent = lambda x: torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)  # noqa: E731  (same draws for every dtype)
     loss = (out * cotangent(out)).sum() + (out_sum * cotangent(out_sum)).sum()
     grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
     return out.detach(), out_sum.detach(), grads

@@ -28,7 +28,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Trito
 def ksa_attention(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_sum: Tensor,
                   offsets: Tensor, *, chunk_size: int, window: int | None, summary_tokens: int = 1,
                   scale: float | None = None, backend: str | None = None,
-                  max_summaries: int | None = None) -> tuple[Tensor, Tensor]:
+                  max_summaries: int | None = None, check_offsets: bool = True) -> tuple[Tensor, Tensor]:
     """Kwai Summary Attention over a jagged batch of users (KSA.md section 3), differentiable.
 
     Two jagged streams (KSA.md section 5). Example, k = 2, S = 1, lengths (5, 1)::
@@ -51,6 +51,8 @@ def ksa_attention(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor,
         backend: None (auto, module docstring), ``"torch"``, ``"flex"`` or ``"triton"``.
         max_summaries: M: an event sees only the summaries of chunks ``c(i)-W-M <= c < c(i)-W``;
             None = all older ones.
+        check_offsets: False skips the checks that read the values of ``offsets`` (and the summary row
+            count derived from them): they sync a GPU. For callers that validated the layout already.
 
     Returns:
         ``(out (sum_b n_b, H, D), out_sum (sum_b S*(n_b//k), H, D))`` in the dtype of q.
@@ -60,7 +62,8 @@ def ksa_attention(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor,
         ImportError: ``backend="triton"`` when ``ksa_rec.ops.ksa.triton_op`` cannot be imported.
     """
     check_ksa_inputs(q, k, v, q_sum, k_sum, v_sum, offsets, chunk_size=chunk_size, window=window,
-                     summary_tokens=summary_tokens, scale=scale, max_summaries=max_summaries)
+                     summary_tokens=summary_tokens, scale=scale, max_summaries=max_summaries,
+                     check_offsets=check_offsets)
     check_backend("ksa_attention", backend, BACKENDS)
     name = resolve_backend(backend, q.device, q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

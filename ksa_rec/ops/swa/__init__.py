@@ -18,7 +18,8 @@ _OP = "sliding_window_attention"
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, window_tokens: int,
-                             scale: float | None = None, backend: str | None = None) -> Tensor:
+                             scale: float | None = None, backend: str | None = None,
+                             check_offsets: bool = True) -> Tensor:
     """Causal sliding-window attention over a jagged batch, differentiable.
 
     Event i of a user sees event j of the same user iff ``0 <= i - j <= window_tokens`` (the model uses
@@ -32,6 +33,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *
         window_tokens: w >= 0 earlier events seen besides the event itself.
         scale: softmax scale, default ``D ** -0.5``.
         backend: None (auto), ``"torch"`` or ``"flex"``.
+        check_offsets: False skips reading the values of ``offsets`` (a GPU sync); see ``ksa_attention``.
 
     Returns:
         ``(sum_b n_b, H, D)`` in the dtype of q.
@@ -42,7 +44,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *
     check_int(_OP, "window_tokens", window_tokens, minimum=0)
     check_scale(_OP, scale)
     check_backend(_OP, backend, BACKENDS)
-    check_event_inputs(_OP, q, k, v, offsets)
+    check_event_inputs(_OP, q, k, v, offsets, check_offsets)
     if q.shape[0] == 0:
         return q[:0].clone()
     name = backend or ("flex" if q.device.type == "cuda" else "torch")
