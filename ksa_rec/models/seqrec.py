@@ -32,6 +32,10 @@ class SeqRecModel(nn.Module):
     def item_weight(self) -> Tensor:
         return self.embedding.item_weight
 
+    def item_embeddings(self, ids: Tensor) -> Tensor:
+        """Embeddings of item ids ``[M]`` -> ``[M, dim]`` (the one place a sharded table must hook)."""
+        return self.item_weight[ids]
+
     def encode(self, batch: SequenceBatch) -> Tensor:
         tokens, time_part = self.embedding(batch.features)
         return self.encoder(tokens, batch.offsets, batch.positions, time_part, batch.max_len)
@@ -50,4 +54,5 @@ class SeqRecModel(nn.Module):
         hidden, targets = hidden[has_target], batch.targets[has_target]
         if self.loss_cfg.kind == "ce":
             return full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature)
-        return sampled_softmax(hidden, targets, self.item_weight, self.loss_cfg, self.item_prob)
+        return sampled_softmax(hidden, targets, self.item_embeddings, self.data_spec.num_items, self.loss_cfg,
+                               self.item_prob)

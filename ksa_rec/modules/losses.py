@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,16 +33,18 @@ def full_cross_entropy(hidden: Tensor, targets: Tensor, item_weight: Tensor, tem
     return F.cross_entropy(catalogue_logits(hidden, item_weight) / temperature, targets)
 
 
-def sampled_softmax(hidden: Tensor, targets: Tensor, item_weight: Tensor, cfg: LossConfig,
-                    item_prob: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
-    """Sampled softmax with logQ correction.
+def sampled_softmax(hidden: Tensor, targets: Tensor, item_embeddings: Callable[[Tensor], Tensor], num_items: int,
+                    cfg: LossConfig, item_prob: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+    """Sampled softmax with logQ correction; only the candidates' embeddings are looked up, so the item
+    table may be sharded.
 
     Args:
         hidden: ``[N, dim]`` states at positions with a target; targets: ``[N]`` item ids (>= 2).
+        item_embeddings: ids ``[M]`` -> embeddings ``[M, dim]``; num_items: table size (incl. PAD/OOV).
         item_prob: ``[num_items]`` training frequency of each item (sums to 1), used for the expected
             in-batch count; None means uniform.
     """
-    n, num_items = targets.shape[0], item_weight.shape[0]
+    n = targets.shape[0]
     negatives = []
     if cfg.in_batch_negatives:
         negatives.append(targets)
@@ -48,8 +52,9 @@ def sampled_softmax(hidden: Tensor, targets: Tensor, item_weight: Tensor, cfg: L
         negatives.append(torch.randint(RESERVED_IDS, num_items, (cfg.num_uniform_negatives,),
                                        device=targets.device, generator=generator))
     neg = torch.cat(negatives)
-    pos_logit = (hidden * item_weight[targets]).sum(-1, keepdim=True)
-    neg_logit = hidden @ item_weight[neg].t()
+    candidates = item_embeddings(torch.cat([targets, neg]))
+    pos_logit = (hidden * candidates[:n]).sum(-1, keepdim=True)
+    neg_logit = hidden @ candidates[n:].t()
     neg_logit = neg_logit / cfg.temperature
     if cfg.logq_correction:
         neg_logit = neg_logit - torch.log(_expected_counts(neg, n, cfg, num_items, item_prob))[None, :]

@@ -22,11 +22,11 @@ def test_sampled_softmax_with_logq_estimates_full_softmax():
     targets = torch.tensor([2, 3, 13, 5, 2, 9])
     cfg = LossConfig(kind="sampled", num_uniform_negatives=200_000, in_batch_negatives=False)
     gen = torch.Generator().manual_seed(1)
-    sampled = sampled_softmax(hidden, targets, weight, cfg, None, generator=gen)
+    sampled = sampled_softmax(hidden, targets, weight.__getitem__, 14, cfg, None, generator=gen)
     full = full_cross_entropy(hidden, targets, weight)
     assert abs(float(sampled) - float(full)) < 0.02 * float(full)
     # Without the correction the estimate is far off (the negatives' mass is inflated ~U/N times).
-    biased = sampled_softmax(hidden, targets, weight,
+    biased = sampled_softmax(hidden, targets, weight.__getitem__, 14,
                              LossConfig(kind="sampled", num_uniform_negatives=200_000,
                                         in_batch_negatives=False, logq_correction=False), None, generator=gen)
     assert float(biased) > float(full) + 5
@@ -37,7 +37,7 @@ def test_accidental_hits_are_masked():
     hidden, weight = torch.randn(3, 4), torch.randn(6, 4)
     targets = torch.tensor([4, 4, 4])
     cfg = LossConfig(kind="sampled", num_uniform_negatives=0, in_batch_negatives=True)
-    assert float(sampled_softmax(hidden, targets, weight, cfg, torch.full((6,), 1 / 6))) == 0.0
+    assert float(sampled_softmax(hidden, targets, weight.__getitem__, 6, cfg, torch.full((6,), 1 / 6))) == 0.0
 
 
 def test_in_batch_logq_uses_item_frequency():
@@ -52,4 +52,4 @@ def test_in_batch_logq_uses_item_frequency():
     row0 = torch.stack([scores[0, 0], scores[0, 1] - torch.log(torch.tensor(0.2))])
     row1 = torch.stack([scores[1, 1], scores[1, 0] - torch.log(torch.tensor(1.6))])
     manual = F.cross_entropy(torch.stack([row0, row1]), torch.zeros(2, dtype=torch.long))
-    assert torch.allclose(sampled_softmax(hidden, targets, weight, cfg, prob), manual, atol=1e-6)
+    assert torch.allclose(sampled_softmax(hidden, targets, weight.__getitem__, 5, cfg, prob), manual, atol=1e-6)
