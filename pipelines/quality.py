@@ -35,28 +35,44 @@ class Run:
 
 # Hybrid-KSA on short public data: the window must be shorter than the histories for summaries to
 # matter at all (KSA.md section 8: KSA only differs from full attention once n > W*k).
-BEAUTY_KSA = ["--model.encoder.pattern", "ksa*3,full", "--model.encoder.chunk_size", "2", "--model.encoder.attention_backend", "torch",
-              "--model.encoder.window", "4"]
-ML_KSA = ["--model.encoder.pattern", "ksa*3,full", "--model.encoder.chunk_size", "8", "--model.encoder.attention_backend", "torch",
-          "--model.encoder.window", "4"]
+BEAUTY_KSA = ["--model.encoder.pattern", "ksa*3,full", "--model.encoder.chunk_size", "2", "--model.encoder.window", "4"]
+ML_KSA = ["--model.encoder.pattern", "ksa*3,full", "--model.encoder.chunk_size", "8", "--model.encoder.window", "4"]
+
+BEAUTY = "amazon-beauty/Beauty.txt"
+
+
+def _pattern(p: str) -> list[str]:
+    return ["--model.encoder.pattern", p]
+
 
 STUDIES: dict[str, list[Run]] = {
     "real": [
-        Run("beauty-full", "beauty", "amazon-beauty/Beauty.txt"),
-        Run("beauty-full-d03", "beauty", "amazon-beauty/Beauty.txt", ["--model.encoder.dropout", "0.3"]),
-        Run("beauty-full-128", "beauty", "amazon-beauty/Beauty.txt", ["--model.encoder.dim", "128"]),
-        Run("beauty-hybrid-ksa", "beauty", "amazon-beauty/Beauty.txt", BEAUTY_KSA),
+        Run("beauty-full-64", "beauty", BEAUTY, ["--model.encoder.dim", "64", "--data.batch_size", "512",
+                                                  "--optim.lr", "0.002"]),
+        Run("beauty-full", "beauty", BEAUTY),
+        Run("beauty-full-d04-b256", "beauty", BEAUTY, ["--model.encoder.dropout", "0.4", "--data.batch_size", "256"]),
+        Run("beauty-full-256", "beauty", BEAUTY, ["--model.encoder.dim", "256", "--model.encoder.num_heads", "4"]),
+        Run("beauty-hybrid-ksa", "beauty", BEAUTY, BEAUTY_KSA),
         Run("ml-100k-full", "ml-100k", "ml-100k/u.data"),
         Run("ml-100k-hybrid-ksa", "ml-100k", "ml-100k/u.data", ML_KSA),
         Run("ml-latest-small-full", "ml-latest-small", "ml-latest-small/ratings.csv"),
         Run("ml-latest-small-hybrid-ksa", "ml-latest-small", "ml-latest-small/ratings.csv", ML_KSA),
+    ],
+    # Equal size (dim 64, 4 layers, 4 heads); only the attention kinds differ (KSA.md section 10).
+    "long-range": [
+        Run("full", "synthetic-long", None, _pattern("full*4")),
+        Run("hybrid-ksa", "synthetic-long", None, _pattern("ksa*3,full")),
+        Run("ksa", "synthetic-long", None, _pattern("ksa*4")),
+        Run("sca", "synthetic-long", None, _pattern("sca*4")),
+        Run("swa", "synthetic-long", None, _pattern("swa*4")),
     ],
 }
 
 METRICS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr"]
 
 
-def launch(run: Run, study: str, data_root: Path, max_time: str | None, extra: list[str]) -> tuple[subprocess.Popen, Path]:
+def launch(run: Run, study: str, data_root: Path, max_time: str | None, extra: list[str],
+           threads: int) -> tuple[subprocess.Popen, Path]:
     log_root = ROOT / "runs" / study / run.name
     log_root.mkdir(parents=True, exist_ok=True)
     # Each run works in its own directory (its runs/ lands there); the ETL cache is shared.
@@ -67,10 +83,23 @@ def launch(run: Run, study: str, data_root: Path, max_time: str | None, extra: l
     if max_time:
         args += ["--trainer.max_time", max_time]
     out = (log_root / "stdout.log").open("w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=log_root, env=env)
     return proc, log_root
+
+
+def prepare(runs: list[Run], data_root: Path, extra: list[str]) -> None:
+    """Run the ETL (and the synthetic generator) once per distinct dataset before the parallel runs,
+    which then all hit the cache instead of racing to build it."""
+    for config in sorted({(r.config, r.data_file) for r in runs}, key=str):
+        name, data_file = config
+        args = [sys.executable, "-c", "import sys; from ksa_rec.training.cli import run_lightning; "
+                "run_lightning(sys.argv[1:], run=False)", "--config", str(ROOT / "configs" / f"{name}.yaml"),
+                "--data.cache_dir", str(ROOT / ".cache" / "ksa_rec"), *extra]
+        if data_file:
+            args += ["--data.path", str(data_root / data_file)]
+        subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
 def collect(log_root: Path) -> dict | None:
@@ -79,7 +108,7 @@ def collect(log_root: Path) -> dict | None:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = "| run | " + " | ".join(METRICS) + " | users | epochs | wall s |"
+    head = "| run | " + " | ".join(METRICS) + " | targets | epochs | wall s |"
     lines = [head, "|" + "---|" * (len(METRICS) + 4)]
     for name, res in results.items():
         test = res.get("test") or {}
@@ -88,7 +117,25 @@ def table(results: dict[str, dict]) -> str:
             continue
         cells = [f"{test[m]:.4f} ± {test[m + '_ci95']:.4f}" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {int(test['users'])} | {res.get('epochs', '-')} | {res['wall_s']:.0f} |")
+                     f" | {int(test['targets'])} | {res.get('epochs', '-')} | {res['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def group_table(results: dict[str, dict], metric: str = "ndcg@10") -> str:
+    """``metric`` per group of targets (e.g. by distance of the long-range evidence), if logged."""
+    groups: list[str] = []
+    for res in results.values():
+        for key in res.get("test") or {}:
+            if key.endswith(f"/{metric}") and key.split("/")[0] not in groups:
+                groups.append(key.split("/")[0])
+    if not groups:
+        return ""
+    lines = [f"| run ({metric}) | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    for name, res in results.items():
+        test = res.get("test") or {}
+        cells = [f"{test[f'{g}/{metric}']:.4f} ± {test[f'{g}/{metric}_ci95']:.4f} (n={int(test[f'{g}/targets'])})"
+                 if f"{g}/{metric}" in test else "-" for g in groups]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -103,13 +150,16 @@ def main() -> int:
     parser.add_argument("extra", nargs="*", help="extra ksa-rec fit arguments for every run (after --)")
     args = parser.parse_args()
     runs = [r for r in STUDIES[args.study] if not args.only or r.name in args.only]
+    # Parallel runs share the cores: one busy-waiting OpenMP pool per process would oversubscribe them.
+    threads = max(1, (os.cpu_count() or 1) // min(args.parallel, len(runs)))
+    prepare(runs, args.data_root, args.extra)
     results: dict[str, dict] = {}
     pending = list(runs)
     active: list[tuple[Run, subprocess.Popen, Path, float]] = []
     while pending or active:
         while pending and len(active) < args.parallel:
             run = pending.pop(0)
-            proc, log_root = launch(run, args.study, args.data_root, args.max_time, args.extra)
+            proc, log_root = launch(run, args.study, args.data_root, args.max_time, args.extra, threads)
             active.append((run, proc, log_root, time.time()))
         time.sleep(2)
         for item in list(active):
@@ -126,8 +176,9 @@ def main() -> int:
                   f"test ndcg@10 {res.get('test', {}).get('ndcg@10', float('nan')):.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "results.md").write_text(table(results) + "\n")
-    print(table(results))
+    report = "\n\n".join(filter(None, [table(results), group_table(results, "hr@10"), group_table(results)]))
+    (args.out / "results.md").write_text(report + "\n")
+    print(report)
     return 0 if all(r["returncode"] == 0 for r in results.values()) else 1
 
 

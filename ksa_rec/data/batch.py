@@ -7,7 +7,8 @@ cumsum is not available with the CPU build of fbgemm-gpu). Example, B = 2, n = (
     features["item_id"] | 7  12  7 | 3 |      offsets   = [0, 3, 4]
     positions           | 8  9  10 | 0 |      (absolute index in each user's history)
     targets (training)  | 12 7  5  | 0 |      (next item; 0 = no label)
-    eval_targets        |        9 | 4 |      (evaluation: the item after the last event)
+    eval_rows           |        2 | 3 |      (evaluation: rows whose states rank ...
+    eval_targets        |        9 | 4 |       ... these items; here the item after each last event)
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ class SequenceBatch:
     """int64 ``[B]``: row of the user in the processed data."""
     targets: Tensor | None = None
     """Training: int64 ``[T]`` next item at each event, 0 where there is none."""
+    eval_rows: Tensor | None = None
+    """Evaluation: int64 ``[R]`` row of the event stream whose state ranks each of the R targets
+    (R = B for leave-one-out: each user's last event)."""
     eval_targets: Tensor | None = None
-    """Evaluation: int64 ``[B]`` the item to rank."""
+    """Evaluation: int64 ``[R]`` the items to rank."""
     seen_values: Tensor | None = None
-    """Evaluation: items to exclude from the ranking, jagged int64 ``[sum_b m_b]`` ..."""
+    """Evaluation: items to exclude from each target's ranking, jagged int64 ``[sum_r m_r]`` ..."""
     seen_offsets: Tensor | None = None
-    """... with offsets ``[B+1]``."""
+    """... with offsets ``[R+1]``."""
     labels: dict[str, Tensor] = field(default_factory=dict)
-    """Evaluation: per-user int64 ``[B]`` labels of the target event (e.g. ``evidence_distance``)."""
+    """Evaluation: per-target int64 ``[R]`` labels of the target event (e.g. ``evidence_distance``)."""
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +56,6 @@ class SequenceBatch:
         return SequenceBatch(
             features=self.features.to(device, non_blocking=non_blocking), offsets=move(self.offsets),
             positions=move(self.positions), max_len=self.max_len, user_index=move(self.user_index),
-            targets=move(self.targets), eval_targets=move(self.eval_targets),
+            targets=move(self.targets), eval_rows=move(self.eval_rows), eval_targets=move(self.eval_targets),
             seen_values=move(self.seen_values), seen_offsets=move(self.seen_offsets),
             labels={k: move(v) for k, v in self.labels.items()})

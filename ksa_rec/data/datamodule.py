@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from ksa_rec.data.etl import EtlConfig, InteractionData, load_interactions
 from ksa_rec.data.schema import LogSchema
 from ksa_rec.data.sequences import Collator, EpochSampler, EvalWindows, TrainWindows
-from ksa_rec.data.split import Splits, leave_one_out, temporal_cutoffs, temporal_split
+from ksa_rec.data.split import Splits, leave_one_out, tail_split, temporal_cutoffs, temporal_split
 from ksa_rec.data.synthetic import SyntheticConfig, write as write_synthetic
 from ksa_rec.models.config import DataSpec
 
@@ -40,7 +40,9 @@ class DataConfig:
     synthetic: SyntheticConfig | None = None
     """Used when ``path`` is None: the generator's events are written to the cache and read back."""
     split: str = "loo"
-    """"loo" (leave-one-out) or "temporal" (global time cut-offs at the last 20%/10% of events)."""
+    """"loo" (leave-one-out), "temporal" (global time cut-offs at the last 20%/10% of events) or "tail"
+    (each user's last ``tail_events`` events are test targets, the ones before validation targets)."""
+    tail_events: int = 32
     max_len: int = 50
     chunk_size: int = 8
     time_gap_buckets: int = 0
@@ -56,8 +58,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.path is None and self.synthetic is None:
             raise ValueError("data: set data.path (an interaction log) or data.synthetic (the generator)")
-        if self.split not in ("loo", "temporal"):
-            raise ValueError(f"data.split: must be 'loo' or 'temporal', got {self.split!r}")
+        if self.split not in ("loo", "temporal", "tail"):
+            raise ValueError(f"data.split: must be 'loo', 'temporal' or 'tail', got {self.split!r}")
+        if self.split == "tail" and not 1 <= self.tail_events < self.max_len:
+            raise ValueError(f"data.tail_events: must be in [1, max_len), got {self.tail_events}")
         if self.max_len < self.chunk_size:
             raise ValueError(f"data.max_len ({self.max_len}) must be >= data.chunk_size ({self.chunk_size})")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -72,14 +76,14 @@ class RecDataModule(pl.LightningDataModule):
 
     def __init__(self, path: str | None = None, format: str = "auto", features: list[str] | None = None,
                  labels: list[str] | None = None, synthetic: SyntheticConfig | None = None, split: str = "loo",
-                 max_len: int = 50, chunk_size: int = 8, time_gap_buckets: int = 0, train_window: str = "last",
+                 tail_events: int = 32, max_len: int = 50, chunk_size: int = 8, time_gap_buckets: int = 0, train_window: str = "last",
                  batch_size: int = 128, eval_batch_size: int = 256, num_workers: int = 0,
                  min_user_events: int = 1, on_duplicate: str = "error", cache_dir: str | None = ".cache/ksa_rec",
                  seed: int = 0):
         super().__init__()
         self.config = DataConfig(
             path=path, format=format, features=list(features or []), labels=list(labels or []),
-            synthetic=synthetic, split=split, max_len=max_len, chunk_size=chunk_size,
+            synthetic=synthetic, split=split, tail_events=tail_events, max_len=max_len, chunk_size=chunk_size,
             time_gap_buckets=time_gap_buckets, train_window=train_window, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, min_user_events=min_user_events,
             on_duplicate=on_duplicate, cache_dir=cache_dir, seed=seed)
@@ -117,6 +121,8 @@ class RecDataModule(pl.LightningDataModule):
     def splits(self) -> Splits:
         if self.config.split == "loo":
             return leave_one_out(self.data)
+        if self.config.split == "tail":
+            return tail_split(self.data, self.config.tail_events)
         valid_start, test_start = temporal_cutoffs(self.data)
         return temporal_split(self.data, valid_start, test_start)
 

@@ -75,17 +75,31 @@ class EpochSampler(Sampler):
 
 
 class EvalWindows(Dataset):
-    """One evaluation sample per target: history ``[start, position)`` predicts event ``position``."""
+    """Evaluation samples: one per user, holding every target of that user.
+
+    A sample ``(user, start, end, targets)`` runs one causal pass over events ``[start, end)`` with
+    ``end`` = the user's last target; target ``p`` is ranked from the state after event ``p - 1``, so
+    it sees history ``[start, p)`` (``start`` is chunk-aligned for ``end``: with several targets per
+    user the earlier ones see up to ``end - p`` fewer old events than a pass of their own would give).
+    Leave-one-out has one target per user: exactly the classic protocol.
+    """
 
     def __init__(self, targets: EvalTargets, max_len: int, chunk_size: int):
-        self.user, self.end = targets.user, targets.position
+        order = np.lexsort((targets.position, targets.user))
+        user, position = targets.user[order], targets.position[order]
+        bounds = np.flatnonzero(np.diff(user, prepend=-1, append=-1)) if len(user) else np.zeros(1, np.int64)
+        self.user = user[bounds[:-1]]
+        self.targets = np.split(position, bounds[1:-1]) if len(user) else []
+        self.end = np.array([t[-1] for t in self.targets], dtype=np.int64)
         self.start = chunk_aligned_start(self.end, max_len, chunk_size)
+        if len(user) and bool((np.concatenate(self.targets) <= np.repeat(self.start, [len(t) for t in self.targets])).any()):
+            raise ValueError("some targets are older than max_len allows for one pass per user; raise max_len")
 
     def __len__(self) -> int:
         return len(self.user)
 
-    def __getitem__(self, i: int) -> tuple[int, int, int]:
-        return int(self.user[i]), int(self.start[i]), int(self.end[i])
+    def __getitem__(self, i: int) -> tuple[int, int, int, np.ndarray]:
+        return int(self.user[i]), int(self.start[i]), int(self.end[i]), self.targets[i]
 
 
 class Collator:
@@ -97,8 +111,8 @@ class Collator:
         if time_gap_buckets:
             self.gap_bucket = time_gap_bucket(torch.from_numpy(event_gaps(data)), time_gap_buckets).numpy()
 
-    def __call__(self, samples: list[tuple[int, int, int]]) -> SequenceBatch:
-        user, start, end = (np.asarray(col, dtype=np.int64) for col in zip(*samples))
+    def __call__(self, samples: list[tuple]) -> SequenceBatch:
+        user, start, end = (np.asarray(col, dtype=np.int64) for col in list(zip(*samples))[:3])
         base = self.data.offsets[user]
         input_end = end - 1 if self.train else end
         lengths = input_end - start
@@ -122,13 +136,21 @@ class Collator:
         if self.train:
             batch.targets = torch.from_numpy(self.data.item_ids[rows + 1])
         else:
-            target_rows = base + end
-            batch.eval_targets = torch.from_numpy(self.data.item_ids[target_rows])
-            seen_rows = _ranges(base, end)
-            batch.seen_values = torch.from_numpy(self.data.item_ids[seen_rows])
-            batch.seen_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(end)]))
-            batch.labels = {name: torch.from_numpy(self.data.labels[name][target_rows]) for name in self.labels}
+            self._add_targets(batch, samples, base, start, offsets.numpy())
         return batch
+
+    def _add_targets(self, batch: SequenceBatch, samples, base: np.ndarray, start: np.ndarray,
+                     offsets: np.ndarray) -> None:
+        """Eval rows (the event whose state ranks each target), targets, per-target seen items, labels."""
+        counts = np.array([len(s[3]) for s in samples], dtype=np.int64)
+        position = np.concatenate([s[3] for s in samples]).astype(np.int64)
+        base_t, start_t = np.repeat(base, counts), np.repeat(start, counts)
+        target_rows = base_t + position
+        batch.eval_rows = torch.from_numpy(np.repeat(offsets[:-1], counts) + position - 1 - start_t)
+        batch.eval_targets = torch.from_numpy(self.data.item_ids[target_rows])
+        batch.seen_values = torch.from_numpy(self.data.item_ids[_ranges(base_t, position)])
+        batch.seen_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(position)]))
+        batch.labels = {name: torch.from_numpy(self.data.labels[name][target_rows]) for name in self.labels}
 
 
 def event_gaps(data: InteractionData) -> np.ndarray:

@@ -59,7 +59,8 @@ def rank_metrics(ranks: Tensor) -> dict[str, Tensor]:
 
 class RankingMetrics(Metric):
     """Accumulates mean HR@{5,10,20}, NDCG@{5,10,20}, MRR (and their 95% normal-approximation
-    half-widths) over users, optionally per group (e.g. a distance-of-evidence bucket)."""
+    half-widths) over targets (= users under leave-one-out), optionally per group (e.g. a
+    distance-of-evidence bucket)."""
 
     full_state_update = False
 
@@ -100,5 +101,5 @@ class RankingMetrics(Metric):
                 var = max(float(self.squares[g, m]) / n - mean * mean, 0.0)
                 out[f"{prefix}{name}"] = mean
                 out[f"{prefix}{name}_ci95"] = 1.96 * (var / max(n - 1.0, 1.0)) ** 0.5
-            out[f"{prefix}users"] = n
+            out[f"{prefix}targets"] = n
         return out

@@ -92,7 +92,7 @@ class RecModule(pl.LightningModule):
         return loss
 
     def _ranks(self, batch: SequenceBatch) -> Tensor:
-        vecs = self.model.user_vectors(batch)
+        vecs = self.model.encode(batch)[batch.eval_rows]
         return target_ranks(vecs, self.model.item_weight, batch.eval_targets, batch.seen_values,
                             batch.seen_offsets, self.eval_cfg.item_chunk)
 
@@ -116,7 +116,7 @@ class RecModule(pl.LightningModule):
         metric.reset()
         self.last_metrics[split] = values
         for name, value in values.items():
-            if name.endswith(("_ci95", "users")):
+            if name.endswith(("_ci95", "targets")):
                 continue  # kept in last_metrics / the results JSON, not in the console table
             self.log(f"{split}/{name}", value, prog_bar=name in ("ndcg@10", "hr@10"))
 

@@ -71,3 +71,13 @@ def test_temporal_cutoffs_are_global_quantiles():
     assert ((data.timestamps >= valid_start) & (data.timestamps < test_start)).mean() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="sum < 1"):
         temporal_cutoffs(data, valid_fraction=0.5, test_fraction=0.5)
+
+
+def test_tail_split_many_targets_per_user():
+    from ksa_rec.data.split import tail_split
+
+    data = make_data([list(range(n)) for n in (10, 5, 6)])  # tail 2: needs n >= 6
+    splits = tail_split(data, tail=2)
+    assert splits.train_len.tolist() == [6, 5, 2]
+    assert splits.valid.user.tolist() == [0, 0, 2, 2] and splits.valid.position.tolist() == [6, 7, 2, 3]
+    assert splits.test.user.tolist() == [0, 0, 2, 2] and splits.test.position.tolist() == [8, 9, 4, 5]

@@ -84,7 +84,7 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
     metrics_file = Path(cli.trainer.log_dir) / "metrics.json"
     results = json.loads(metrics_file.read_text())
     assert Path(results["checkpoint"]).is_file()
-    assert results["test"]["users"] == 40 and 0.0 <= results["test"]["ndcg@10"] <= 1.0
+    assert results["test"]["targets"] == 40 and 0.0 <= results["test"]["ndcg@10"] <= 1.0
     # The loss went down and the checkpoint carries the vocabularies serving needs.
     import csv
 

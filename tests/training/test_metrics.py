@@ -45,8 +45,8 @@ def test_accumulator_means_groups_and_ci():
     metric.update(torch.tensor([7, 30]), torch.tensor([1, -1]))
     out = metric.compute()
     assert out["hr@10"] == pytest.approx(0.75)
-    assert out["users"] == 4
-    assert out["near/hr@5"] == 1.0 and out["near/users"] == 1
-    assert out["far/ndcg@5"] == pytest.approx(0.25) and out["far/users"] == 2
+    assert out["targets"] == 4
+    assert out["near/hr@5"] == 1.0 and out["near/targets"] == 1
+    assert out["far/ndcg@5"] == pytest.approx(0.25) and out["far/targets"] == 2
     # 95% CI half-width of HR@10 over values (1, 1, 1, 0): 1.96 * sqrt(0.1875 / 3)
     assert out["hr@10_ci95"] == pytest.approx(1.96 * math.sqrt(0.1875 / 3))

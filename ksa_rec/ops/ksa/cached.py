@@ -15,9 +15,17 @@ Summary query ``c*S + j`` sees event keys of chunk c and summary keys ``c*S + j'
 Layout: per user b, queries ``q[q_offsets[b]:q_offsets[b+1]]``, event keys ``k[k_offsets[b]:...]`` and
 summary keys ``k_sum[s_offsets[b]:...]``; all jagged, ``[rows, heads, D]``. The caller appends the new
 tokens' own K/V to the cache before calling (a token sees itself).
+
+Backends: ``"torch"`` (this file: padded SDPA with a boolean mask, the reference) and ``"triton"``
+(``triton_cached.py``: one fused launch for the batch, memory-bound streaming of each user's cache,
+imported lazily). ``backend=None`` picks triton for CUDA tensors in fp16/bf16/fp32 when it imports,
+torch otherwise.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +39,7 @@ def ksa_cached_attention(q: Tensor, q_offsets: Tensor, q_index: Tensor, q_is_sum
                          k_sum: Tensor, v_sum: Tensor, s_offsets: Tensor, s_index: Tensor, *,
                          chunk_size: int, window: int | None, summary_tokens: int,
                          max_summaries: int | None = None, window_tokens: int | None = None,
-                         scale: float | None = None) -> Tensor:
+                         scale: float | None = None, backend: str | None = None) -> Tensor:
     """Attention of ``q (sum_b Q_b, H, D)`` to each user's cached event and summary keys.
 
     Args:
@@ -41,12 +49,19 @@ def ksa_cached_attention(q: Tensor, q_offsets: Tensor, q_index: Tensor, q_is_sum
             k_index: int64 ``[sum K_b]`` their absolute event indices.
         k_sum, v_sum: ``(sum_b M_b, Hkv, D)`` cached summary keys/values; s_index: their summary ids.
         window_tokens: use a token window instead of the chunk window (``swa`` layers; no summaries).
+        backend: None (auto: module docstring), ``"torch"`` or ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``).
     Returns:
         ``(sum_b Q_b, H, D)``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
+    if _resolve_backend(backend, q) == "triton":
+        return _triton_function()(q, q_offsets, q_index, q_is_summary, k, v, k_offsets, k_index, k_sum, v_sum,
+                                  s_offsets, s_index, chunk_size=chunk_size, window=window,
+                                  summary_tokens=summary_tokens, max_summaries=max_summaries,
+                                  window_tokens=window_tokens, scale=scale)
     q_len, k_len, s_len = (offsets_to_lengths(o) for o in (q_offsets, k_offsets, s_offsets))
     qmax, kmax, smax = (max(int(x.max()), 1) for x in (q_len, k_len, s_len))
     big = torch.iinfo(torch.int64).max // 4
@@ -95,6 +110,34 @@ def _summary_key_mask(qi, qs, si, k, window, S, max_summaries, window_tokens) ->
             event_sees = event_sees & (gap <= window + max_summaries)
     summary_sees = (chunk == i // S) & (sid <= i)
     return torch.where(qs[:, :, None], summary_sees, event_sees)
+
+
+def _resolve_backend(backend: str | None, q: Tensor) -> str:
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"ksa_cached_attention: backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend is None:
+        usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return "triton" if usable and _triton_available() else "torch"
+    if backend == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"ksa_cached_attention: backend='triton' needs CUDA tensors, got q on {q.device} "
+                         "(set TRITON_INTERPRET=1 to run the kernel on CPU)")
+    return backend
+
+
+def _triton_function():
+    from ksa_rec.ops.ksa.triton_cached import ksa_cached_attention_triton
+
+    return ksa_cached_attention_triton
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """Whether the Triton kernel imports (cached: auto mode asks on every call)."""
+    try:
+        _triton_function()
+    except ImportError:
+        return False
+    return True
 
 
 def _valid_rows(lengths: Tensor, width: int) -> Tensor:

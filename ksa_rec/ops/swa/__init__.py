@@ -1,19 +1,17 @@
 """Token sliding-window attention (SWA), the ``swa`` baseline: event i sees events ``i - w .. i``.
 
-Backends: ``"torch"`` (blockwise reference, the CPU path) and ``"flex"`` (FlexAttention, GPU; CPU
-forward only). ``backend=None`` picks ``"flex"`` on CUDA and ``"torch"`` elsewhere. Both reuse the KSA
-machinery with ``chunk_size = 1`` (``reference`` explains why that is exact).
+SWA is a special case of KSA: with ``chunk_size = 1`` every event is its own chunk (``c(i) = i``), and
+KSA's event rule "``j <= i`` and ``c(i) - c(j) <= W``" with ``W = w`` and no summaries is exactly the
+token window. So it runs on every KSA backend (torch, flex, triton) through ``ksa_attention``.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from ksa_rec.ops.ksa import BACKENDS, ksa_attention
 from ksa_rec.ops.ksa.checks import check_backend, check_event_inputs, check_int, check_scale
-from ksa_rec.ops.swa.flex import sliding_window_attention_flex
-from ksa_rec.ops.swa.reference import sliding_window_attention_torch
 
-BACKENDS = ("torch", "flex")
 _OP = "sliding_window_attention"
 
 
@@ -32,7 +30,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *
         offsets: int64 ``[B+1]``.
         window_tokens: w >= 0 earlier events seen besides the event itself.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: None (auto), ``"torch"`` or ``"flex"``.
+        backend: as for ``ksa_attention``: None (auto), ``"torch"``, ``"flex"`` or ``"triton"``.
         check_offsets: False skips reading the values of ``offsets`` (a GPU sync); see ``ksa_attention``.
 
     Returns:
@@ -45,11 +43,10 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *
     check_scale(_OP, scale)
     check_backend(_OP, backend, BACKENDS)
     check_event_inputs(_OP, q, k, v, offsets, check_offsets)
-    if q.shape[0] == 0:
-        return q[:0].clone()
-    name = backend or ("flex" if q.device.type == "cuda" else "torch")
-    run = sliding_window_attention_flex if name == "flex" else sliding_window_attention_torch
-    return run(q, k, v, offsets, window_tokens=window_tokens, scale=scale)
+    no_queries, no_keys = q.new_zeros((0, *q.shape[1:])), k.new_zeros((0, *k.shape[1:]))
+    out, _ = ksa_attention(q, k, v, no_queries, no_keys, no_keys, offsets, chunk_size=1, window=window_tokens,
+                           summary_tokens=0, scale=scale, backend=backend, check_offsets=False)
+    return out
 
 
 __all__ = ["BACKENDS", "sliding_window_attention"]

@@ -1,0 +1,227 @@
+"""The Triton kernel of the cached (decode) form of KSA (``triton_cached.py``) against the torch path
+of ``ksa_cached_attention`` (``cached.py``, itself checked against the dense oracle in
+``test_ksa_cached.py``).
+
+CPU: the kernel runs under the Triton interpreter at small sizes (D=16, 1-2 kv heads). Triton chooses
+interpreter or compiler when a function is decorated (its own library too), so ``TRITON_INTERPRET=1``
+is set before the first import of triton; if another module imported triton earlier, the tests run in
+a fresh process instead (``test_in_fresh_interpreter_process``), as in ``test_ksa_triton.py``.
+CUDA: the same tests compiled, plus ``-m gpu`` ones at full size (k=8, W=32, H=8, D=64, histories up
+to 10K) in bf16/fp16 under the 2x rule: kernel error <= 2 x the torch path's error in the same dtype,
+both against the torch path in float64.
+
+Every case: a random batch of users with odd lengths (0, 1, k-1, k, k+1, long), some stepping no event,
+queries = each user's newest events plus the summaries of chunks they complete, a cache that is either
+a KSA state (ring of the last (W+1)*k events + summaries) or every token, shuffled; output pre-filled
+with NaN.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from ksa_rec.ops.ksa import triton_cached  # noqa: E402
+from ksa_rec.ops.ksa.cached import ksa_cached_attention  # noqa: E402
+from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
+
+DEVICE = "cuda" if _CUDA else "cpu"
+
+
+def _interpreter_ready() -> bool:
+    """Are triton's library and the kernel interpreted in this process? The kernel module is reloaded
+    if it alone was decorated for the compiler (imported before the variable was set)."""
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl_standard.zeros, InterpretedFunction):
+        return False
+    if not triton_cached._interpreting():
+        importlib.reload(triton_cached)
+    return triton_cached._interpreting()
+
+
+IN_PROCESS = _CUDA or _interpreter_ready()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_here(request):
+    if not IN_PROCESS and request.node.name != "test_in_fresh_interpreter_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: this test runs in "
+                    "test_in_fresh_interpreter_process instead")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernel runs in this process")
+def test_in_fresh_interpreter_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+
+
+def _batch(lengths, *, k, S, W, M=None, window_tokens=None, heads=2, kv_heads=None, dim=16, cache="state",
+           max_new=3, seed=0):
+    """Random decode step: ``(args, kwargs)`` of ``ksa_cached_attention`` in float64 on DEVICE.
+
+    User b has ``lengths[b]`` events so far; its newest ``new`` in ``0..max_new`` are queries, plus the
+    S summaries of each chunk they complete. ``cache="state"``: the ring of the last (W+1)*k events
+    (all events for W=None or a token window) and every summary; ``"all"``: every event and summary.
+    Cached rows are shuffled (the rule goes by index, never by position).
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    q_idx, q_sum, k_idx, s_idx, q_len, k_len, s_len = [], [], [], [], [], [], []
+    for n in lengths:
+        new = rnd.randint(0, min(n, max_new))
+        rows = []
+        for i in range(n - new, n):
+            rows.append((i, False))
+            if S and (i + 1) % k == 0:
+                rows += [((i // k) * S + j, True) for j in range(S)]
+        ring = n if (cache == "all" or W is None or window_tokens is not None) else (W + 1) * k
+        events = rnd.sample(range(max(0, n - ring), n), min(n, ring))
+        sums = rnd.sample(range(S * (n // k)), S * (n // k))
+        q_idx += [i for i, _ in rows]
+        q_sum += [s for _, s in rows]
+        k_idx += events
+        s_idx += sums
+        q_len.append(len(rows))
+        k_len.append(len(events))
+        s_len.append(len(sums))
+
+    def rand(rows, h):
+        return torch.randn(rows, h, dim, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def offsets(lens):
+        return lengths_to_offsets(torch.tensor(lens, dtype=torch.int64)).to(DEVICE)
+
+    def index(values):
+        return torch.tensor(values, dtype=torch.int64).to(DEVICE)
+
+    args = (rand(len(q_idx), heads), offsets(q_len), index(q_idx), torch.tensor(q_sum, dtype=torch.bool).to(DEVICE),
+            rand(len(k_idx), kv_heads), rand(len(k_idx), kv_heads), offsets(k_len), index(k_idx),
+            rand(len(s_idx), kv_heads), rand(len(s_idx), kv_heads), offsets(s_len), index(s_idx))
+    kwargs = dict(chunk_size=k, window=W, summary_tokens=S, max_summaries=M, window_tokens=window_tokens)
+    return args, kwargs
+
+
+def _kernel(args, kwargs, dtype, **config):
+    cast = [a.to(dtype) if a.is_floating_point() else a for a in args]
+    cfg = triton_cached.CachedTritonConfig(nan_fill=True, **config)
+    return triton_cached.ksa_cached_attention_triton(*cast, **kwargs, config=cfg)
+
+
+def _check_fp32(lengths, **kw):
+    config = {key: kw.pop(key) for key in ("block_q", "block_n", "num_splits") if key in kw}
+    args, kwargs = _batch(lengths, **kw)
+    want = ksa_cached_attention(*args, **kwargs, backend="torch")
+    got = _kernel(args, kwargs, torch.float32, **config)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.isfinite(got).all(), "non-finite output (an element no program wrote?)"
+    # fp32 kernel vs float64 torch: observed ~1e-6 at these sizes
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+# k = 4: empty users, 1, k-1, k, k+1 events, and users longer than (W + 2) * k (their events see summaries)
+LENGTHS = [0, 1, 3, 4, 5, 23, 61, 0, 40]
+
+
+@pytest.mark.parametrize("window,S", [(0, 1), (1, 1), (1, 2), (None, 1), (1, 0), (None, 0)])
+def test_matches_torch(window, S):
+    _check_fp32(LENGTHS, k=4, S=S, W=window, heads=1, seed=3)
+
+
+@pytest.mark.parametrize("cache", ["state", "all"])
+def test_max_summaries(cache):
+    _check_fp32(LENGTHS, k=4, S=1, W=1, M=2, cache=cache, seed=5)
+
+
+def test_token_window():
+    _check_fp32(LENGTHS, k=4, S=1, W=None, window_tokens=5, cache="all", seed=6)
+
+
+def test_grouped_query_attention_and_key_splits():
+    # GQA 2:1 with the key range of each user cut into 3 splits (partials merged by the combine kernel)
+    _check_fp32(LENGTHS, k=4, S=2, W=1, heads=2, kv_heads=1, num_splits=3, block_n=16, seed=7)
+
+
+def test_several_query_blocks_per_user():
+    # up to 20 new events a user against 16-row tiles: the program loops over query blocks
+    _check_fp32([30, 45, 2], k=4, S=1, W=1, heads=1, max_new=20, block_q=16, seed=8)
+
+
+def test_padded_head_dim():
+    _check_fp32([9, 30], k=4, S=1, W=1, dim=20, seed=9)
+
+
+def test_dispatch():
+    args, kwargs = _batch([9, 30], k=4, S=1, W=1, seed=10)
+    want = ksa_cached_attention(*args, **kwargs)  # auto: float64 -> torch everywhere
+    fp32 = [a.float() if a.is_floating_point() else a for a in args]
+    got = ksa_cached_attention(*fp32, **kwargs, backend="triton")
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="backend"):
+        ksa_cached_attention(*args, **kwargs, backend="flex")
+
+
+def test_rejects_bad_inputs():
+    args, kwargs = _batch([9, 30], k=4, S=1, W=1, seed=11)
+    f32 = [a.float() if a.is_floating_point() else a for a in args]
+    with pytest.raises(ValueError, match="supports"):
+        triton_cached.ksa_cached_attention_triton(*args, **kwargs)  # float64
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        kv3, kv3_sum = (torch.zeros(f32[i].shape[0], 3, 16, device=DEVICE) for i in (4, 8))
+        triton_cached.ksa_cached_attention_triton(*f32[:4], kv3, kv3, *f32[6:8], kv3_sum, kv3_sum, *f32[10:], **kwargs)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_cached.CachedTritonConfig(block_n=48)
+
+
+# ---- CUDA only: full sizes, bf16 / fp16 ----------------------------------------------------------------
+
+GPU_LENGTHS = [0, 1, 7, 8, 9, 64, 333, 1000, 2500, 10_000, 4097]
+gpu = pytest.mark.skipif(not _CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window,S,M,window_tokens,kv_heads,splits", [
+    (32, 1, None, None, 8, None), (32, 1, None, None, 2, 4), (32, 1, 5, None, 8, None), (None, 1, None, None, 8, 3),
+    (None, 0, None, 256, 4, None), (0, 2, None, None, 8, 2),
+])
+def test_gpu_low_precision_within_2x_of_torch(dtype, window, S, M, window_tokens, kv_heads, splits):
+    args, kwargs = _batch(GPU_LENGTHS, k=8, S=S, W=window, M=M, window_tokens=window_tokens, heads=8,
+                          kv_heads=kv_heads, dim=64, max_new=9, seed=21)
+    # the three see the same rounded inputs: the errors compared are those of the computation
+    args = [a.to(dtype).double() if a.is_floating_point() else a for a in args]
+    want = ksa_cached_attention(*args, **kwargs, backend="torch")
+    ref = ksa_cached_attention(*[a.to(dtype) if a.is_floating_point() else a for a in args], **kwargs,
+                               backend="torch")
+    got = _kernel(args, kwargs, dtype, num_splits=splits)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    err = (got.double() - want).abs().max().item()
+    ref_err = (ref.double() - want).abs().max().item()
+    assert err <= 2 * ref_err + 1e-3, f"kernel error {err:.2e} vs torch {dtype} error {ref_err:.2e}"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp32_and_auto_dispatch():
+    args, kwargs = _batch(GPU_LENGTHS, k=8, S=1, W=32, heads=8, kv_heads=2, dim=64, cache="all", seed=22)
+    want = ksa_cached_attention(*args, **kwargs)  # float64: torch path even on CUDA
+    fp32 = [a.float() if a.is_floating_point() else a for a in args]
+    got = ksa_cached_attention(*fp32, **kwargs)  # auto: triton
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
