@@ -7,6 +7,8 @@ How to run (GPU machine, repository root; torch >= 2.11, triton 3.6, no network 
     python pipelines/bench_kernels.py --quick         # smoke run: small sizes, a few seconds after compiling
     python pipelines/bench_kernels.py --sweep         # also times alternative KsaTritonConfig tiles
     python pipelines/bench_kernels.py --lengths 16384 65536 --kinds uniform --out /tmp/res
+    python pipelines/bench_kernels.py --kinds uniform --suites attention stages   # + per-kernel profile
+    python pipelines/bench_kernels.py --plot-from a/kernels.md b/kernels.md --out docs/results  # CPU ok
 
 Batches: B * L = ``--total`` events (65,536), either uniform (B users of L events) or a long-tailed
 jagged mix of the same total (lengths log-uniform in [16, L], seeded). H = 8 heads, D = 64, k = 8,
@@ -92,6 +94,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     sweep: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
 
 
 # ---- batches and exact FLOP counts ---------------------------------------------------------------------
@@ -194,8 +197,11 @@ def time_ms(fn: Callable, leaves: list, grads: list, backward: bool, warmup: int
     return do_bench(run, warmup=warmup, rep=rep, grad_to_none=leaves if backward else None, return_mode="median")
 
 
-def peak_mib(fn: Callable, grads: list) -> float:
-    """Peak memory above what was allocated before one forward+backward call."""
+def peak_mib(fn: Callable, leaves: list, grads: list) -> float:
+    """Peak memory above what was allocated before one forward+backward call (inputs and output
+    gradients; the input gradients left by the timing loops are dropped first)."""
+    for leaf in leaves:
+        leaf.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -247,7 +253,7 @@ def attention_suite(args, s: Setup, report: Report) -> None:
                 try:
                     row.fwd_ms = time_ms(fn, leaves, grads, False, args.warmup, args.rep)
                     row.fwd_bwd_ms = time_ms(fn, leaves, grads, True, args.warmup, args.rep)
-                    row.peak_mib = peak_mib(fn, grads)
+                    row.peak_mib = peak_mib(fn, leaves, grads)
                 except torch.cuda.OutOfMemoryError:
                     row.note = "out of memory"
                     torch.cuda.empty_cache()
@@ -255,6 +261,7 @@ def attention_suite(args, s: Setup, report: Report) -> None:
                 print(format_row(row), flush=True)
             del batch
             torch.cuda.empty_cache()
+            write_report(report, s, args, args.out)  # after every batch: a timeout keeps what was measured
 
 
 def sweep_suite(args, s: Setup, report: Report) -> None:
@@ -285,8 +292,62 @@ def sweep_suite(args, s: Setup, report: Report) -> None:
         torch.cuda.empty_cache()
 
 
-# Decode throughput (a later task) registers its suite here and adds its section to the report.
-SUITES = {"attention": attention_suite, "sweep": sweep_suite}
+# matmuls each Triton kernel runs per visible (query, key) tile pair: forward QK^T, PV; dK/dV: S^T,
+# dV, dP^T, dK (+ dQ with atomics); dQ: S, dP, dQ. Used for the per-kernel rate on KSA-needed pairs.
+KERNEL_MATMULS = {"ksa_fwd_kernel": 2, "ksa_bwd_dkdv_kernel": 4, "ksa_bwd_dq_kernel": 3}
+
+
+def stages_suite(args, s: Setup, report: Report) -> None:
+    """Where forward+backward time goes: per-kernel device time (torch.profiler) of the Triton op on
+    uniform batches, deterministic vs atomic-dQ backward, and without the summary stream (S = 0: the
+    event band alone, so the summary part is the difference)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base = default_config(s.dim, s.dtype)
+    iters = 10
+    for L in [L for L in args.lengths if L >= 4096] or args.lengths[-1:]:
+        batch = make_batch("uniform", L, args.total, s, "cuda")
+        q, k, v, qs, ks, vs = batch.inputs
+        no_sum = [t[:0].detach().requires_grad_() for t in (qs, ks, vs)]
+        variants = [("deterministic", base, s.sums, batch.inputs, batch.grads),
+                    ("atomic-dQ", replace(base, deterministic=False), s.sums, batch.inputs, batch.grads),
+                    ("S=0 (event band only)", base, 0, [q, k, v, *no_sum], [batch.grads[0], batch.grads[1][:0]])]
+        for name, cfg, sums, inputs, grads in variants:
+            pairs = ksa_pairs(batch.lengths, s.chunk, s.window, sums)
+            kw = dict(chunk_size=s.chunk, window=s.window, summary_tokens=sums)
+
+            def step():
+                torch.autograd.backward(ksa_attention_triton(*inputs, batch.offsets, config=cfg, **kw), grads)
+                for leaf in inputs:
+                    leaf.grad = None
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    step()
+                torch.cuda.synchronize()
+            times: dict[str, float] = {}
+            for evt in prof.key_averages():
+                if evt.self_device_time_total > 0:
+                    key = evt.key if evt.key.startswith("ksa_") else "other (torch glue: tables, sort, fills, casts)"
+                    times[key] = times.get(key, 0.0) + evt.self_device_time_total / 1e3 / iters
+            total = sum(times.values())
+            for kernel, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+                mm = KERNEL_MATMULS.get(kernel, 0) + (kernel == "ksa_bwd_dkdv_kernel" and not cfg.deterministic)
+                rate = f"{2 * mm * pairs * s.dim * s.heads / (ms * 1e-3) / 1e12:.0f}" if mm else "-"
+                report.stages.append(f"| {L} | {name} | {kernel} | {ms:.3f} | {ms / total:.0%} | {rate} |")
+                print(report.stages[-1], flush=True)
+            report.stages.append(f"| {L} | {name} | total (device time) | {total:.3f} | 100% | "
+                                 f"{3.5 * 4 * pairs * s.dim * s.heads / (total * 1e-3) / 1e12:.0f} (KSA fwd+bwd) |")
+            print(report.stages[-1], flush=True)
+        del batch
+        torch.cuda.empty_cache()
+        write_report(report, s, args, args.out)
+
+
+SUITES = {"attention": attention_suite, "sweep": sweep_suite, "stages": stages_suite}
 
 
 # ---- report --------------------------------------------------------------------------------------------
@@ -379,6 +440,11 @@ def write_report(report: Report, s: Setup, args, out: Path) -> Path:
     ]
     if report.sweep:
         lines += ["", "## Tile sweep (ms)", "", "| config | fwd | fwd+bwd |", "|---|---|---|", *report.sweep]
+    if report.stages:
+        lines += ["", "## Where forward+backward time goes (torch.profiler, device time per call)", "",
+                  "TFLOP/s: the kernel's own matmuls on the KSA-needed pairs (2 fwd; dK/dV 4, 5 with atomic dQ; "
+                  "dQ 3), i.e. its tensor-core rate without the masked-tile overhead.", "",
+                  "| L | variant | kernel | ms | share | TFLOP/s |", "|---|---|---|---|---|---|", *report.stages]
     path = out / "kernels.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -412,6 +478,18 @@ def plot(rows: list[Row], out: Path) -> Path | None:
     return path
 
 
+def rows_from_report(path: Path) -> list[Row]:
+    """The Results table of a report written by this script (to plot several runs' pieces together)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 6 or not cells[1].isdigit():
+            continue
+        ms = [None if c == "-" else float(c) for c in cells[4:6]]
+        rows.append(Row(cells[0], int(cells[1]), int(cells[2]), cells[3].split(" (")[0], *ms))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -429,17 +507,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     p.add_argument("--max-error", type=float, default=5e-2, help="pre-check threshold (bf16 outputs are O(1))")
+    p.add_argument("--suites", nargs="+", choices=sorted(SUITES), default=["attention"],
+                   help="what to run (attention: the comparison table; stages: per-kernel profile; sweep: tiles)")
     p.add_argument("--sweep", action="store_true", help="also time alternative tile configurations")
     p.add_argument("--quick", action="store_true", help="smoke run: L = 256, 1024; 4,096 events; short timing")
+    p.add_argument("--plot-from", type=Path, nargs="+",
+                   help="only plot the Results tables of these reports (pieces run separately) into --out")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     args = p.parse_args(argv)
+    if args.plot_from:
+        print(f"plot: {plot([r for path in args.plot_from for r in rows_from_report(path)], args.out)}")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA device (SDPA flash, compiled Flex, Triton kernels)")
     if args.quick:
         args.lengths, args.total, args.warmup, args.rep = [256, 1024], 4096, 5, 20
     s = Setup(args.heads, args.dim, args.chunk, args.window, args.summary_tokens, DTYPES[args.dtype])
     report = Report()
-    for name in ["attention"] + (["sweep"] if args.sweep else []):
+    for name in list(dict.fromkeys(args.suites + (["sweep"] if args.sweep else []))):
         SUITES[name](args, s, report)
     path = write_report(report, s, args, args.out)
     png = plot(report.rows, args.out)

@@ -48,7 +48,7 @@ def _pattern(p: str) -> list[str]:
 STUDIES: dict[str, list[Run]] = {
     "real": [
         Run("beauty-full-64", "beauty", BEAUTY, ["--model.encoder.dim", "64", "--data.batch_size", "512",
-                                                  "--optim.lr", "0.002"]),
+                                                  "--model.optim.lr", "0.002"]),
         Run("beauty-full", "beauty", BEAUTY),
         Run("beauty-full-d04-b256", "beauty", BEAUTY, ["--model.encoder.dropout", "0.4", "--data.batch_size", "256"]),
         Run("beauty-full-256", "beauty", BEAUTY, ["--model.encoder.dim", "256", "--model.encoder.num_heads", "4"]),

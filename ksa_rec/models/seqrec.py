@@ -27,6 +27,9 @@ class SeqRecModel(nn.Module):
         self.encoder = SequenceEncoder(encoder)
         # Training frequency of each item, for the logQ correction; filled by the trainer from the data.
         self.register_buffer("item_prob", torch.full((data_spec.num_items,), 1.0 / data_spec.num_items))
+        # Set when TorchRec shards the item table (ksa_rec.training.sharding.ShardedItems): item lookups
+        # and full-catalogue ranks then go through the sharded collection.
+        self.sharded_items = None
 
     @property
     def item_weight(self) -> Tensor:
@@ -34,6 +37,8 @@ class SeqRecModel(nn.Module):
 
     def item_embeddings(self, ids: Tensor) -> Tensor:
         """Embeddings of item ids ``[M]`` -> ``[M, dim]`` (the one place a sharded table must hook)."""
+        if self.sharded_items is not None:
+            return self.sharded_items.lookup(ids)
         return self.item_weight[ids]
 
     def encode(self, batch: SequenceBatch) -> Tensor:
@@ -49,10 +54,13 @@ class SeqRecModel(nn.Module):
 
     def loss(self, batch: SequenceBatch) -> Tensor:
         """Next-item loss at every event that has a target."""
+        # Sharded item table: the candidates join the history lookup (one fused update per step), drawn from
+        # the generator that prefetch returns.
+        generator = self.sharded_items.prefetch(batch) if self.sharded_items is not None else None
         hidden = self.encode(batch)
         has_target = batch.targets > 1
         hidden, targets = hidden[has_target], batch.targets[has_target]
         if self.loss_cfg.kind == "ce":
             return full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature)
         return sampled_softmax(hidden, targets, self.item_embeddings, self.data_spec.num_items, self.loss_cfg,
-                               self.item_prob)
+                               self.item_prob, generator)

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ksa_rec.models.config import EncoderConfig
 from ksa_rec.modules.rope import apply_rotary
+from ksa_rec.modules.kv_cache import LayerCache
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import ksa_attention
+from ksa_rec.ops.ksa.cached import ksa_cached_attention
 from ksa_rec.ops.swa import sliding_window_attention
+from ksa_rec.utils.jagged import jagged_append, segment_ids
 
 
 @dataclass
@@ -41,6 +45,26 @@ class StreamLayout:
     sin: Tensor
     sum_cos: Tensor | None = None
     sum_sin: Tensor | None = None
+
+
+@dataclass
+class StepLayout:
+    """New tokens of a streaming step for B users (see ``SequenceEncoder.step``).
+
+    Events: ``offsets [B+1]``, absolute ``positions [Tn]``, rotary ``cos, sin``; summaries of the chunks
+    these events complete: ``sum_offsets [B+1]``, ``sum_ids [Tsn]`` (``c*S + j``), ``sum_cos, sum_sin``.
+    ``next_index [B]``: each user's event count after the step (what the caches are trimmed for).
+    """
+
+    offsets: Tensor
+    positions: Tensor
+    cos: Tensor
+    sin: Tensor
+    sum_offsets: Tensor
+    sum_ids: Tensor
+    sum_cos: Tensor
+    sum_sin: Tensor
+    next_index: Tensor
 
 
 class KindAttention(nn.Module):
@@ -102,3 +126,62 @@ class KindAttention(nn.Module):
         if self.kind == "swa":
             out = self.attend_events_only(q, k, v, layout)
         return out, out_sum
+
+    # ---- streaming ---------------------------------------------------------------------------------------
+    def cached_rule(self) -> dict:
+        """Keyword arguments of ``ksa_cached_attention`` that express this layer's kind."""
+        cfg = self.cfg
+        return {
+            "full": dict(window=None),
+            "ksa": dict(window=cfg.window, max_summaries=cfg.max_summaries),
+            "sca": dict(window=cfg.window, max_summaries=0),
+            "swa": dict(window=None, window_tokens=cfg.window * cfg.chunk_size),
+        }[self.kind]
+
+    def step(self, h: Tensor, hs: Tensor | None, sl: StepLayout, cache: LayerCache) -> tuple[Tensor, Tensor | None, LayerCache]:
+        """New tokens ``h [Tn, dim]`` / ``hs [Tsn, dim]`` (normed) against the cache; returns outputs (before
+        the residual) and the cache with the new K/V added and what no later token can see dropped."""
+        cfg = self.cfg
+        q, k, v = self.project(h, sl.cos, sl.sin)
+        if hs is None:
+            qs = ks = vs = q[:0]
+        else:
+            qs, ks, vs = self.project(hs, sl.sum_cos, sl.sum_sin, summary=True)
+        cache = cache.append(k, v, sl.positions, sl.offsets, ks, vs, sl.sum_ids, sl.sum_offsets)
+        queries, q_offsets = jagged_append(q, sl.offsets, qs, sl.sum_offsets)
+        q_index, _ = jagged_append(sl.positions, sl.offsets, sl.sum_ids, sl.sum_offsets)
+        is_summary, _ = jagged_append(torch.zeros_like(sl.positions, dtype=torch.bool), sl.offsets,
+                                      torch.ones_like(sl.sum_ids, dtype=torch.bool), sl.sum_offsets)
+        out = ksa_cached_attention(queries, q_offsets, q_index, is_summary, cache.k, cache.v, cache.offsets,
+                                   cache.idx, cache.sk, cache.sv, cache.s_offsets, cache.sidx,
+                                   chunk_size=cfg.chunk_size, summary_tokens=cfg.summary_tokens if hs is not None else 0,
+                                   **self.cached_rule())
+        out_events = self.out(out[~is_summary].flatten(1))
+        out_sum = None if hs is None else self.out(out[is_summary].flatten(1))
+        return out_events, out_sum, self.trim(cache, sl.next_index, with_summaries=hs is not None)
+
+    def trim(self, cache: LayerCache, next_index: Tensor, with_summaries: bool) -> LayerCache:
+        """Drop the rows no future token of the user can see (``next_index [B]``: the next event's index).
+
+        Future event i >= n sees events j >= (c(n) - W) * k (ksa/sca), j >= n - w (swa), all (full); a
+        summary query needs its own chunk's events, so the open chunk is always kept with summaries. Future
+        events see summaries of chunks >= c(n) - W - M (ksa only).
+        """
+        cfg, k = self.cfg, self.cfg.chunk_size
+        n = next_index
+        open_chunk = (n // k) * k
+        if self.kind == "full":
+            lo = torch.zeros_like(n)
+        elif self.kind == "swa":
+            lo = n - cfg.window * k
+            lo = torch.minimum(lo, open_chunk) if with_summaries else lo
+        else:
+            lo = (n // k - cfg.window) * k
+        event_keep = cache.idx >= lo[segment_ids(cache.offsets, cache.idx.numel())]
+        if self.kind == "ksa" and with_summaries:
+            first_chunk = n // k - cfg.window - (cfg.max_summaries if cfg.max_summaries is not None else n)
+            owner_first = first_chunk[segment_ids(cache.s_offsets, cache.sidx.numel())]
+            summary_keep = cache.sidx // cfg.summary_tokens >= owner_first
+        else:
+            summary_keep = torch.zeros_like(cache.sidx, dtype=torch.bool)
+        return cache.keep(event_keep, summary_keep)

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from ksa_rec.models.config import EncoderConfig
-from ksa_rec.modules.attention import KindAttention, StreamLayout
+from ksa_rec.modules.attention import KindAttention, StepLayout, StreamLayout
+from ksa_rec.modules.kv_cache import LayerCache
 from ksa_rec.modules.rope import RotaryEmbedding
 from ksa_rec.ops.ksa.layout import summary_event_positions, summary_index
-from ksa_rec.utils.jagged import validate_offsets
+from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids, validate_offsets
 
 
 class FeedForward(nn.Sequential):
@@ -35,6 +36,15 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, Tensor | None]:
         a, a_sum = self.attn(self.attn_norm(x), None if xs is None else self.attn_norm(xs), layout)
+        return self.residual_and_ffn(x, xs, a, a_sum)
+
+    def step(self, x: Tensor, xs: Tensor | None, sl: StepLayout, cache: LayerCache):
+        """Streaming form of ``forward`` for new tokens; returns ``(x, xs, cache)``."""
+        a, a_sum, cache = self.attn.step(self.attn_norm(x), None if xs is None else self.attn_norm(xs), sl, cache)
+        x, xs = self.residual_and_ffn(x, xs, a, a_sum)
+        return x, xs, cache
+
+    def residual_and_ffn(self, x: Tensor, xs: Tensor | None, a: Tensor, a_sum: Tensor | None):
         x = x + self.dropout(a)
         if xs is None:
             return x + self.dropout(self.ffn(self.ffn_norm(x))), None
@@ -65,13 +75,16 @@ class SequenceEncoder(nn.Module):
             self.summary_embedding = nn.Parameter(torch.randn(cfg.summary_tokens, cfg.dim) * cfg.dim ** -0.5)
 
     def summary_inputs(self, offsets: Tensor, time_part: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Summary-stream input tokens ``[Ts, dim]`` and the event rows whose positions they take ``[Ts]``."""
+        """Summary-stream input tokens ``[Ts, dim]`` and the event rows whose positions they take ``[Ts]``.
+
+        Slot j of chunk c is its learned embedding plus the time part of the chunk's last event; its
+        position is that of the last event of the j-th of S slices (KSA.md section 4)."""
         cfg = self.cfg
-        user, _, slot = summary_index(offsets, cfg.chunk_size, cfg.summary_tokens)
+        user, chunk, slot = summary_index(offsets, cfg.chunk_size, cfg.summary_tokens)
         rows = offsets[user] + summary_event_positions(offsets, cfg.chunk_size, cfg.summary_tokens)
         xs = self.summary_embedding[slot]
         if time_part is not None:
-            xs = xs + time_part[rows]
+            xs = xs + time_part[offsets[user] + chunk * cfg.chunk_size + cfg.chunk_size - 1]
         return xs, rows
 
     def forward(self, tokens: Tensor, offsets: Tensor, positions: Tensor, time_part: Tensor | None = None,
@@ -90,3 +103,46 @@ class SequenceEncoder(nn.Module):
         for block in self.blocks:
             x, xs = block(x, xs, layout)
         return self.final_norm(x)
+
+    # ---- streaming -----------------------------------------------------------------------------------------
+    def empty_caches(self, batch: int, dtype: torch.dtype, device) -> list[LayerCache]:
+        heads, head_dim = self.cfg.num_heads, self.cfg.dim // self.cfg.num_heads
+        return [LayerCache.empty(batch, heads, head_dim, dtype, device) for _ in self.blocks]
+
+    def step(self, tokens: Tensor, offsets: Tensor, event_count: Tensor, time_part: Tensor | None,
+             caches: list[LayerCache]) -> tuple[Tensor, list[LayerCache]]:
+        """Continue B users' histories by new events; equal to ``forward`` over the whole histories.
+
+        Args:
+            tokens: ``(sum_b t_b, dim)`` embeddings of the new events; offsets ``[B+1]`` (t_b may be 0).
+            event_count: int64 ``[B]`` events each user had before (the new ones get indices from there).
+            time_part: ``(sum_b t_b, dim)`` or None, as in ``forward``.
+            caches: one ``LayerCache`` per block for these B users.
+        Returns:
+            ``(states of the new events (sum_b t_b, dim) after the final norm, updated caches)``.
+        """
+        cfg, k, S = self.cfg, self.cfg.chunk_size, self.cfg.summary_tokens
+        seg = segment_ids(offsets, tokens.shape[0])
+        positions = event_count[seg] + torch.arange(tokens.shape[0], device=tokens.device) - offsets[seg]
+        cos, sin = self.rope.tables(positions, tokens.dtype)
+        sum_offsets = torch.zeros_like(offsets)
+        sum_ids, sum_cos, sum_sin, xs = positions[:0], cos[:0], sin[:0], None
+        if self.with_summaries:
+            # Each new event that ends a chunk brings that chunk's S summary tokens into this step.
+            ends = torch.nonzero((positions + 1) % k == 0).squeeze(1)
+            rows = ends.repeat_interleave(S)
+            slot = torch.arange(S, device=tokens.device).repeat(ends.numel())
+            chunk = positions[rows] // k
+            sum_ids = chunk * S + slot
+            sum_offsets = lengths_to_offsets(torch.bincount(seg[rows], minlength=offsets.numel() - 1))
+            sum_pos = chunk * k + (slot + 1) * (k // S) - 1
+            sum_cos, sum_sin = self.rope.tables(sum_pos, tokens.dtype)
+            xs = self.summary_embedding[slot] + (time_part[rows] if time_part is not None else 0)
+        sl = StepLayout(offsets=offsets, positions=positions, cos=cos, sin=sin, sum_offsets=sum_offsets,
+                        sum_ids=sum_ids, sum_cos=sum_cos, sum_sin=sum_sin,
+                        next_index=event_count + offsets[1:] - offsets[:-1])
+        x, new_caches = tokens, []
+        for block, cache in zip(self.blocks, caches):
+            x, xs, cache = block.step(x, xs, sl, cache)
+            new_caches.append(cache)
+        return self.final_norm(x), new_caches

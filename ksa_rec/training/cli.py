@@ -57,6 +57,8 @@ class RecCLI(LightningCLI):
     def write_results(self, checkpoint: str) -> None:
         """Every metric of the last validation/test pass, with 95% CIs and user counts, as JSON."""
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics.json"
+        if not self.trainer.is_global_zero:
+            return  # several processes (sharded training) hold the same synced metrics: one writes them
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"checkpoint": checkpoint, **self.model.last_metrics}, indent=2))
         print(f"metrics with 95% CIs: {out}")

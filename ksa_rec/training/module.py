@@ -93,6 +93,9 @@ class RecModule(pl.LightningModule):
 
     def _ranks(self, batch: SequenceBatch) -> Tensor:
         vecs = self.model.encode(batch)[batch.eval_rows]
+        if self.model.sharded_items is not None:  # each process scores the item rows it holds
+            return self.model.sharded_items.target_ranks(vecs, batch.eval_targets, batch.seen_values,
+                                                         batch.seen_offsets, self.eval_cfg.item_chunk)
         return target_ranks(vecs, self.model.item_weight, batch.eval_targets, batch.seen_values,
                             batch.seen_offsets, self.eval_cfg.item_chunk)
 
