@@ -204,8 +204,12 @@ class InteractionData:
 
 
 def build_interactions(frame: pl.DataFrame, *, schema: LogSchema = LogSchema(), min_user_events: int = 1,
-                       on_duplicate: DuplicatePolicy = "error", file: str | None = None) -> InteractionData:
-    """``read_interactions``'s frame -> ``InteractionData`` (no I/O; ``file`` only names errors)."""
+                       on_duplicate: DuplicatePolicy = "error", file: str | None = None,
+                       items: Vocab | None = None, features: dict[str, Vocab] | None = None) -> InteractionData:
+    """``read_interactions``'s frame -> ``InteractionData`` (no I/O; ``file`` only names errors).
+
+    ``items``/``features``: encode with these vocabularies (a trained model's; unknown ids -> OOV)
+    instead of building new ones."""
     keys = [USER, ITEM, TIME]
     if on_duplicate == "error":
         first = pl.col(ROW).min().over(keys)
@@ -229,8 +233,8 @@ def build_interactions(frame: pl.DataFrame, *, schema: LogSchema = LogSchema(), 
     lengths = ordered["__first"].rle().struct.field("len").cast(pl.Int64).to_numpy()
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    items = Vocab.build(ordered[ITEM])
-    features = {name: Vocab.build(ordered[name]) for name in schema.features}
+    items = items or Vocab.build(ordered[ITEM])
+    features = features or {name: Vocab.build(ordered[name]) for name in schema.features}
     return InteractionData(
         users=Vocab.build(ordered[USER]), items=items, features=features, offsets=offsets,
         item_ids=items.encode(ordered[ITEM]),

@@ -119,8 +119,24 @@ def _read_parquet(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFram
     return _select_columns(lazy, present, schema, file)
 
 
+def read_jsonl_lines(lines: list[str], *, schema: LogSchema = LogSchema(), file: str = "<stdin>",
+                     first_row: int = 1) -> pl.DataFrame:
+    """Parse and validate JSON lines already in memory (e.g. a micro-batch read from stdin); row numbers
+    in errors count from ``first_row``. Blank lines are skipped (but counted). Output as ``read_interactions``."""
+    frame = pl.DataFrame({"line": lines}, schema={"line": pl.String}).with_row_index(_TMP_ROW, offset=first_row)
+    frame = frame.with_columns(pl.col(_TMP_ROW).cast(pl.Int64)).filter(pl.col("line").str.strip_chars() != "")
+    if frame.height == 0:
+        return pl.DataFrame(schema={ROW: pl.Int64, **{c: pl.String for c in schema.output_columns[1:]}})
+    with _polars_errors(file, "jsonl"):
+        parsed, source_names = _parse_jsonl(frame, schema, file)
+    return _validate(parsed, schema, source_names, file)
+
+
 def _read_jsonl(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
-    lines = _nonblank_lines(path)
+    return _parse_jsonl(_nonblank_lines(path), schema, file)
+
+
+def _parse_jsonl(lines: pl.DataFrame, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
     if lines.height == 0:
         return lines, {}
     text = pl.col("line")

@@ -105,8 +105,11 @@ class EvalWindows(Dataset):
 class Collator:
     """Gathers samples into a ``SequenceBatch`` (numpy index arithmetic, no per-event Python loops)."""
 
-    def __init__(self, data: InteractionData, time_gap_buckets: int, train: bool, labels: tuple[str, ...] = ()):
-        self.data, self.train, self.labels = data, train, labels
+    def __init__(self, data: InteractionData, time_gap_buckets: int, train: bool, labels: tuple[str, ...] = (),
+                 predict: bool = False):
+        """``predict``: evaluation samples whose single "target" is one past the last event (scoring:
+        the state after the last event is the user vector; no target item exists)."""
+        self.data, self.train, self.labels, self.predict = data, train, labels, predict
         self.gap_bucket = None
         if time_gap_buckets:
             self.gap_bucket = time_gap_bucket(torch.from_numpy(event_gaps(data)), time_gap_buckets).numpy()
@@ -147,9 +150,11 @@ class Collator:
         base_t, start_t = np.repeat(base, counts), np.repeat(start, counts)
         target_rows = base_t + position
         batch.eval_rows = torch.from_numpy(np.repeat(offsets[:-1], counts) + position - 1 - start_t)
-        batch.eval_targets = torch.from_numpy(self.data.item_ids[target_rows])
         batch.seen_values = torch.from_numpy(self.data.item_ids[_ranges(base_t, position)])
         batch.seen_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(position)]))
+        if self.predict:
+            return
+        batch.eval_targets = torch.from_numpy(self.data.item_ids[target_rows])
         batch.labels = {name: torch.from_numpy(self.data.labels[name][target_rows]) for name in self.labels}
 
 

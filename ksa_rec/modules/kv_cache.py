@@ -14,7 +14,7 @@ Example, k = 4, W = 1, one ksa layer, a user after 13 events (chunks 0, 1, 2 com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -61,6 +61,9 @@ class LayerCache:
         return LayerCache(self.k[event_keep], self.v[event_keep], self.idx[event_keep],
                           jagged_keep(self.offsets, event_keep), self.sk[summary_keep], self.sv[summary_keep],
                           self.sidx[summary_keep], jagged_keep(self.s_offsets, summary_keep))
+
+    def to(self, device) -> "LayerCache":
+        return LayerCache(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     # ---- per-user (de)composition, for storage ---------------------------------------------------------
     def user(self, b: int) -> dict[str, Tensor]:

@@ -45,6 +45,7 @@ from ksa_rec.ops.mka.streaming import (
     take_last,
     window_attention_cached,
 )
+from ksa_rec.ops.swa import BACKENDS as WINDOW_BACKENDS
 from ksa_rec.utils.jagged import (
     jagged_to_padded,
     lengths_to_offsets,
@@ -53,8 +54,6 @@ from ksa_rec.utils.jagged import (
     segment_ids,
     validate_offsets,
 )
-
-WINDOW_BACKENDS = (None, "torch", "flex")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,7 +87,7 @@ class MkaConfig:
     step_piece: int = 64
     """Most new events per user that ``step`` processes together; sizes the bank (speed/memory only)."""
     window_backend: str | None = None
-    """Backend of the windowed attention (``sliding_window_attention``): None (auto), "torch" or "flex"."""
+    """Backend of the windowed attention (``sliding_window_attention``): None (auto) or one of its BACKENDS."""
 
     def __post_init__(self) -> None:
         # YAML and checkpoint dicts give lists; keep tuples so the config stays hashable and comparable.
@@ -109,8 +108,8 @@ class MkaConfig:
                  f"needs {LEVELS} positive weights (L1, L2, L3), got {self.router_init}")
         _require(isinstance(self.mask_empty_bank, bool), "mask_empty_bank",
                  f"must be a bool, got {self.mask_empty_bank!r}")
-        _require(self.window_backend in WINDOW_BACKENDS, "window_backend",
-                 f"must be null, torch or flex, got {self.window_backend!r}")
+        _require(self.window_backend is None or self.window_backend in WINDOW_BACKENDS, "window_backend",
+                 f"must be null or one of {WINDOW_BACKENDS}, got {self.window_backend!r}")
 
 
 def _require(ok: bool, name: str, problem: str) -> None:

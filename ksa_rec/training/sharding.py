@@ -323,7 +323,8 @@ class ShardedItems:
         if not isinstance(weight, ShardedTensor):
             raise TypeError(f"item table state is a {type(weight).__name__}, expected a ShardedTensor")
         num_items, dim = weight.size()
-        shards = [(s.metadata.shard_offsets[0], s.metadata.shard_offsets[1], s.tensor) for s in weight.local_shards()]
+        shards = [(shard.metadata.shard_offsets[0], shard.metadata.shard_offsets[1], shard.tensor)
+                  for shard in weight.local_shards()]
         counts = torch.zeros(vecs.shape[0], dtype=torch.int64, device=vecs.device)
         if all(m.shard_sizes[1] == dim for m in weight.metadata().shards_metadata):
             # Whole rows (row/table-wise): each score is complete here, so only counts cross processes.
@@ -385,8 +386,8 @@ class TorchRecStrategy(DDPStrategy):
 
     def __init__(self, sharding_types: dict[str, str] | None = None,
                  embedding_optimizer: EmbeddingOptimConfig | None = None, compute_kernel: str = "fused",
-                 min_column_shard: int | None = None, process_group_backend: str | None = None, find_unused_parameters: bool = False,
-                 start_method: str = "popen"):
+                 min_column_shard: int | None = None, process_group_backend: str | None = None,
+                 find_unused_parameters: bool = False, start_method: str = "popen"):
         super().__init__(process_group_backend=process_group_backend, start_method=start_method)
         self.sharding = ShardingConfig(sharding_types=dict(sharding_types or {}), compute_kernel=compute_kernel,
                                        embedding_optimizer=embedding_optimizer or EmbeddingOptimConfig(),
@@ -394,16 +395,14 @@ class TorchRecStrategy(DDPStrategy):
         self._find_unused_parameters = find_unused_parameters
         self._dmp: DistributedModelParallel | None = None
 
-    @property
-    def dmp(self) -> DistributedModelParallel | None:
-        """The DMP around the LightningModule once ``setup`` ran (its ``fused_optimizer`` holds table states)."""
-        return self._dmp
-
     def setup(self, trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and trainer.accumulate_grad_batches != 1:
+            raise ValueError("trainer.accumulate_grad_batches must be 1 with TorchRecStrategy: the tables' fused "
+                             "optimizer updates them at every backward")
         # Shard once per LightningModule: ``fit`` followed by ``test`` keeps the sharded tables.
         if self._dmp is None or self._dmp.module is not module:
             self._dmp = shard_model(module, self.sharding, self.root_device, _group.WORLD,

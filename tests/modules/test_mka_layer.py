@@ -258,7 +258,7 @@ def test_decays_start_at_decay_init_and_learn():
     ("max_blocks", -1, "mka.max_blocks"),
     ("block_size", True, "mka.block_size"),
     ("router_hidden_ratio", 0.0, "mka.router_hidden_ratio"),
-    ("window_backend", "triton", "mka.window_backend"),
+    ("window_backend", "cuda", "mka.window_backend"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -85,13 +85,13 @@ def _batch(lengths, *, k, S, W, M=None, window_tokens=None, heads=2, kv_heads=No
     gen = torch.Generator().manual_seed(seed)
     q_idx, q_sum, k_idx, s_idx, q_len, k_len, s_len = [], [], [], [], [], [], []
     for n in lengths:
-        new = rnd.randint(0, min(n, max_new))
+        ring = n if (cache == "all" or W is None or window_tokens is not None) else (W + 1) * k
+        new = rnd.randint(0, min(n, max_new, ring))  # every new token's own key is cached (it sees itself)
         rows = []
         for i in range(n - new, n):
             rows.append((i, False))
             if S and (i + 1) % k == 0:
                 rows += [((i // k) * S + j, True) for j in range(S)]
-        ring = n if (cache == "all" or W is None or window_tokens is not None) else (W + 1) * k
         events = rnd.sample(range(max(0, n - ring), n), min(n, ring))
         sums = rnd.sample(range(S * (n // k)), S * (n // k))
         q_idx += [i for i, _ in rows]

@@ -50,7 +50,7 @@ class CachedTritonConfig:
     the output starts as NaN so an unwritten element shows."""
 
     block_q: int | None = None
-    block_n: int = 64
+    block_n: int = 128  # H100, D=64, bf16: 2,815 vs 2,626 GB/s for 64 at 10K history (docs/results/decode.md)
     num_splits: int | None = None
     min_split_keys: int = 256
     num_warps: int = 4
@@ -155,18 +155,22 @@ def _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm,
             in_ev = t < n_ev_tiles
             acc, l_i, m_i = _cached_tile(
                 acc, l_i, m_i, q, i_q, q_sum, tl.where(in_ev, k_ev, k_sm), tl.where(in_ev, v_ev, v_sm),
-                tl.where(in_ev, i_ev, i_sm), tl.where(in_ev, stride_kt, stride_kst), tl.where(in_ev, stride_vt, stride_vst),
-                tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N), tl.where(in_ev, ev_hi, sm_hi),
-                in_ev, qk_scale, W, M, WT, CHUNK, SUMS, MODE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                tl.where(in_ev, i_ev, i_sm), tl.where(in_ev, stride_kt, stride_kst),
+                tl.where(in_ev, stride_vt, stride_vst),
+                tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N),
+                tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, WT, CHUNK, SUMS, MODE, HEAD_DIM, BLOCK_D,
+                BLOCK_N, DOT_PREC)
             t += 1
     else:
         for t in range(0, n_tiles):
             in_ev = t < n_ev_tiles
             acc, l_i, m_i = _cached_tile(
                 acc, l_i, m_i, q, i_q, q_sum, tl.where(in_ev, k_ev, k_sm), tl.where(in_ev, v_ev, v_sm),
-                tl.where(in_ev, i_ev, i_sm), tl.where(in_ev, stride_kt, stride_kst), tl.where(in_ev, stride_vt, stride_vst),
-                tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N), tl.where(in_ev, ev_hi, sm_hi),
-                in_ev, qk_scale, W, M, WT, CHUNK, SUMS, MODE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                tl.where(in_ev, i_ev, i_sm), tl.where(in_ev, stride_kt, stride_kst),
+                tl.where(in_ev, stride_vt, stride_vst),
+                tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N),
+                tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, WT, CHUNK, SUMS, MODE, HEAD_DIM, BLOCK_D,
+                BLOCK_N, DOT_PREC)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw no key: 0
     if NUM_SPLITS == 1:
         tl.store(O + t_row[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],

@@ -1,0 +1,72 @@
+"""A trained checkpoint, ready to serve: the plain model, its vocabularies and its identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ksa_rec.data.vocab import Vocab
+from ksa_rec.errors import CheckpointError
+from ksa_rec.models.seqrec import SeqRecModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingModel:
+    """``model`` in eval mode on ``device``; ``model_id`` identifies the weights and config, so state
+    built by one checkpoint is refused by another."""
+
+    model: SeqRecModel
+    items: Vocab
+    features: dict[str, Vocab]
+    model_id: str
+    checkpoint: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.item_weight.device
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ServingModel":
+        """Load a ``ksa-rec fit`` checkpoint; any unusable file is a one-line ``CheckpointError``."""
+        from ksa_rec.training.module import CHECKPOINT_VOCAB_KEY, RecModule
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a corrupt file; report any of them in one line
+            raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]})") from None
+        if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
+            raise CheckpointError(f"{path}: not a ksa-rec checkpoint (no state_dict/hyper_parameters)")
+        vocab = raw.get(CHECKPOINT_VOCAB_KEY)
+        if not vocab:
+            raise CheckpointError(f"{path}: the checkpoint carries no vocabularies ('{CHECKPOINT_VOCAB_KEY}')")
+        try:
+            module = RecModule(**raw["hyper_parameters"])
+            module.load_state_dict(raw["state_dict"])
+            items = Vocab.from_dict(vocab["items"], source=str(path))
+            features = {k: Vocab.from_dict(v, source=str(path)) for k, v in vocab["features"].items()}
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: incompatible checkpoint: {str(err).splitlines()[0][:300]}") from None
+        model = module.model.to(device).eval()
+        return cls(model=model, items=items, features=features,
+                   model_id=fingerprint(raw["hyper_parameters"], raw["state_dict"]), checkpoint=str(path))
+
+
+def fingerprint(hparams: dict, state_dict: dict[str, torch.Tensor]) -> str:
+    """16 hex digits of a hash over the config and every weight's bytes."""
+    digest = hashlib.blake2b(json.dumps(hparams, sort_keys=True, default=str).encode(), digest_size=8)
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

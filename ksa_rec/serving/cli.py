@@ -1,0 +1,81 @@
+"""``ksa-rec score`` and ``ksa-rec stream`` (command-line contract of ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksa-rec score", description="Top-K per user from full histories "
+                                "(an event file) or from a state store, written to parquet "
+                                "(user_id, event_count, item_ids, scores).")
+    p.add_argument("--checkpoint", required=True, help="a ksa-rec fit checkpoint (.ckpt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--events", help="event file (parquet/csv/jsonl: user_id, item_id, timestamp[, features])")
+    source.add_argument("--state", help="state store (SQLite) written by ksa-rec stream")
+    p.add_argument("--output", required=True, type=Path, help="output .parquet")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--include-seen", action="store_true", help="do not exclude items the user interacted with")
+    p.add_argument("--batch-size", type=int, default=256, help="users per batch")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="score from the newest MAX_LEN events (whole chunks); default: whole histories")
+    p.add_argument("--item-chunk", type=int, default=65536, help="items scored at once (bounds memory)")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    return p
+
+
+def stream_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksa-rec stream", description="Apply events in order to persistent "
+                                "per-user states and emit fresh top-K for touched users; resumable and "
+                                "exactly-once (re-running continues from the committed position).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--events", required=True, help="event file (parquet/csv/jsonl) or - for JSON lines on stdin")
+    p.add_argument("--state", required=True, type=Path, help="state store (SQLite file; created if missing)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="sink: .jsonl file or a parquet parts directory (default: <state>.outputs.jsonl)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--include-seen", action="store_true")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="events per micro-batch (one commit each)")
+    p.add_argument("--item-chunk", type=int, default=65536)
+    p.add_argument("--accelerator", default="auto")
+    return p
+
+
+def _engine(args):
+    import torch
+
+    from ksa_rec.serving.artifact import ServingModel
+    from ksa_rec.serving.engine import StreamEngine
+
+    use_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+    serving = ServingModel.load(args.checkpoint, "cuda" if use_gpu else "cpu")
+    return StreamEngine(serving, top_k=args.top_k, exclude_seen=not args.include_seen, item_chunk=args.item_chunk)
+
+
+def score(argv: list[str]) -> None:
+    from ksa_rec.serving.jobs import run_score
+    from ksa_rec.serving.store import SqliteStateStore
+
+    args = score_parser().parse_args(argv)
+    engine = _engine(args)
+    store = SqliteStateStore(args.state) if args.state else None
+    run_score(engine, args.output, events=args.events, store=store, batch_size=args.batch_size,
+              max_len=args.max_len, accelerator=args.accelerator)
+    print(f"ksa-rec score: top-{args.top_k} per user written to {args.output}")
+
+
+def stream(argv: list[str]) -> None:
+    from ksa_rec.serving.jobs import run_stream
+    from ksa_rec.serving.sinks import open_sink
+    from ksa_rec.serving.store import SqliteStateStore
+
+    args = stream_parser().parse_args(argv)
+    engine = _engine(args)
+    output = args.output or args.state.with_name(args.state.name + ".outputs.jsonl")
+    store = SqliteStateStore(args.state)
+    try:
+        run_stream(engine, store, args.events, open_sink(output), args.chunk_rows, args.accelerator)
+    finally:
+        store.close()
+    print(f"ksa-rec stream: states in {args.state}, recommendations in {output}")

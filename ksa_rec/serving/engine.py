@@ -1,0 +1,159 @@
+"""The streaming update: a micro-batch of raw events + the touched users' states -> new states and fresh
+top-K recommendations. Plain torch; the Lightning predict loop drives it (``ksa_rec.serving.jobs``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torchrec import KeyedJaggedTensor
+
+from ksa_rec.data.schema import ITEM, ROW, TIME, USER, LogSchema
+from ksa_rec.errors import DataError
+from ksa_rec.modules.embeddings import ITEM_KEY, TIME_GAP_KEY, time_gap_bucket
+from ksa_rec.modules.kv_cache import LayerCache
+from ksa_rec.serving.artifact import ServingModel
+from ksa_rec.serving.state import UserState
+from ksa_rec.serving.topk import topk_items
+from ksa_rec.utils.jagged import lengths_to_offsets
+
+
+@dataclass
+class Recommendations:
+    """Top-K per touched user: raw ids in input order of first appearance in the micro-batch."""
+
+    user_ids: list[str]
+    event_counts: list[int]
+    last_rows: list[int]
+    item_ids: list[list[str]]
+    scores: list[list[float]]
+
+    def records(self) -> list[dict]:
+        return [{"user_id": u, "event_count": n, "row": r, "item_ids": i, "scores": s}
+                for u, n, r, i, s in zip(self.user_ids, self.event_counts, self.last_rows, self.item_ids, self.scores)]
+
+
+class StreamEngine:
+    def __init__(self, serving: ServingModel, top_k: int = 10, exclude_seen: bool = True, item_chunk: int = 65536):
+        self.serving, self.top_k, self.exclude_seen, self.item_chunk = serving, top_k, exclude_seen, item_chunk
+        self.model = serving.model
+        self.schema = LogSchema(features=tuple(sorted(serving.features)))
+        self.num_gap_buckets = self.model.encoder_cfg.time_gap_buckets
+
+    def decode_states(self, user_ids: list[str], blobs: dict[str, bytes]) -> list[UserState]:
+        """States of ``user_ids`` (a new user starts empty)."""
+        empty = None
+        states = []
+        for user in user_ids:
+            if user in blobs:
+                states.append(UserState.from_bytes(blobs[user], self.serving.model_id, user))
+            else:
+                empty = empty or self._empty_state()
+                states.append(empty)
+        return states
+
+    def _empty_state(self) -> UserState:
+        caches = self.model.encoder.empty_caches(1, self.model.item_weight.dtype, "cpu")
+        return UserState.empty(caches, self.model.encoder_cfg.dim, self.model.item_weight.dtype)
+
+    @torch.no_grad()
+    def update(self, frame: pl.DataFrame, states: dict[str, UserState], file: str) -> tuple[dict[str, UserState], Recommendations]:
+        """Apply one micro-batch. ``states`` holds every user of ``frame``; returns their new states and
+        their fresh recommendations. Bad events raise ``DataError`` before anything changes."""
+        users, order, lengths = _group_by_user(frame)
+        ordered = frame[order]
+        items = self.serving.items.encode(ordered[ITEM])
+        timestamps = ordered[TIME].to_numpy()
+        rows = ordered[ROW].to_numpy()
+        old = [states[u] for u in users]
+        gaps = _check_order_and_gaps(users, old, lengths, items, timestamps, rows, file)
+        device = self.serving.device
+        offsets = lengths_to_offsets(torch.from_numpy(lengths))
+        features = self._features(ordered, items, gaps, lengths)
+        caches = [LayerCache.stack([s.layers[i] for s in old]) for i in range(len(self.model.encoder.blocks))]
+        caches = [c.to(device) for c in caches]
+        event_count = torch.tensor([s.event_count for s in old], dtype=torch.int64, device=device)
+        tokens, time_part = self.model.embedding(features.to(device))
+        out, caches = self.model.encoder.step(tokens, offsets.to(device), event_count, time_part, caches)
+        vectors = out[offsets[1:].to(device) - 1]
+        caches = [c.to("cpu") for c in caches]
+        ends = np.cumsum(lengths)
+        new_states = {}
+        for b, user in enumerate(users):
+            segment = items[ends[b] - lengths[b]:ends[b]]
+            seen = torch.from_numpy(np.union1d(old[b].seen.numpy(), segment[segment >= 2]))
+            new_states[user] = UserState(
+                event_count=old[b].event_count + int(lengths[b]), last_timestamp=int(timestamps[ends[b] - 1]),
+                last_item=int(items[ends[b] - 1]), vector=vectors[b].cpu(), seen=seen,
+                layers=[cache.user(b) for cache in caches])
+        recs = self.recommend(users, [new_states[u] for u in users], [int(rows[e - 1]) for e in ends])
+        return new_states, recs
+
+    @torch.no_grad()
+    def recommend(self, users: list[str], states: list[UserState], last_rows: list[int]) -> Recommendations:
+        device = self.serving.device
+        vectors = torch.stack([s.vector for s in states]).to(device)
+        exclude_values = exclude_offsets = None
+        if self.exclude_seen:
+            exclude_values = torch.cat([s.seen for s in states]).to(device)
+            exclude_offsets = lengths_to_offsets(torch.tensor([s.seen.numel() for s in states])).to(device)
+        scores, ids = topk_items(vectors, self.model.item_weight, self.top_k, exclude_values, exclude_offsets,
+                                 self.item_chunk)
+        raw = self.serving.items.raw_ids
+        ids_list = ids.cpu().tolist()
+        return Recommendations(users, [s.event_count for s in states], last_rows,
+                               [[raw[i - 2] for i in row if i >= 2] for row in ids_list],
+                               [[round(float(x), 6) for x, i in zip(srow, irow) if i >= 2]
+                                for srow, irow in zip(scores.cpu().tolist(), ids_list)])
+
+    def _features(self, ordered: pl.DataFrame, items: np.ndarray, gaps: np.ndarray, lengths: np.ndarray) -> KeyedJaggedTensor:
+        values = {ITEM_KEY: items}
+        for name, vocab in self.serving.features.items():
+            values[name] = vocab.encode(ordered[name])
+        if self.num_gap_buckets:
+            values[TIME_GAP_KEY] = time_gap_bucket(torch.from_numpy(gaps), self.num_gap_buckets).numpy()
+        keys = self.model.embedding.keys
+        all_lengths = np.tile(lengths, len(keys))
+        return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate([values[k] for k in keys])),
+                                 lengths=torch.from_numpy(all_lengths),
+                                 offsets=lengths_to_offsets(torch.from_numpy(all_lengths)))
+
+
+def _group_by_user(frame: pl.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Users in order of first appearance, the row order that groups each user's events (input order
+    kept within a user), and events per user."""
+    users = frame[USER].unique(maintain_order=True)
+    index = frame[USER].replace_strict(users, pl.int_range(len(users), eager=True), return_dtype=pl.Int64).to_numpy()
+    order = np.argsort(index, kind="stable")
+    return users.to_list(), order, np.bincount(index, minlength=len(users)).astype(np.int64)
+
+
+def _check_order_and_gaps(users, old: list[UserState], lengths, items, timestamps, rows, file) -> np.ndarray:
+    """Seconds since each event's predecessor (-1 for a user's first event ever); raises on events older
+    than their predecessor or exact repeats of it."""
+    starts = np.cumsum(lengths) - lengths
+    first = np.zeros(len(items), dtype=bool)
+    first[starts[lengths > 0]] = True
+    prev_time = np.concatenate([[0], timestamps[:-1]])
+    prev_item = np.concatenate([[0], items[:-1]])
+    has_prev = ~first
+    for b, state in enumerate(old):
+        if lengths[b] and state.event_count:
+            prev_time[starts[b]], prev_item[starts[b]], has_prev[starts[b]] = state.last_timestamp, state.last_item, True
+    gaps = np.where(has_prev, timestamps - prev_time, -1)
+    bad = np.flatnonzero(has_prev & (gaps < 0))
+    if bad.size:
+        i = bad[0]
+        raise DataError(f"timestamp {timestamps[i]} is before the user's previous event ({prev_time[i]}); "
+                        "events of a user must arrive in time order", file=file, row=int(rows[i]), column="timestamp")
+    dup = np.flatnonzero(has_prev & (gaps == 0) & (items == prev_item) & (items >= 2))
+    if dup.size:
+        i = dup[0]
+        raise DataError("duplicate of the user's previous event (same item and timestamp)", file=file,
+                        row=int(rows[i]))
+    return gaps
+
+
+__all__ = ["Recommendations", "StreamEngine"]

@@ -1,0 +1,256 @@
+"""``ksa-rec stream`` and ``ksa-rec score`` as Lightning predict loops.
+
+Both run ``Trainer.predict``: a DataLoader yields work (event micro-batches, or batches of users), the
+LightningModule's ``predict_step`` computes, and a ``BasePredictionWriter`` persists each batch as it
+completes. For ``stream`` the writer appends the recommendations to the sink and then commits the new
+states, the input position and the sink's length in one store transaction; a restarted run first cuts
+the sink back to the committed length and resumes the input after the committed position, so a run
+killed at any point (even ``kill -9``) ends, once restarted, with exactly the states and outputs of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ksa_rec.data.batch import SequenceBatch
+from ksa_rec.data.etl import InteractionData, build_interactions
+from ksa_rec.data.readers import read_interactions
+from ksa_rec.data.sequences import Collator
+from ksa_rec.errors import StateError
+from ksa_rec.serving.engine import Recommendations, StreamEngine
+from ksa_rec.serving.events import EventChunk, iter_event_chunks
+from ksa_rec.serving.sinks import Sink
+from ksa_rec.serving.state import UserState
+from ksa_rec.serving.store import StateStore
+
+MODEL_KEY = "model_id"
+
+
+@dataclass
+class StreamResult:
+    states: dict[str, bytes]
+    recommendations: Recommendations
+    end_position: int
+    events: int
+
+
+class ServingModule(pl.LightningModule):
+    """Wraps the plain model for ``Trainer.predict``; ``predict_step`` dispatches on the batch type."""
+
+    def __init__(self, engine: StreamEngine, store: StateStore | None = None):
+        super().__init__()
+        self.engine, self.store = engine, store
+        self.model = engine.model
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # Event micro-batches stay on the host (ids are strings); the engine moves what it computes on.
+        return batch.to(device) if isinstance(batch, SequenceBatch) else batch
+
+    def predict_step(self, batch, batch_idx):
+        if isinstance(batch, EventChunk):
+            return self._stream(batch)
+        return self._score(batch)
+
+    def _stream(self, chunk: EventChunk) -> StreamResult:
+        users = chunk.frame["user_id"].unique(maintain_order=True).to_list()
+        states = dict(zip(users, self.engine.decode_states(users, self.store.get_many(users))))
+        new_states, recs = self.engine.update(chunk.frame, states, chunk.source)
+        blobs = {u: s.to_bytes(self.engine.serving.model_id) for u, s in new_states.items()}
+        return StreamResult(blobs, recs, chunk.end_position, chunk.frame.height)
+
+    def _score(self, batch: "ScoreBatch") -> Recommendations:
+        if batch.sequences is not None:
+            seq = batch.sequences
+            vectors = self.model.encode(seq)[seq.eval_rows]
+            states = [UserState(int(n), 0, 0, v, seen, []) for n, v, seen in
+                      zip(batch.event_counts, vectors, seq.seen_values.split(_lengths(seq.seen_offsets)))]
+        else:
+            states = batch.states
+        return self.engine.recommend(batch.user_ids, states, batch.last_rows)
+
+
+def _lengths(offsets: torch.Tensor) -> list[int]:
+    return (offsets[1:] - offsets[:-1]).tolist()
+
+
+# ---- stream -------------------------------------------------------------------------------------------------
+class EventChunks(IterableDataset):
+    """Micro-batches of the input after the store's committed position for it."""
+
+    def __init__(self, path: str, engine: StreamEngine, chunk_rows: int, start_position: int):
+        self.path, self.engine, self.chunk_rows, self.start_position = path, engine, chunk_rows, start_position
+
+    def __iter__(self):
+        return iter_event_chunks(self.path, self.engine.schema, self.chunk_rows, self.start_position)
+
+
+class StreamCommitWriter(BasePredictionWriter):
+    """Sink first, then one store transaction with the states, the input position and the sink length."""
+
+    def __init__(self, store: StateStore, sink: Sink, position_key: str, model_id: str):
+        super().__init__(write_interval="batch")
+        self.store, self.sink, self.position_key, self.model_id = store, sink, position_key, model_id
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: StreamResult, batch_indices, batch, batch_idx,
+                           dataloader_idx):
+        sink_position = self.sink.write(prediction.recommendations.records())
+        self.store.commit(prediction.states, {self.position_key: str(prediction.end_position),
+                                              self.sink.position_key: sink_position, MODEL_KEY: self.model_id})
+
+
+# ---- score --------------------------------------------------------------------------------------------------
+@dataclass
+class ScoreBatch:
+    user_ids: list[str]
+    event_counts: list[int]
+    last_rows: list[int]
+    sequences: SequenceBatch | None = None
+    states: list[UserState] | None = None
+
+    def to(self, device) -> "ScoreBatch":
+        if self.sequences is not None:
+            self.sequences = self.sequences.to(device)
+        return self
+
+
+class HistoryUsers(Dataset):
+    """One sample per user: the whole history (``max_len`` None) or its newest chunk-aligned part."""
+
+    def __init__(self, data: InteractionData, max_len: int | None, chunk_size: int):
+        from ksa_rec.data.truncation import chunk_aligned_start
+
+        self.data = data
+        self.lengths = data.lengths()
+        self.users = np.flatnonzero(self.lengths > 0)
+        end = self.lengths[self.users]
+        self.start = np.zeros_like(end) if max_len is None else chunk_aligned_start(end, max_len, chunk_size)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, i):
+        user = int(self.users[i])
+        end = int(self.lengths[user])
+        return user, int(self.start[i]), end, np.array([end], dtype=np.int64)
+
+
+class HistoryCollator:
+    """Histories -> ``ScoreBatch``: the evaluation collation with one virtual target after the last event
+    (whose state is the user vector; all history items are the seen set)."""
+
+    def __init__(self, data: InteractionData, time_gap_buckets: int):
+        self.data, self.collate = data, Collator(data, time_gap_buckets, train=False, predict=True)
+
+    def __call__(self, samples) -> ScoreBatch:
+        seq = self.collate(samples)
+        users = [s[0] for s in samples]
+        return ScoreBatch(user_ids=self.data.users.decode(np.array(users) + 2),
+                          event_counts=[s[2] for s in samples], last_rows=[0] * len(samples), sequences=seq)
+
+
+class StoredUsers(IterableDataset):
+    """Batches of users straight from a state store (their last representation and seen set)."""
+
+    def __init__(self, store: StateStore, model_id: str, batch_size: int):
+        self.store, self.model_id, self.batch_size = store, model_id, batch_size
+
+    def __iter__(self):
+        for rows in self.store.scan(self.batch_size):
+            states = [UserState.from_bytes(blob, self.model_id, user) for user, blob in rows]
+            yield ScoreBatch([u for u, _ in rows], [s.event_count for s in states], [0] * len(rows), states=states)
+
+
+class ParquetScoreWriter(BasePredictionWriter):
+    """Appends each batch's top-K to ``<output>.tmp`` and renames it to ``output`` at the end, so a
+    failed run never leaves a half-written result."""
+
+    SCHEMA = pa.schema([("user_id", pa.string()), ("event_count", pa.int64()),
+                        ("item_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
+
+    def __init__(self, output: Path):
+        super().__init__(write_interval="batch")
+        self.output, self.tmp = output, output.with_name(output.name + ".tmp")
+        self.writer: pq.ParquetWriter | None = None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: Recommendations, batch_indices, batch, batch_idx,
+                           dataloader_idx):
+        if self.writer is None:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA)
+        self.writer.write_table(pa.table({"user_id": prediction.user_ids, "event_count": prediction.event_counts,
+                                          "item_ids": prediction.item_ids, "scores": prediction.scores},
+                                         schema=self.SCHEMA))
+
+    def on_predict_end(self, trainer, pl_module):
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA)
+        self.writer.close()
+        os.replace(self.tmp, self.output)
+
+
+# ---- progress -----------------------------------------------------------------------------------------------
+class ThroughputBar(TQDMProgressBar):
+    """Lightning's progress bar plus events/s (stream) or users/s (score)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit, self.count, self.started = unit, 0, None
+
+    def on_predict_start(self, trainer, pl_module):
+        super().on_predict_start(trainer, pl_module)
+        self.started = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self.count += outputs.events if isinstance(outputs, StreamResult) else len(outputs.user_ids)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.predict_progress_bar.set_postfix({f"{self.unit}/s": f"{self.count / elapsed:,.0f}",
+                                               self.unit: self.count})
+
+
+def predictor(callbacks, accelerator: str) -> pl.Trainer:
+    return pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, callbacks=callbacks, inference_mode=True)
+
+
+# ---- entry points -------------------------------------------------------------------------------------------
+def run_stream(engine: StreamEngine, store: StateStore, events: str, sink: Sink, chunk_rows: int,
+               accelerator: str = "auto") -> None:
+    meta = store.meta()
+    if meta.get(MODEL_KEY, engine.serving.model_id) != engine.serving.model_id:
+        raise StateError(f"the state store was built by model {meta[MODEL_KEY]}, not by this checkpoint "
+                         f"({engine.serving.model_id}); use that checkpoint or a new store")
+    position_key = f"position:{'<stdin>' if events == '-' else str(Path(events).resolve())}"
+    sink.restore(meta.get(sink.position_key))
+    module = ServingModule(engine, store)
+    loader = DataLoader(EventChunks(events, engine, chunk_rows, int(meta.get(position_key, 0))), batch_size=None)
+    writer = StreamCommitWriter(store, sink, position_key, engine.serving.model_id)
+    predictor([writer, ThroughputBar("events")], accelerator).predict(module, loader, return_predictions=False)
+
+
+def run_score(engine: StreamEngine, output: Path, *, events: str | None = None, store: StateStore | None = None,
+              batch_size: int = 256, max_len: int | None = None, accelerator: str = "auto") -> None:
+    model = engine.model
+    if events is not None:
+        frame = read_interactions(events, schema=engine.schema)
+        data = build_interactions(frame, schema=engine.schema, on_duplicate="keep", file=events,
+                                  items=engine.serving.items, features=engine.serving.features)
+        dataset = HistoryUsers(data, max_len, model.encoder_cfg.chunk_size)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=HistoryCollator(
+            data, model.encoder_cfg.time_gap_buckets))
+    else:
+        loader = DataLoader(StoredUsers(store, engine.serving.model_id, batch_size), batch_size=None)
+    callbacks = [ParquetScoreWriter(output), ThroughputBar("users")]
+    predictor(callbacks, accelerator).predict(ServingModule(engine), loader, return_predictions=False)

@@ -1,0 +1,94 @@
+"""A user's streaming state and its byte form (safetensors; no pickle).
+
+Per user: how many events it has, the last event's time and item (for order and duplicate checks and
+the time-gap feature), the representation after its newest event, the items it has seen (for
+excluding them from recommendations), and per layer the K/V rows the layer's kind keeps (KSA.md
+section 7; ``ksa_rec.modules.kv_cache``).
+
+Blob layout: a safetensors file whose metadata holds ``format``, ``version``, ``model_id``,
+``event_count``, ``last_timestamp``, ``last_item`` and ``layers``; tensors ``vector``, ``seen`` and
+``l{i}.{k,v,idx,sk,sv,sidx}``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from ksa_rec.errors import StateError
+from ksa_rec.modules.kv_cache import LayerCache
+
+STATE_FORMAT = "ksa_rec.user_state"
+STATE_VERSION = 1
+LAYER_KEYS = ("k", "v", "idx", "sk", "sv", "sidx")
+
+
+@dataclass
+class UserState:
+    event_count: int
+    last_timestamp: int
+    last_item: int
+    vector: Tensor
+    """``[dim]`` representation after the newest event (zeros before any event)."""
+    seen: Tensor
+    """int64 ``[u]`` sorted distinct item ids the user interacted with."""
+    layers: list[dict[str, Tensor]]
+    """Per layer, ``LayerCache.user`` tensors."""
+
+    @classmethod
+    def empty(cls, caches: list[LayerCache], dim: int, dtype: torch.dtype) -> "UserState":
+        return cls(0, 0, 0, torch.zeros(dim, dtype=dtype), torch.zeros(0, dtype=torch.int64),
+                   [cache.user(0) for cache in caches])
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the attention state (the per-layer caches), without the seen-items set."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    def to_bytes(self, model_id: str) -> bytes:
+        # Clones: cached rows are slices of batch tensors, and safetensors refuses shared storage.
+        tensors = {"vector": self.vector.detach().cpu().clone(), "seen": self.seen.cpu().clone()}
+        for i, layer in enumerate(self.layers):
+            tensors.update({f"l{i}.{key}": layer[key].detach().cpu().clone() for key in LAYER_KEYS})
+        meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION), "model_id": model_id,
+                "event_count": str(self.event_count), "last_timestamp": str(self.last_timestamp),
+                "last_item": str(self.last_item), "layers": str(len(self.layers))}
+        return st_save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, model_id: str, user: str) -> "UserState":
+        """Decode a blob; a corrupt blob or one built by another model is a one-line ``StateError``."""
+        meta = _metadata(blob, user)
+        if meta.get("format") != STATE_FORMAT or meta.get("version") != str(STATE_VERSION):
+            raise StateError(f"user {user!r}: state is not a ksa_rec v{STATE_VERSION} user state "
+                             f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+        if meta.get("model_id") != model_id:
+            raise StateError(f"user {user!r}: state was built by model {meta.get('model_id')!r}, not by this "
+                             f"checkpoint ({model_id}); use the checkpoint that built the store or a new store")
+        try:
+            tensors = st_load(blob)
+            layers = [{key: tensors[f"l{i}.{key}"] for key in LAYER_KEYS} for i in range(int(meta["layers"]))]
+            state = cls(int(meta["event_count"]), int(meta["last_timestamp"]), int(meta["last_item"]),
+                        tensors["vector"], tensors["seen"], layers)
+        except (KeyError, ValueError, RuntimeError, SafetensorError) as err:
+            raise StateError(f"user {user!r}: corrupt state blob ({str(err).splitlines()[0][:200]})") from None
+        return state
+
+
+def _metadata(blob: bytes, user: str) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` (8-byte little-endian length, then JSON)."""
+    try:
+        (length,) = struct.unpack("<Q", blob[:8])
+        if length > len(blob) - 8:
+            raise ValueError("header longer than the blob")
+        header = json.loads(blob[8:8 + length])
+        return dict(header.get("__metadata__") or {})
+    except (struct.error, ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise StateError(f"user {user!r}: corrupt state blob ({err})") from None

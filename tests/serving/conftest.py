@@ -1,0 +1,34 @@
+"""A small trained checkpoint (hybrid KSA + full, time gaps, a side feature) and event files from the
+synthetic generator, shared by the serving tests."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    from ksa_rec.training.cli import run_lightning
+
+    work = tmp_path_factory.mktemp("trained")
+    cli = run_lightning(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--trainer.max_epochs", "1",
+                         "--model.encoder.pattern", "ksa,full", "--model.encoder.time_gap_buckets", "16",
+                         "--trainer.default_root_dir", str(work), "--trainer.logger", "false",
+                         "--data.cache_dir", str(work / "cache")])
+    checkpoint = next(work.rglob("last.ckpt"))
+    events = pl.read_parquet(next((work / "cache" / "synthetic").glob("*.parquet")))
+    return checkpoint, events.select("user_id", "item_id", "timestamp", "category")
+
+
+@pytest.fixture()
+def event_files(trained, tmp_path):
+    """The events of 6 users as jsonl (in time order across users) plus the frame itself."""
+    _, events = trained
+    users = events["user_id"].unique(maintain_order=True)[:6].to_list()
+    frame = events.filter(pl.col("user_id").is_in(users)).sort("timestamp", maintain_order=True)
+    path = tmp_path / "events.jsonl"
+    frame.write_ndjson(path)
+    return path, frame
