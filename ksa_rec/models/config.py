@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-ATTENTION_KINDS = ("full", "ksa", "sca", "swa")
-"""Layer kinds the encoder accepts in its pattern (see KSA.md section 10)."""
+from ksa_rec.modules.mka import MkaConfig
+
+ATTENTION_KINDS = ("full", "ksa", "sca", "swa", "mka", "fastmka")
+"""Layer kinds the encoder accepts in its pattern (KSA.md section 10, MKA.md)."""
+MEMORY_KINDS = ("mka", "fastmka")
 
 T = TypeVar("T")
 
@@ -51,9 +54,15 @@ class EncoderConfig:
     """> 0 adds an embedding of log2 time gaps to the previous event (0 disables)."""
     attention_backend: str | None = None
     """KSA op backend: None (auto), "torch", "flex" or "triton"."""
+    mka: MkaConfig = field(default_factory=MkaConfig)
+    """Settings of mka / fastmka layers (MKA.md)."""
 
     def __post_init__(self) -> None:
-        parse_pattern(self.pattern)
+        layers = parse_pattern(self.pattern)
+        if isinstance(self.mka, dict):
+            self.mka = MkaConfig(**self.mka)
+        _require(not ("ksa" in layers and any(k in MEMORY_KINDS for k in layers)), "encoder.pattern",
+                 "mka/fastmka layers cannot share a pattern with ksa layers (they carry no summary stream)")
         _require(self.dim > 0 and self.num_heads > 0 and self.dim % self.num_heads == 0,
                  "encoder.dim", f"must be a positive multiple of num_heads ({self.num_heads}), got {self.dim}")
         _require((self.dim // self.num_heads) % 2 == 0, "encoder.dim",

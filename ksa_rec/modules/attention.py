@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ksa_rec.models.config import EncoderConfig
 from ksa_rec.modules.rope import apply_rotary
 from ksa_rec.modules.kv_cache import LayerCache
+from ksa_rec.modules.mka import FastMkaAttention, MkaAttention
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import ksa_attention
 from ksa_rec.ops.ksa.cached import ksa_cached_attention
@@ -41,6 +42,7 @@ class StreamLayout:
 
     offsets: Tensor
     max_len: int
+    positions: Tensor
     cos: Tensor
     sin: Tensor
     sum_cos: Tensor | None = None
@@ -128,6 +130,13 @@ class KindAttention(nn.Module):
         return out, out_sum
 
     # ---- streaming ---------------------------------------------------------------------------------------
+    def empty_cache(self, batch: int, dtype: torch.dtype, device) -> LayerCache:
+        return LayerCache.empty(batch, self.num_heads, self.cfg.dim // self.num_heads, dtype, device)
+
+    @staticmethod
+    def stack_cache(users: list[dict[str, Tensor]]) -> LayerCache:
+        return LayerCache.stack(users)
+
     def cached_rule(self) -> dict:
         """Keyword arguments of ``ksa_cached_attention`` that express this layer's kind."""
         cfg = self.cfg
@@ -185,3 +194,49 @@ class KindAttention(nn.Module):
         else:
             summary_keep = torch.zeros_like(cache.sidx, dtype=torch.bool)
         return cache.keep(event_keep, summary_keep)
+
+
+class MemoryCache:
+    """An ``MkaState`` / ``FastMkaState`` behind the per-user interface of ``LayerCache``."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def to(self, device) -> "MemoryCache":
+        return MemoryCache(type(self.state)(**{k: v.to(device) for k, v in self.state.to_tensors().items()}))
+
+    def user(self, b: int) -> dict[str, Tensor]:
+        return self.state.select(torch.tensor([b])).to_tensors()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.to_tensors().values())
+
+
+class MemoryAttention(nn.Module):
+    """The ``mka`` / ``fastmka`` kinds (``ksa_rec.modules.mka``, MKA.md) behind the encoder's layer
+    interface. They carry no summary stream (the config refuses them next to ``ksa`` layers)."""
+
+    def __init__(self, kind: str, cfg: EncoderConfig):
+        super().__init__()
+        self.kind = kind
+        layer = MkaAttention if kind == "mka" else FastMkaAttention
+        self.memory = layer(cfg.dim, cfg.num_heads, cfg.mka)
+
+    @property
+    def last_router_mean(self) -> Tensor | None:
+        return self.memory.last_router_mean
+
+    def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, None]:
+        return self.memory(x, layout.offsets, layout.positions, layout.cos, layout.sin, check_inputs=False), None
+
+    def step(self, h: Tensor, hs: Tensor | None, sl: StepLayout, cache: MemoryCache) -> tuple[Tensor, None, MemoryCache]:
+        out, state = self.memory.step(h, sl.offsets, sl.positions, sl.cos, sl.sin, cache.state, check_inputs=False)
+        return out, None, MemoryCache(state)
+
+    def empty_cache(self, batch: int, dtype: torch.dtype, device) -> MemoryCache:
+        return MemoryCache(self.memory.init_state(batch, device, dtype))
+
+    def stack_cache(self, users: list[dict[str, Tensor]]) -> MemoryCache:
+        kind = type(self.memory.init_state(1, "cpu", torch.float32))
+        return MemoryCache(kind.cat([kind.from_tensors(u) for u in users]))

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ksa_rec.models.config import EncoderConfig
-from ksa_rec.modules.attention import KindAttention, StepLayout, StreamLayout
-from ksa_rec.modules.kv_cache import LayerCache
+from ksa_rec.models.config import MEMORY_KINDS
+from ksa_rec.modules.attention import KindAttention, MemoryAttention, StepLayout, StreamLayout
 from ksa_rec.modules.rope import RotaryEmbedding
 from ksa_rec.ops.ksa.layout import summary_event_positions, summary_index
 from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids, validate_offsets
@@ -29,7 +29,7 @@ class Block(nn.Module):
     def __init__(self, kind: str, cfg: EncoderConfig, with_summaries: bool):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim)
-        self.attn = KindAttention(kind, cfg, with_summaries)
+        self.attn = MemoryAttention(kind, cfg) if kind in MEMORY_KINDS else KindAttention(kind, cfg, with_summaries)
         self.ffn_norm = nn.RMSNorm(cfg.dim)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_mult, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -38,7 +38,7 @@ class Block(nn.Module):
         a, a_sum = self.attn(self.attn_norm(x), None if xs is None else self.attn_norm(xs), layout)
         return self.residual_and_ffn(x, xs, a, a_sum)
 
-    def step(self, x: Tensor, xs: Tensor | None, sl: StepLayout, cache: LayerCache):
+    def step(self, x: Tensor, xs: Tensor | None, sl: StepLayout, cache):
         """Streaming form of ``forward`` for new tokens; returns ``(x, xs, cache)``."""
         a, a_sum, cache = self.attn.step(self.attn_norm(x), None if xs is None else self.attn_norm(xs), sl, cache)
         x, xs = self.residual_and_ffn(x, xs, a, a_sum)
@@ -94,7 +94,7 @@ class SequenceEncoder(nn.Module):
         if max_len is None:
             max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
         cos, sin = self.rope.tables(positions, tokens.dtype)
-        layout = StreamLayout(offsets=offsets, max_len=max_len, cos=cos, sin=sin)
+        layout = StreamLayout(offsets=offsets, max_len=max_len, positions=positions, cos=cos, sin=sin)
         x, xs = self.input_dropout(tokens), None
         if self.with_summaries:
             xs, rows = self.summary_inputs(offsets, time_part)
@@ -105,19 +105,23 @@ class SequenceEncoder(nn.Module):
         return self.final_norm(x)
 
     # ---- streaming -----------------------------------------------------------------------------------------
-    def empty_caches(self, batch: int, dtype: torch.dtype, device) -> list[LayerCache]:
-        heads, head_dim = self.cfg.num_heads, self.cfg.dim // self.cfg.num_heads
-        return [LayerCache.empty(batch, heads, head_dim, dtype, device) for _ in self.blocks]
+    def empty_caches(self, batch: int, dtype: torch.dtype, device) -> list:
+        """One streaming cache per block (``LayerCache``, or ``MemoryCache`` for mka/fastmka)."""
+        return [block.attn.empty_cache(batch, dtype, device) for block in self.blocks]
+
+    def stack_caches(self, users: list[list[dict[str, Tensor]]]) -> list:
+        """Per-user cache tensors (``users[u][layer]``) -> one batched cache per block."""
+        return [block.attn.stack_cache([u[i] for u in users]) for i, block in enumerate(self.blocks)]
 
     def step(self, tokens: Tensor, offsets: Tensor, event_count: Tensor, time_part: Tensor | None,
-             caches: list[LayerCache]) -> tuple[Tensor, list[LayerCache]]:
+             caches: list) -> tuple[Tensor, list]:
         """Continue B users' histories by new events; equal to ``forward`` over the whole histories.
 
         Args:
             tokens: ``(sum_b t_b, dim)`` embeddings of the new events; offsets ``[B+1]`` (t_b may be 0).
             event_count: int64 ``[B]`` events each user had before (the new ones get indices from there).
             time_part: ``(sum_b t_b, dim)`` or None, as in ``forward``.
-            caches: one ``LayerCache`` per block for these B users.
+            caches: one cache per block for these B users (``empty_caches`` / ``stack_caches``).
         Returns:
             ``(states of the new events (sum_b t_b, dim) after the final norm, updated caches)``.
         """

@@ -13,7 +13,6 @@ from torchrec import KeyedJaggedTensor
 from ksa_rec.data.schema import ITEM, ROW, TIME, USER, LogSchema
 from ksa_rec.errors import DataError
 from ksa_rec.modules.embeddings import ITEM_KEY, TIME_GAP_KEY, time_gap_bucket
-from ksa_rec.modules.kv_cache import LayerCache
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.state import UserState
 from ksa_rec.serving.topk import topk_items
@@ -72,8 +71,7 @@ class StreamEngine:
         device = self.serving.device
         offsets = lengths_to_offsets(torch.from_numpy(lengths))
         features = self._features(ordered, items, gaps, lengths)
-        caches = [LayerCache.stack([s.layers[i] for s in old]) for i in range(len(self.model.encoder.blocks))]
-        caches = [c.to(device) for c in caches]
+        caches = [c.to(device) for c in self.model.encoder.stack_caches([s.layers for s in old])]
         event_count = torch.tensor([s.event_count for s in old], dtype=torch.int64, device=device)
         tokens, time_part = self.model.embedding(features.to(device))
         out, caches = self.model.encoder.step(tokens, offsets.to(device), event_count, time_part, caches)

@@ -7,7 +7,8 @@ section 7; ``ksa_rec.modules.kv_cache``).
 
 Blob layout: a safetensors file whose metadata holds ``format``, ``version``, ``model_id``,
 ``event_count``, ``last_timestamp``, ``last_item`` and ``layers``; tensors ``vector``, ``seen`` and
-``l{i}.{k,v,idx,sk,sv,sidx}``.
+``l{i}.{name}`` for each tensor of layer i's cache (``k, v, idx, sk, sv, sidx`` for attention layers,
+the memory tensors for mka/fastmka).
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ksa_rec.errors import StateError
-from ksa_rec.modules.kv_cache import LayerCache
 
 STATE_FORMAT = "ksa_rec.user_state"
 STATE_VERSION = 1
-LAYER_KEYS = ("k", "v", "idx", "sk", "sv", "sidx")
 
 
 @dataclass
@@ -40,10 +39,10 @@ class UserState:
     seen: Tensor
     """int64 ``[u]`` sorted distinct item ids the user interacted with."""
     layers: list[dict[str, Tensor]]
-    """Per layer, ``LayerCache.user`` tensors."""
+    """Per layer, the tensors of that user's cache (``LayerCache.user`` / ``MemoryCache.user``)."""
 
     @classmethod
-    def empty(cls, caches: list[LayerCache], dim: int, dtype: torch.dtype) -> "UserState":
+    def empty(cls, caches: list, dim: int, dtype: torch.dtype) -> "UserState":
         return cls(0, 0, 0, torch.zeros(dim, dtype=dtype), torch.zeros(0, dtype=torch.int64),
                    [cache.user(0) for cache in caches])
 
@@ -56,7 +55,7 @@ class UserState:
         # Clones: cached rows are slices of batch tensors, and safetensors refuses shared storage.
         tensors = {"vector": self.vector.detach().cpu().clone(), "seen": self.seen.cpu().clone()}
         for i, layer in enumerate(self.layers):
-            tensors.update({f"l{i}.{key}": layer[key].detach().cpu().clone() for key in LAYER_KEYS})
+            tensors.update({f"l{i}.{key}": value.detach().cpu().clone() for key, value in layer.items()})
         meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION), "model_id": model_id,
                 "event_count": str(self.event_count), "last_timestamp": str(self.last_timestamp),
                 "last_item": str(self.last_item), "layers": str(len(self.layers))}
@@ -74,7 +73,11 @@ class UserState:
                              f"checkpoint ({model_id}); use the checkpoint that built the store or a new store")
         try:
             tensors = st_load(blob)
-            layers = [{key: tensors[f"l{i}.{key}"] for key in LAYER_KEYS} for i in range(int(meta["layers"]))]
+            layers: list[dict[str, Tensor]] = [{} for _ in range(int(meta["layers"]))]
+            for name, value in tensors.items():
+                if name.startswith("l") and "." in name:
+                    layer, key = name[1:].split(".", 1)
+                    layers[int(layer)][key] = value
             state = cls(int(meta["event_count"]), int(meta["last_timestamp"]), int(meta["last_item"]),
                         tensors["vector"], tensors["seen"], layers)
         except (KeyError, ValueError, RuntimeError, SafetensorError) as err:

@@ -89,7 +89,16 @@ class RecModule(pl.LightningModule):
     def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
         loss = self.model.loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch.batch_size)
+        self._log_router_weights(batch.batch_size)
         return loss
+
+    def _log_router_weights(self, batch_size: int) -> None:
+        """Mean routing weight per memory level of every mka/fastmka layer (collapse shows up here)."""
+        for i, block in enumerate(self.model.encoder.blocks):
+            mean = getattr(block.attn, "last_router_mean", None)
+            if mean is not None:
+                self.log_dict({f"router/l{i}/{level}": mean[j] for j, level in enumerate(("local", "session", "long"))},
+                              on_step=False, on_epoch=True, batch_size=batch_size)
 
     def _ranks(self, batch: SequenceBatch) -> Tensor:
         vecs = self.model.encode(batch)[batch.eval_rows]

@@ -8,13 +8,14 @@ from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import ksa_attention
 
-PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa"]
+PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "mka,full", "fastmka,mka"]
 LENGTHS = [37, 0, 1, 4, 13, 26]
 
 
 def _encoder(pattern: str, **kw) -> SequenceEncoder:
     torch.manual_seed(0)
-    settings = dict(dim=16, num_heads=2, dropout=0.0, chunk_size=4, window=2, attention_backend="torch")
+    settings = dict(dim=16, num_heads=2, dropout=0.0, chunk_size=4, window=2, attention_backend="torch",
+                    mka=dict(local_window=6, block_size=4, max_blocks=3, fast_window=5))
     cfg = EncoderConfig(pattern=pattern, **{**settings, **kw})
     return SequenceEncoder(cfg).double().eval()
 

@@ -10,13 +10,14 @@ from ksa_rec.models.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.utils.jagged import lengths_to_offsets
 
-PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "ksa,sca,swa,full"]
+PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "ksa,sca,swa,full",
+            "mka,full", "fastmka,mka", "mka,swa,sca"]
 
 
 def _encoder(pattern, **kw):
     torch.manual_seed(0)
     settings = dict(dim=16, num_heads=2, dropout=0.0, chunk_size=4, window=2, attention_backend="torch",
-                    time_gap_buckets=0)
+                    time_gap_buckets=0, mka=dict(local_window=6, block_size=4, max_blocks=3, fast_window=5))
     return SequenceEncoder(EncoderConfig(pattern=pattern, **{**settings, **kw})).double().eval()
 
 

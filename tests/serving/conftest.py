@@ -9,16 +9,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def _train(work: Path, pattern: str) -> Path:
     from ksa_rec.training.cli import run_lightning
 
+    run_lightning(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--trainer.max_epochs", "1",
+                   "--model.encoder.pattern", pattern, "--model.encoder.time_gap_buckets", "16",
+                   "--model.encoder.mka", '{"local_window": 12, "block_size": 4, "max_blocks": 4, "fast_window": 10}',
+                   "--trainer.default_root_dir", str(work), "--trainer.logger", "false",
+                   "--data.cache_dir", str(work / "cache")])
+    return next(work.rglob("last.ckpt"))
+
+
+@pytest.fixture(scope="session")
+def trained_mka(tmp_path_factory):
+    """A checkpoint whose layers are mka, fastmka and full."""
+    return _train(tmp_path_factory.mktemp("trained_mka"), "mka,fastmka,full")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("trained")
-    cli = run_lightning(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--trainer.max_epochs", "1",
-                         "--model.encoder.pattern", "ksa,full", "--model.encoder.time_gap_buckets", "16",
-                         "--trainer.default_root_dir", str(work), "--trainer.logger", "false",
-                         "--data.cache_dir", str(work / "cache")])
-    checkpoint = next(work.rglob("last.ckpt"))
+    checkpoint = _train(work, "ksa,full")
     events = pl.read_parquet(next((work / "cache" / "synthetic").glob("*.parquet")))
     return checkpoint, events.select("user_id", "item_id", "timestamp", "category")
 

@@ -61,6 +61,17 @@ def test_stream_then_topk_equals_score(trained, event_files, tmp_path):
     assert from_store["item_ids"].to_list() == scored.sort("user_id")["item_ids"].to_list()
 
 
+def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path):
+    events, _ = event_files
+    assert _stream(trained_mka, events, tmp_path / "s.db", "--chunk-rows", "29") == 0
+    assert ksa_rec(["score", "--checkpoint", str(trained_mka), "--events", str(events), "--output",
+                    str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
+    streamed = _last_records(tmp_path / "s.db.outputs.jsonl")
+    for row in pl.read_parquet(tmp_path / "scores.parquet").iter_rows(named=True):
+        assert streamed[row["user_id"]]["item_ids"] == row["item_ids"]
+        assert max(abs(a - b) for a, b in zip(streamed[row["user_id"]]["scores"], row["scores"])) < 1e-4
+
+
 def test_event_by_event_equals_big_batches(trained, event_files, tmp_path):
     checkpoint, _ = trained
     events, _ = event_files

@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
-import pytorch_lightning as pl
+import pytorch_lightning as lightning
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader
 from torchrec import KeyedJaggedTensor
 from torchrec.optim import RowWiseAdagrad
 
+from ksa_rec.cli import main as cli_main
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
 from ksa_rec.modules.losses import sampled_softmax
@@ -104,7 +106,7 @@ def reference_loss(module: RecModule, batch: SequenceBatch, generator: torch.Gen
 
 
 # ---- the 2-process job ---------------------------------------------------------------------------------
-class _SeedAndRecord(pl.Callback):
+class _SeedAndRecord(lightning.Callback):
     def __init__(self, rank: int):
         self.rank, self.loss = rank, None
 
@@ -140,7 +142,7 @@ def _job(rank: int, port: int, out: str) -> None:
     record = _SeedAndRecord(rank)
     strategy = TorchRecStrategy(sharding_types=SHARDING, min_column_shard=8,
                                 embedding_optimizer=EmbeddingOptimConfig(kind="rowwise_adagrad", lr=EMB_LR))
-    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=1, limit_val_batches=0,
+    trainer = lightning.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=1, limit_val_batches=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False, callbacks=[record])
     loader = DataLoader([make_batch(*RANK_BATCHES[rank])], batch_size=None, collate_fn=_identity)
@@ -275,8 +277,9 @@ def test_checkpoint_loads_on_one_process_and_exports(sharded_job, tmp_path):
 
 def test_fit_cli_two_processes_then_resume_on_one(tmp_path):
     """``ksa-rec fit --config configs/sharded-smoke.yaml``: Lightning starts 2 processes, trains, checkpoints
-    (sharded directories), tests the best one; then 1 process resumes that run's last checkpoint (tables
-    resharded 2 -> 1, fused and dense optimizer states included) and trains one more epoch."""
+    (sharded directories), tests the best one; its export serves ``ksa-rec score``; then 1 process resumes
+    that run's last checkpoint (tables resharded 2 -> 1, fused and dense optimizer states included) and
+    trains one more epoch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "ksa_rec.cli", "fit", "--config", str(ROOT / "configs/sharded-smoke.yaml"),
             "--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"]
@@ -288,6 +291,15 @@ def test_fit_cli_two_processes_then_resume_on_one(tmp_path):
         assert (checkpoints / name / ".metadata").is_file() and (checkpoints / name / "meta.pt").is_file()
     metrics = json.loads((tmp_path / "runs/csv/version_0/metrics.json").read_text())
     assert metrics["test"]["targets"] == 40 and 0.0 <= metrics["test"]["ndcg@10"] <= 1.0
+
+    # The export serves: ``ksa-rec score`` (one process) on raw events of the run's data.
+    exported = export_single_process(checkpoints / "best-epoch=0.ckpt", tmp_path / "model.ckpt")
+    events = tmp_path / "events.csv"
+    pl.read_parquet(next((tmp_path / "cache/synthetic").glob("*.parquet"))).head(200).write_csv(events)
+    assert cli_main(["score", "--checkpoint", str(exported), "--events", str(events), "--output",
+                     str(tmp_path / "top.parquet"), "--top-k", "5"]) == 0
+    top = pl.read_parquet(tmp_path / "top.parquet")
+    assert top.height >= 1 and all(len(items) == 5 for items in top["item_ids"])
 
     resumed = subprocess.run([*base, "--trainer.max_epochs", "2", "--trainer.devices", "1", "--ckpt_path",
                               str(checkpoints / "last.ckpt")], cwd=tmp_path, env=env, capture_output=True,
