@@ -65,6 +65,15 @@ STUDIES: dict[str, list[Run]] = {
         Run("ksa", "synthetic-long", None, _pattern("ksa*4")),
         Run("sca", "synthetic-long", None, _pattern("sca*4")),
         Run("swa", "synthetic-long", None, _pattern("swa*4")),
+        Run("hybrid-mka", "synthetic-long", None, _pattern("mka*3,full")),
+        Run("hybrid-fastmka", "synthetic-long", None, _pattern("fastmka*3,full")),
+    ],
+    # Beauty variants run beside the long-range study (they are small): regularisation and size.
+    "beauty-extra": [
+        Run("beauty-full-wd01", "beauty", BEAUTY, ["--model.encoder.dropout", "0.5", "--data.batch_size", "256",
+                                                  "--model.optim.weight_decay", "0.1"]),
+        Run("beauty-full-64-h1", "beauty", BEAUTY, ["--model.encoder.dim", "64", "--model.encoder.num_heads", "1",
+                                                   "--data.batch_size", "256", "--model.optim.lr", "0.0005"]),
     ],
 }
 
@@ -141,7 +150,7 @@ def group_table(results: dict[str, dict], metric: str = "ndcg@10") -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", choices=sorted(STUDIES), default="real")
+    parser.add_argument("--study", choices=sorted(STUDIES), nargs="+", default=["real"])
     parser.add_argument("--only", nargs="*", help="run names to keep")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, required=True)
@@ -149,7 +158,7 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("extra", nargs="*", help="extra ksa-rec fit arguments for every run (after --)")
     args = parser.parse_args()
-    runs = [r for r in STUDIES[args.study] if not args.only or r.name in args.only]
+    runs = [r for study in args.study for r in STUDIES[study] if not args.only or r.name in args.only]
     # Parallel runs share the cores: one busy-waiting OpenMP pool per process would oversubscribe them.
     threads = max(1, (os.cpu_count() or 1) // min(args.parallel, len(runs)))
     prepare(runs, args.data_root, args.extra)
@@ -159,7 +168,7 @@ def main() -> int:
     while pending or active:
         while pending and len(active) < args.parallel:
             run = pending.pop(0)
-            proc, log_root = launch(run, args.study, args.data_root, args.max_time, args.extra, threads)
+            proc, log_root = launch(run, "+".join(args.study), args.data_root, args.max_time, args.extra, threads)
             active.append((run, proc, log_root, time.time()))
         time.sleep(2)
         for item in list(active):
