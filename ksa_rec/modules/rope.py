@@ -32,6 +32,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [N, H, D]`` by the tables from ``RotaryEmbedding.tables`` (half-split convention)."""
+    """Rotate ``x [N, H, D]`` by the tables from ``RotaryEmbedding.tables`` (half-split convention).
+
+    The result keeps ``x``'s dtype: under autocast q/k come out of the projections in bf16 while the
+    tables are float32, and q, k and v must reach the attention op in one dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

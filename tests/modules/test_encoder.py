@@ -95,3 +95,14 @@ def test_backends_agree(pattern):
     with torch.no_grad():
         out_flex = enc(tokens.float(), offsets, positions)
     assert torch.allclose(out_torch, out_flex, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["ksa*3,full", "swa,sca", "mka,fastmka"])
+def test_runs_under_bf16_autocast(pattern):
+    # Projections return bf16 under autocast while RoPE tables are float32: q, k and v must still reach
+    # the attention op in one dtype (this broke bf16-mixed training once).
+    tokens, offsets, positions = _inputs(LENGTHS)
+    enc = _encoder(pattern).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(tokens.float(), offsets, positions)
+    assert out.shape == tokens.shape and torch.isfinite(out).all()
