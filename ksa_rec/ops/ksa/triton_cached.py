@@ -50,11 +50,13 @@ class CachedTritonConfig:
     the output starts as NaN so an unwritten element shows."""
 
     block_q: int | None = None
-    block_n: int = 128  # H100, D=64, bf16: 2,815 vs 2,626 GB/s for 64 at 10K history (docs/results/decode.md)
+    # block_n / num_stages: the fastest of pipelines/bench_decode.py --sweep on an H100 (D=64, bf16; 2
+    # stages need 168 registers instead of 255 and 40 KB of shared memory: 3 programs per SM)
+    block_n: int = 128
     num_splits: int | None = None
     min_split_keys: int = 256
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     nan_fill: bool = False
 
     def __post_init__(self):

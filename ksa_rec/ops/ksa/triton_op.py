@@ -39,19 +39,20 @@ class KsaTritonConfig:
     ``nan_fill`` (debug/tests): outputs and gradients start as NaN so an unwritten element shows.
     """
 
-    block_m: int = 128
+    block_m: int = 64
     block_n: int = 64
     sum_block: int = 16
-    fwd_warps: int = 8
+    fwd_warps: int = 4
     fwd_stages: int = 3
-    dkdv_block_n: int = 128
+    dkdv_block_n: int = 64
     dkdv_block_m: int = 32
-    dkdv_warps: int = 8
+    dkdv_warps: int = 4
     dkdv_stages: int = 3
-    dq_block_m: int = 128
-    dq_block_n: int = 32
-    dq_warps: int = 8
+    dq_block_m: int = 64
+    dq_block_n: int = 64
+    dq_warps: int = 4
     dq_stages: int = 3
+    # measured faster than atomic dQ at L >= 4K on an H100 (TRITON.md section 4), and reproducible
     deterministic: bool = True
     nan_fill: bool = False
 
@@ -63,14 +64,16 @@ class KsaTritonConfig:
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> KsaTritonConfig:
-    """Hopper starting points, checked to compile for sm_90 without register spills (bf16; see
-    TRITON.md); ``pipelines/bench_kernels.py --sweep`` times alternatives. fp32 (tests, debugging) runs
-    its matmuls as 3xTF32 with half-size tiles so that the fp32 tiles fit in shared memory."""
+    """Tiles per head dim and dtype (TRITON.md section 6). D <= 64, fp16/bf16: the fastest of the
+    ``pipelines/bench_kernels.py --sweep`` on an H100 (64-row tiles, 4 warps: 2-3 programs per SM).
+    D = 128: 128-row tiles with 32-key steps (64-row tiles spill in dK/dV there). fp32 (tests,
+    debugging) runs its matmuls as 3xTF32 with small tiles so that the fp32 tiles fit in shared memory."""
     if dtype == torch.float32:
         return KsaTritonConfig(block_m=64, block_n=32, fwd_warps=4, fwd_stages=2, dkdv_block_n=64, dkdv_block_m=32,
                                dkdv_warps=4, dkdv_stages=2, dq_block_m=64, dq_block_n=32, dq_warps=4, dq_stages=2)
     if head_dim >= 128:
-        return KsaTritonConfig(block_n=32)
+        return KsaTritonConfig(block_m=128, block_n=32, fwd_warps=8, dkdv_block_n=128, dkdv_block_m=32, dkdv_warps=8,
+                               dq_block_m=128, dq_block_n=32, dq_warps=8)
     return KsaTritonConfig()
 
 
