@@ -5,11 +5,12 @@ How to run (repository root):
     python pipelines/bench_serving.py --out docs/results/serving.md            # CPU here, or the GPU if present
     python pipelines/bench_serving.py --histories 1000 10000 --batch 64 --quick
 
-For each model (hybrid-KSA ``ksa*3,full``, all-KSA ``ksa*4``, full ``full*4``; dim 64, 4 heads, k = 8,
-W = 32 chunks, S = 1) and history length n, each user's per-layer cache holds exactly what the streaming
-state keeps after n events (KSA.md section 7: the ring of the open chunk + W chunks and all n // k
-summaries for ksa layers; all n events for full layers), filled with random values (speed does not
-depend on them). Timed: one ``SequenceEncoder.step`` (embedding lookup included) that appends one new
+For each model (hybrid-KSA ``ksa*3,full``, all-KSA ``ksa*4``, full ``full*4``, and the MKA hybrids
+``mka*3,full`` / ``fastmka*3,full`` with MKA.md's defaults; dim 64, 4 heads, k = 8, W = 32 chunks, S = 1)
+and history length n, each user's per-layer cache holds exactly what the streaming state keeps after n
+events (KSA.md section 7: the ring of the open chunk + W chunks and all n // k summaries for ksa layers;
+all n events for full layers; the fixed-size memories of mka/fastmka layers), filled with random values
+(speed does not depend on them). Timed: one ``SequenceEncoder.step`` (embedding lookup included) that appends one new
 event per user, for a batch of users (updates/s = users / time) and for one user (latency); the median
 of repeated runs after warm-up. State bytes per user = the cache tensors (float32 K/V + int64 indices)
 versus a full KV cache (2 * n * dim * layers floats).
@@ -29,15 +30,18 @@ from torchrec import KeyedJaggedTensor
 
 from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
 from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.modules.kv_cache import LayerCache
 from ksa_rec.utils.jagged import lengths_to_offsets
 
-MODELS = {"hybrid-KSA": "ksa*3,full", "all-KSA": "ksa*4", "full": "full*4"}
+MODELS = {"hybrid-KSA": "ksa*3,full", "all-KSA": "ksa*4", "full": "full*4", "hybrid-MKA": "mka*3,full",
+          "hybrid-FastMKA": "fastmka*3,full"}
 
 
-def user_cache(kind: str, n: int, cfg: EncoderConfig, device, dtype) -> dict[str, torch.Tensor]:
-    """The rows one user's layer keeps after ``n`` events (random values)."""
+def user_cache(block, kind: str, n: int, cfg: EncoderConfig, device, dtype) -> dict[str, torch.Tensor]:
+    """The rows one user's layer keeps after ``n`` events (random values; memory layers: their fixed
+    buffers, sized by the config alone)."""
     k, W, H, Dh = cfg.chunk_size, cfg.window, cfg.num_heads, cfg.dim // cfg.num_heads
+    if kind in ("mka", "fastmka"):
+        return block.attn.empty_cache(1, dtype, device).user(0)
     if kind == "full":
         idx, sidx = torch.arange(n), torch.zeros(0, dtype=torch.long)
     else:
@@ -51,8 +55,8 @@ def user_cache(kind: str, n: int, cfg: EncoderConfig, device, dtype) -> dict[str
 def bench(pattern: str, n: int, users: int, repeats: int, device, dtype=torch.float32) -> tuple[float, int]:
     cfg = EncoderConfig(dim=64, num_heads=4, pattern=pattern, dropout=0.0, chunk_size=8, window=32)
     model = SeqRecModel(cfg, LossConfig(), DataSpec(num_items=10_000)).to(device).eval()
-    one = [user_cache(kind, n, cfg, device, dtype) for kind in cfg.layers]
-    caches = [LayerCache.stack([one[i]] * users) for i in range(len(cfg.layers))]
+    one = [user_cache(block, kind, n, cfg, device, dtype) for block, kind in zip(model.encoder.blocks, cfg.layers)]
+    caches = model.encoder.stack_caches([one] * users)
     state_bytes = sum(t.numel() * t.element_size() for layer in one for t in layer.values())
     ones = torch.ones(users, dtype=torch.long)
     features = KeyedJaggedTensor(keys=["item_id"], values=torch.randint(2, 10_000, (users,)), lengths=ones,
