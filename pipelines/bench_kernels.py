@@ -499,19 +499,24 @@ def plot(rows: list[Row], out: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no plot", flush=True)
         return None
-    kinds = sorted({r.kind for r in rows})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    kinds = sorted({r.kind for r in rows}, key=lambda kind: kind != "uniform")
+    methods = list(dict.fromkeys(r.method for r in rows))
+    colors = plt.get_cmap("tab10").colors  # one color per method, in both panels
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        for method in dict.fromkeys(r.method for r in rows):
-            pts = [r for r in rows if r.kind == kind and r.method == method]
+        for i, method in enumerate(methods):
+            pts = sorted((r for r in rows if r.kind == kind and r.method == method), key=lambda r: r.L)
             for attr, style in (("fwd_bwd_ms", "-o"), ("fwd_ms", "--x")):
                 xy = [(r.L, getattr(r, attr)) for r in pts if getattr(r, attr) is not None]
                 if xy:
-                    ax.plot(*zip(*xy), style, label=f"{method} {'fwd+bwd' if attr == 'fwd_bwd_ms' else 'fwd'}")
+                    ax.plot(*zip(*xy), style, color=colors[i % len(colors)],
+                            label=f"{method} {'fwd+bwd' if attr == 'fwd_bwd_ms' else 'fwd'}")
         ax.set(xscale="log", yscale="log", xlabel="L (events per user, B*L fixed)", ylabel="ms", title=kind)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))  # room for the shared legend below the panels
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "kernels.png"
     fig.savefig(path, dpi=120)
     return path
