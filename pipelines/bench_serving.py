@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import time
@@ -123,6 +124,10 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
+        rows_json = [dict(history=n, model=name, latency_ms=latency * 1e3, updates_per_s=throughput,
+                          state_bytes=state_bytes, full_kv_bytes=full_kv, machine=machine)
+                     for n, name, latency, throughput, state_bytes, full_kv in rows]
+        args.out.with_suffix(".json").write_text(json.dumps(rows_json, indent=2))
 
 
 if __name__ == "__main__":

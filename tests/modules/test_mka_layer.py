@@ -26,15 +26,6 @@ STARTS = [0, 0, 8, 0, 4, 20, 5, 0, 12, 0]
 KINDS = {"mka": MkaAttention, "fastmka": FastMkaAttention}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and a busy 2-core box cannot oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_layer(kind: str, seed: int = 0, **overrides):
     """A float64 layer with every parameter randomised (the router's last layer starts at zero weight)."""
     torch.manual_seed(seed)

@@ -93,15 +93,6 @@ def outputs_and_grads(fn, inputs, offsets, kwargs, seed: int):
     return out.detach(), out_sum.detach(), grads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and a busy 2-core box cannot oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- correctness against the dense oracle ------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -13,15 +13,6 @@ from ksa_rec.utils.jagged import lengths_to_offsets
 TIGHT = dict(atol=1e-11, rtol=1e-10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and a busy 2-core box cannot oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ema_loop(values, log_decay, num0, den0):
     """``num_t = beta num_{t-1} + x_t``, ``den_t = beta den_{t-1} + 1``, one step at a time."""
     beta = log_decay.exp()

@@ -13,15 +13,6 @@ from ksa_rec.utils.jagged import lengths_to_offsets
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and a busy 2-core box cannot oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def swa_dense(q, k, v, offsets, window_tokens, scale=None):
     """Per user: full score matrix, mask ``0 <= i - j <= w``, softmax. O(n^2); obviously right."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
