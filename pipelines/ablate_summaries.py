@@ -1,0 +1,55 @@
+"""Do trained KSA models use their summaries? Test the same weights with every summary visible and with
+none (``max_summaries = 0``, which turns a ksa layer into sca), per distance-of-evidence bucket.
+
+How to run (repository root):
+
+    python pipelines/ablate_summaries.py --config configs/synthetic-long-cpu.yaml \\
+        --run ksa=ksa*2=runs/long-range-cpu/ksa --run hybrid-ksa=ksa,full=runs/long-range-cpu/hybrid-ksa
+
+``--run NAME=PATTERN=RUN_DIR`` takes the best checkpoint under RUN_DIR. Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from ksa_rec.training.cli import run_lightning
+
+METRIC = "hr@10"
+
+
+def evaluate(config: str, pattern: str, checkpoint: Path, max_summaries: int | None, cache: str) -> dict:
+    cli = run_lightning(["--config", config, "--model.encoder.pattern", pattern, "--data.cache_dir", cache], run=False)
+    module = cli.model
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    module.encoder_cfg.max_summaries = max_summaries
+    pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(module, datamodule=cli.datamodule)
+    return module.last_metrics["test"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--run", action="append", required=True, help="NAME=PATTERN=RUN_DIR")
+    p.add_argument("--cache", default=".cache/ksa_rec")
+    args = p.parse_args()
+    rows = []
+    for spec in args.run:
+        name, pattern, run_dir = spec.split("=")
+        checkpoint = sorted(Path(run_dir).rglob("best-*.ckpt"))[-1]
+        for label, m in (("all summaries", None), ("no summaries (max_summaries=0)", 0)):
+            rows.append((name, label, evaluate(args.config, pattern, checkpoint, m, args.cache)))
+    groups = [k.split("/")[0] for k in rows[0][2] if k.endswith(f"/{METRIC}")]
+    print(f"| model | summaries at test | {METRIC} | " + " | ".join(groups) + " |")
+    print("|---|---|---|" + "---|" * len(groups))
+    for name, label, t in rows:
+        cells = [f"{t[f'{g}/{METRIC}']:.3f} ± {t[f'{g}/{METRIC}_ci95']:.3f}" for g in groups]
+        print(f"| {name} | {label} | {t[METRIC]:.3f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
