@@ -75,6 +75,11 @@ STUDIES: dict[str, list[Run]] = {
     "long-range-cpu": [Run(name, "synthetic-long-cpu", None, _pattern(p)) for name, p in [
         ("full", "full*2"), ("hybrid-ksa", "ksa,full"), ("ksa", "ksa*2"), ("sca", "sca*2"), ("swa", "swa*2"),
         ("hybrid-mka", "mka,full"), ("hybrid-fastmka", "fastmka,full")]],
+    # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
+    # per event) separate "compression loses it" from "the model does not learn to look it up".
+    "long-range-cpu-diagnostics": [
+        Run("ksa-lossless", "synthetic-long-cpu", None, [*_pattern("ksa*2"), "--model.encoder.summary_tokens", "4"]),
+    ],
 }
 
 METRICS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr"]
