@@ -43,15 +43,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torchrec import KeyedJaggedTensor
 
-from ksa_rec.data.batch import SequenceBatch
+from ksa_rec.data.batch import SequenceBatch, random_training_batch
 from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
 from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.embeddings import ITEM_KEY
 from ksa_rec.training.sharding import (SHARDING_TYPES, EmbeddingOptimConfig, ShardingConfig, shard_model,
                                        sharded_parameter_ids)
-from ksa_rec.utils.jagged import lengths_to_offsets, positions_in_segment
 
 
 @dataclass
@@ -92,19 +90,6 @@ class _LossStep(nn.Module):
         return self.model.loss(batch)
 
 
-def make_batch(cfg: BenchConfig, generator: torch.Generator) -> SequenceBatch:
-    """``users`` histories of ``events`` uniform item ids, next-item targets (none after the last event)."""
-    lengths = torch.full((cfg.users,), cfg.events, dtype=torch.int64)
-    total = cfg.users * cfg.events
-    items = torch.randint(2, cfg.num_items, (total,), generator=generator)
-    offsets = lengths_to_offsets(lengths)
-    targets = torch.randint(2, cfg.num_items, (total,), generator=generator)
-    targets[offsets[1:] - 1] = 0
-    features = KeyedJaggedTensor.from_lengths_sync([ITEM_KEY], items, lengths)
-    return SequenceBatch(features=features, offsets=offsets, positions=positions_in_segment(offsets),
-                         max_len=cfg.events, user_index=torch.arange(cfg.users), targets=targets)
-
-
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     cfg = BenchConfig(**cfg_dict)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -129,7 +114,8 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     dense = [p for p in step.parameters() if id(p) not in fused]
     optimizer = torch.optim.AdamW(dense, lr=cfg.dense_lr, fused=cuda)
     generator = torch.Generator().manual_seed(1 + rank)
-    batches = [make_batch(cfg, generator).to(device) for _ in range(cfg.batches)]
+    batches = [random_training_batch(cfg.users, cfg.events, cfg.num_items, generator).to(device)
+               for _ in range(cfg.batches)]
 
     def sync() -> None:
         if cuda:

@@ -31,6 +31,8 @@ class Run:
     data_file: str | None
     """Path relative to --data-root, or None for synthetic configs."""
     overrides: list[str] = field(default_factory=list)
+    seeded: bool = False
+    """Repeated once per ``--seeds`` value, as ``<name>-s<seed>`` with ``--seed_everything <seed>``."""
 
 
 # Hybrid-KSA on short public data: the window must be shorter than the histories for summaries to
@@ -43,6 +45,26 @@ BEAUTY = "amazon-beauty/Beauty.txt"
 
 def _pattern(p: str) -> list[str]:
     return ["--model.encoder.pattern", p]
+
+
+# Equal size (the dataset config's width and depth, 2 layers); only the attention kinds differ. Every
+# bounded kind sees the same raw span: KSA/SCA W chunks of k, SWA W*k events, MKA/FastMKA windows of W*k
+# events with blocks of k.
+TWO_LAYER_KINDS = [("full", "full,full"), ("hybrid-ksa", "ksa,full"), ("ksa", "ksa,ksa"), ("sca", "sca,sca"),
+                   ("swa", "swa,swa"), ("hybrid-mka", "mka,full"), ("mka", "mka,mka"),
+                   ("hybrid-fastmka", "fastmka,full"), ("fastmka", "fastmka,fastmka")]
+
+
+def _spans(chunk: int, window: int) -> list[str]:
+    events = str(chunk * window)
+    return ["--model.encoder.chunk_size", str(chunk), "--model.encoder.window", str(window),
+            "--model.encoder.mka.local_window", events, "--model.encoder.mka.fast_window", events,
+            "--model.encoder.mka.block_size", str(chunk)]
+
+
+def _kinds(prefix: str, config: str, data_file: str, chunk: int, window: int, extra: list[str]) -> list[Run]:
+    return [Run(f"{prefix}-{name}", config, data_file, [*_pattern(p), *_spans(chunk, window), *extra], seeded=True)
+            for name, p in TWO_LAYER_KINDS]
 
 
 STUDIES: dict[str, list[Run]] = {
@@ -61,6 +83,10 @@ STUDIES: dict[str, list[Run]] = {
         Run("ml-latest-small-full", "ml-latest-small", "ml-latest-small/ratings.csv"),
         Run("ml-latest-small-hybrid-ksa", "ml-latest-small", "ml-latest-small/ratings.csv", ML_KSA),
     ],
+    # Every attention kind at equal size, several seeds (lr 1e-3 on Beauty: an equal, shorter budget
+    # than the shipped config's 160 epochs at 5e-4).
+    "beauty-kinds": _kinds("beauty", "beauty", BEAUTY, 2, 4, ["--model.optim.lr", "0.001"]),
+    "ml-100k-kinds": _kinds("ml-100k", "ml-100k", "ml-100k/u.data", 8, 4, []),
     # Equal size (dim 64, 4 layers, 4 heads); only the attention kinds differ (KSA.md section 10).
     "long-range": [
         Run("full", "synthetic-long", None, _pattern("full*4")),
@@ -116,6 +142,15 @@ def prepare(runs: list[Run], data_root: Path, extra: list[str]) -> None:
         subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
+def expand(runs: list[Run], seeds: list[int]) -> list[Run]:
+    """Seeded runs once per seed (seed-major, so a cut-short study has every run of its first seeds)."""
+    out = [r for r in runs if not r.seeded]
+    for seed in seeds:
+        out += [Run(f"{r.name}-s{seed}", r.config, r.data_file, [*r.overrides, "--seed_everything", str(seed)])
+                for r in runs if r.seeded]
+    return out
+
+
 def collect(log_root: Path) -> dict | None:
     found = sorted(log_root.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(found[-1].read_text()) if found else None
@@ -132,6 +167,35 @@ def table(results: dict[str, dict]) -> str:
         cells = [f"{test[m]:.4f} ± {test[m + '_ci95']:.4f}" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) +
                      f" | {int(test['targets'])} | {res.get('epochs', '-')} | {res['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def seed_table(results: dict[str, dict]) -> str:
+    """Mean over seeds of each seeded run's test metrics, +- the 95% t half-width of that mean (the
+    spread between seeds, not the per-run interval over users)."""
+    groups: dict[str, list[dict]] = {}
+    for name, res in results.items():
+        base, _, seed = name.rpartition("-s")
+        if base and seed.isdigit() and res.get("test"):
+            groups.setdefault(base, []).append(res["test"])
+    if not groups:
+        return ""
+    lines = ["| model (mean over seeds) | seeds | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
+    for base, tests in groups.items():
+        cells = []
+        for m in METRICS:
+            values = [t[m] for t in tests]
+            mean = sum(values) / len(values)
+            if len(values) > 1:
+                sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+                cells.append(f"{mean:.4f} ± {T95.get(len(values) - 1, 1.96) * sd / len(values) ** 0.5:.4f}")
+            else:
+                cells.append(f"{mean:.4f}")
+        lines.append(f"| {base} | {len(tests)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -161,9 +225,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-time", help="Lightning max_time per run, DD:HH:MM:SS (then the best checkpoint is tested)")
     parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the seeded runs")
     parser.add_argument("extra", nargs="*", help="extra ksa-rec fit arguments for every run (after --)")
     args = parser.parse_args()
-    runs = [r for study in args.study for r in STUDIES[study] if not args.only or r.name in args.only]
+    runs = [r for study in args.study for r in expand(STUDIES[study], args.seeds)
+            if not args.only or r.name in args.only]
     # Parallel runs share the cores: one busy-waiting OpenMP pool per process would oversubscribe them.
     threads = max(1, (os.cpu_count() or 1) // min(args.parallel, len(runs)))
     prepare(runs, args.data_root, args.extra)
@@ -190,7 +256,7 @@ def main() -> int:
                   f"test ndcg@10 {res.get('test', {}).get('ndcg@10', float('nan')):.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    report = "\n\n".join(filter(None, [table(results), group_table(results, "hr@10"), group_table(results)]))
+    report = "\n\n".join(filter(None, [seed_table(results), table(results), group_table(results, "hr@10"), group_table(results)]))
     (args.out / "results.md").write_text(report + "\n")
     print(report)
     return 0 if all(r["returncode"] == 0 for r in results.values()) else 1

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 from torchrec import KeyedJaggedTensor
 
+from ksa_rec.modules.embeddings import ITEM_KEY
+from ksa_rec.utils.jagged import lengths_to_offsets, positions_in_segment
+
 
 @dataclass
 class SequenceBatch:
@@ -59,3 +62,16 @@ class SequenceBatch:
             targets=move(self.targets), eval_rows=move(self.eval_rows), eval_targets=move(self.eval_targets),
             seen_values=move(self.seen_values), seen_offsets=move(self.seen_offsets),
             labels={k: move(v) for k, v in self.labels.items()})
+
+
+def random_training_batch(users: int, events: int, num_items: int, generator: torch.Generator) -> SequenceBatch:
+    """``users`` histories of ``events`` uniform item ids with next-item targets (none after each user's
+    last event): the input of speed benchmarks, where only shapes matter."""
+    lengths = torch.full((users,), events, dtype=torch.int64)
+    offsets = lengths_to_offsets(lengths)
+    items = torch.randint(2, num_items, (users * events,), generator=generator)
+    targets = torch.randint(2, num_items, (users * events,), generator=generator)
+    targets[offsets[1:] - 1] = 0
+    return SequenceBatch(features=KeyedJaggedTensor.from_lengths_sync([ITEM_KEY], items, lengths), offsets=offsets,
+                         positions=positions_in_segment(offsets), max_len=events, user_index=torch.arange(users),
+                         targets=targets)
