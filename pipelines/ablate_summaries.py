@@ -4,9 +4,10 @@ none (``max_summaries = 0``, which turns a ksa layer into sca), per distance-of-
 How to run (repository root):
 
     python pipelines/ablate_summaries.py --config configs/synthetic-long-cpu.yaml \\
-        --run ksa=ksa*2=runs/long-range-cpu/ksa --run hybrid-ksa=ksa,full=runs/long-range-cpu/hybrid-ksa
+        --run ksa=runs/long-range-cpu/ksa --run hybrid-ksa=runs/long-range-cpu/hybrid-ksa
 
-``--run NAME=PATTERN=RUN_DIR`` takes the best checkpoint under RUN_DIR. Prints one markdown table.
+``--run NAME=RUN_DIR`` takes the best checkpoint under RUN_DIR (the model as trained: pattern, summary
+tokens and the rest come from the checkpoint; the data from ``--config``). Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import argparse
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-
 from ksa_rec.training.cli import run_lightning
+from ksa_rec.training.module import RecModule
 
 METRIC = "hr@10"
 
 
-def evaluate(config: str, pattern: str, checkpoint: Path, max_summaries: int | None, cache: str) -> dict:
-    cli = run_lightning(["--config", config, "--model.encoder.pattern", pattern, "--data.cache_dir", cache], run=False)
-    module = cli.model
-    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+def evaluate(config: str, checkpoint: Path, max_summaries: int | None, cache: str) -> dict:
+    """Test metrics of the checkpoint's model (its own pattern, summary tokens, ...) on the config's data."""
+    cli = run_lightning(["--config", config, "--data.cache_dir", cache], run=False)
+    module = RecModule.load_from_checkpoint(checkpoint, map_location="cpu")
     module.encoder_cfg.max_summaries = max_summaries
     pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(module, datamodule=cli.datamodule)
     return module.last_metrics["test"]
@@ -34,15 +34,15 @@ def evaluate(config: str, pattern: str, checkpoint: Path, max_summaries: int | N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--run", action="append", required=True, help="NAME=PATTERN=RUN_DIR")
+    p.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR")
     p.add_argument("--cache", default=".cache/ksa_rec")
     args = p.parse_args()
     rows = []
     for spec in args.run:
-        name, pattern, run_dir = spec.split("=")
+        name, run_dir = spec.split("=")
         checkpoint = sorted(Path(run_dir).rglob("best-*.ckpt"))[-1]
         for label, m in (("all summaries", None), ("no summaries (max_summaries=0)", 0)):
-            rows.append((name, label, evaluate(args.config, pattern, checkpoint, m, args.cache)))
+            rows.append((name, label, evaluate(args.config, checkpoint, m, args.cache)))
     groups = [k.split("/")[0] for k in rows[0][2] if k.endswith(f"/{METRIC}")]
     print(f"| model | summaries at test | {METRIC} | " + " | ".join(groups) + " |")
     print("|---|---|---|" + "---|" * len(groups))

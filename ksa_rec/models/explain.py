@@ -90,9 +90,11 @@ def explain_user(model: SeqRecModel, batch: SequenceBatch) -> KsaExplanation:
                           summary_usage=torch.stack(usage).cpu(), event_usage=torch.stack(events).cpu())
 
 
-def plot_explanation(expl: KsaExplanation, path: str | Path, layer: int = 0, top: int = 3) -> Path:
+def plot_explanation(expl: KsaExplanation, path: str | Path, layer: int = 0, top: int = 3,
+                     mark: int | None = None) -> Path:
     """Two panels: what the newest event reads over the history (raw events and summaries, by position),
-    and, for its ``top`` summaries, the weight each puts on the events of its chunk."""
+    and, for its ``top`` summaries, the weight each puts on the events of its chunk. ``mark``: an event
+    index to flag in the first panel (e.g. where the evidence for the next item lies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,6 +107,8 @@ def plot_explanation(expl: KsaExplanation, path: str | Path, layer: int = 0, top
     chunk_pos = pos[::k][: expl.summary_usage.shape[1]] + k / 2
     ax1.bar(chunk_pos, expl.summary_usage[layer].numpy(), width=k, color="tab:orange", alpha=0.8,
             label="summaries (one per chunk)")
+    if mark is not None:
+        ax1.axvline(mark, color="tab:red", linestyle="--", label=f"event {mark}")
     ax1.set(title=f"what the newest event reads (ksa layer {expl.layers[layer]})", xlabel="event index",
             ylabel="attention weight")
     ax1.legend()

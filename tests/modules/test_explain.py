@@ -33,3 +33,4 @@ def test_weights_are_distributions_over_what_the_rule_allows(tmp_path):
     chunk, weight, events = expl.top_summaries(0, top=1)[0]
     assert weight == float(expl.summary_usage[0].max()) and [e[0] for e in events] == list(range(4 * chunk, 4 * chunk + 4))
     assert plot_explanation(expl, tmp_path / "why.png").stat().st_size > 10_000
+    assert plot_explanation(expl, tmp_path / "marked.png", mark=5).stat().st_size > 10_000
