@@ -87,6 +87,9 @@ STUDIES: dict[str, list[Run]] = {
     # than the shipped config's 160 epochs at 5e-4).
     "beauty-kinds": _kinds("beauty", "beauty", BEAUTY, 2, 4, ["--model.optim.lr", "0.001"]),
     "ml-100k-kinds": _kinds("ml-100k", "ml-100k", "ml-100k/u.data", 8, 4, []),
+    # For users who have the files (none ship here): --data-root holding ml-1m/ and ml-20m/.
+    "ml-1m-kinds": _kinds("ml-1m", "ml-1m", "ml-1m/ratings.dat", 8, 4, []),
+    "ml-20m-kinds": _kinds("ml-20m", "ml-20m", "ml-20m/ratings.csv", 8, 4, []),
     # Equal size (dim 64, 4 layers, 4 heads); only the attention kinds differ (KSA.md section 10).
     "long-range": [
         Run("full", "synthetic-long", None, _pattern("full*4")),

@@ -1,0 +1,47 @@
+"""The study runner's bookkeeping: seeded runs and the across-seed summary (pipelines/quality.py)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "pipelines" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seeded_runs_repeat_per_seed_seed_major_with_the_seed_argument(quality):
+    runs = quality.expand([quality.Run("plain", "smoke", None), quality.Run("a", "smoke", None, ["--x", "1"], seeded=True),
+                           quality.Run("b", "smoke", None, seeded=True)], [3, 7])
+    assert [r.name for r in runs] == ["plain", "a-s3", "b-s3", "a-s7", "b-s7"]
+    assert runs[1].overrides == ["--x", "1", "--seed_everything", "3"] and runs[0].overrides == []
+    assert not any(r.seeded for r in runs)
+
+
+def test_every_kinds_study_compares_all_nine_patterns_at_one_span(quality):
+    for study in ("beauty-kinds", "ml-100k-kinds", "ml-1m-kinds", "ml-20m-kinds"):
+        runs = quality.STUDIES[study]
+        patterns = [r.overrides[r.overrides.index("--model.encoder.pattern") + 1] for r in runs]
+        assert len(set(patterns)) == 9 and all(len(p.split(",")) == 2 for p in patterns)
+        assert len({tuple(r.overrides[2:]) for r in runs}) == 1  # everything but the pattern is shared
+
+
+def test_seed_table_is_the_mean_with_a_student_t_half_width(quality):
+    metrics = {m: 0.0 for m in quality.METRICS}
+    results = {"m-s0": {"test": {**metrics, "hr@10": 0.10}}, "m-s1": {"test": {**metrics, "hr@10": 0.20}},
+               "m-s2": {"test": {**metrics, "hr@10": 0.30}}, "other": {"test": {**metrics, "hr@10": 0.5}}}
+    table = quality.seed_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("| m |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "3"
+    # mean 0.2, sd 0.1, half-width t(2) * sd / sqrt(3) = 4.303 * 0.1 / 1.732 = 0.2484
+    assert cells[2 + quality.METRICS.index("hr@10")] == "0.2000 ± 0.2484"
+    assert "other" not in table
