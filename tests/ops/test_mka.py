@@ -60,6 +60,44 @@ def test_ema_scan_stays_finite_at_extreme_decays():
         torch.testing.assert_close(a, b, **TIGHT)
 
 
+@pytest.mark.parametrize("chunk", [2, 5])
+def test_ema_scan_carries_state_across_several_chunk_levels(chunk):
+    # 700 steps in chunks of 2 or 5: the chunk carries are themselves scanned over 3-4 levels.
+    g = torch.Generator().manual_seed(chunk)
+    B, L, G, S, F = 2, 700, 2, 3, 3
+    values = torch.randn(B, L, G, F, generator=g, dtype=torch.float64, requires_grad=True)
+    decays = torch.tensor([[0.3, 0.9, 0.999], [0.6, 0.97, 1 - 1e-6]], dtype=torch.float64)
+    log_decay = decays.log().requires_grad_()
+    num0 = torch.randn(B, G, S, F, generator=g, dtype=torch.float64, requires_grad=True)
+    den0 = (torch.rand(B, G, S, generator=g, dtype=torch.float64) * 5).requires_grad_()
+    inputs = (values, log_decay, num0, den0)
+    got = ema_scan(values, log_decay, num0, den0, chunk=chunk)
+    want = ema_loop(*inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TIGHT)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    grads_got = torch.autograd.grad(sum((a * c).sum() for a, c in zip(got, cot)), inputs)
+    grads_want = torch.autograd.grad(sum((a * c).sum() for a, c in zip(want, cot)), inputs)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_ema_scan_stays_finite_over_long_spans_in_float32():
+    # 3,000 steps: beta^lag underflows to 0 in the upper carry levels; forward and backward stay finite
+    # and match the step loop run in float64.
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(1, 3000, 1, 4, generator=g, dtype=torch.float64)
+    log_decay = torch.tensor([[-30.0, -0.7, -0.01, -1e-7]], dtype=torch.float64)
+    zeros = (torch.zeros(1, 1, 4, 4, dtype=torch.float64), torch.zeros(1, 1, 4, dtype=torch.float64))
+    x32, decay32 = values.float().requires_grad_(), log_decay.float().requires_grad_()
+    got = ema_scan(x32, decay32, chunk=8)
+    want = ema_loop(values, log_decay, *zeros)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float(), atol=1e-4, rtol=1e-5)
+    (got[0].sum() + got[1].sum()).backward()
+    assert torch.isfinite(x32.grad).all() and torch.isfinite(decay32.grad).all()
+
+
 def test_ema_scan_of_nothing():
     num, den = ema_scan(torch.zeros(2, 0, 1, 3), torch.full((1, 2), -0.1))
     assert num.shape == (2, 0, 1, 2, 3) and den.shape == (2, 0, 1, 2)

@@ -6,7 +6,7 @@ Nothing here loops over events. The three MKA levels, for a jagged batch ``(sum_
   run on the blockwise sliding-window op (``ksa_rec.ops.swa``: a band per query block, no ``T x T`` mask).
 * **L2 session** -- ``S2`` normalised EMA slots per head, computed by a chunked scan (``ema_scan``):
   within a chunk of ``c`` steps the EMA is a product with the lower-triangular decay matrix
-  ``beta^(t-j)``; the state entering each chunk is carried by a loop over *chunks* (not events).
+  ``beta^(t-j)``; the states entering the chunks are the same scan over the chunk ends, one level up.
 * **L3 blocks** -- block sums by a segment sum into a block-aligned layout, then a tiled attention:
   a tile of query rows sees one contiguous run of at most ``M3 + G`` block means (``bank_attention``).
 
@@ -101,7 +101,7 @@ def ema_scan(values: Tensor, log_decay: Tensor, num0: Tensor | None = None, den0
         values: ``[B, L, G, F]`` (G groups, e.g. heads, each with its own S decays).
         log_decay: ``[G, S]``, ``log beta < 0``.
         num0, den0: ``[B, G, S, F]``, ``[B, G, S]``, the state before step 0 (zeros if None).
-        chunk: steps per closed-form chunk; the loop runs over ``ceil(L / chunk)`` chunks.
+        chunk: steps per closed-form chunk (speed only).
 
     Returns:
         ``num [B, L, G, S, F]``, ``den [B, L, G, S]``.
@@ -113,23 +113,51 @@ def ema_scan(values: Tensor, log_decay: Tensor, num0: Tensor | None = None, den0
         den0 = values.new_zeros(batch, groups, slots)
     if length == 0:
         return values.new_zeros(batch, 0, groups, slots, feat), values.new_zeros(batch, 0, groups, slots)
+    return _chunked_scan(values, log_decay, num0, den0, log_decay.new_ones(()), chunk)
+
+
+MIN_CARRY_CHUNK = 16
+"""Fewest chunk ends per chunk in the levels that carry state between chunks (bounds their depth)."""
+
+
+def _chunked_scan(values: Tensor, log_decay: Tensor, num0: Tensor, den0: Tensor, den_step: Tensor,
+                  chunk: int) -> tuple[Tensor, Tensor]:
+    """``ema_scan`` with ``den_t = beta * den_{t-1} + den_step`` (``den_step`` broadcasts to ``[G, S]``).
+
+    Within each chunk of ``c`` steps the EMA from a zero state is ``D @ x`` with ``D[t, j] = beta^(t-j)``.
+    The states entering the chunks obey the same recurrence over chunks, with decay ``beta^c`` and the
+    chunk ends as inputs (the den input of a chunk is its row-sum of D), so they are this scan again, one
+    level up, on ``ceil(L / c) - 1`` ends; that level recurses likewise. A Python loop over chunks instead
+    launched kernels in proportion to L, which dominated long-history GPU training steps.
+    Every weight is ``exp(lag * log beta)`` of a lag >= 0: it may underflow to 0 over long spans (its
+    true value is below the float's range) but never overflows or divides.
+    """
+    batch, length, groups, feat = values.shape
+    slots = log_decay.shape[-1]
     size = min(chunk, length)
     n_chunks = -(-length // size)
     x = F.pad(values, (0, 0, 0, 0, 0, n_chunks * size - length)).view(batch, n_chunks, size, groups, feat)
     decay, carry_weight = _chunk_decays(log_decay, size)
     intra = torch.einsum("gstj,bnjgf->bntgsf", decay, x)  # EMA within each chunk, from a zero state
-    intra_den = decay.sum(-1).permute(2, 0, 1)  # [c, G, S]
-    # State entering chunk n; the loop is over chunks and touches [B, G, S, F] only. The chunk ends are
-    # unbound once: slicing the big tensor per chunk would cost a full-size gradient buffer per chunk.
-    carries, carry, carry_den = [], num0, den0
-    for end in intra[:, :, -1].unbind(1):
-        carries.append((carry, carry_den))
-        carry = carry_weight[-1, None, :, :, None] * carry + end
-        carry_den = carry_weight[-1] * carry_den + intra_den[-1]
-    entering = torch.stack([c for c, _ in carries], 1)[:, :, None]  # [B, n, 1, G, S, F]
-    entering_den = torch.stack([d for _, d in carries], 1)[:, :, None]  # [B, n, 1, G, S]
-    num = intra + carry_weight[:, :, :, None] * entering
-    den = intra_den + carry_weight * entering_den
+    intra_den = decay.sum(-1).permute(2, 0, 1) * den_step  # [c, G, S]
+    entering, entering_den = num0[:, None], den0[:, None]  # [B, 1, G, S, F], [B, 1, G, S]
+    if n_chunks > 1:
+        # Chunk ends straight from x (the last row of D), not sliced out of intra: a slice of the big
+        # tensor costs a full-size gradient buffer. The last chunk's end carries into nothing.
+        ends = torch.einsum("gsj,bnjgf->bngsf", decay[:, :, -1], x[:, :-1])
+        # The carries are a few values per chunk: keep them in float32 at least, whatever autocast does.
+        dtype = torch.promote_types(ends.dtype, torch.float32)
+        with torch.autocast(values.device.type, enabled=False):
+            after, after_den = _chunked_scan(
+                ends.reshape(batch, n_chunks - 1, groups * slots, feat).to(dtype),
+                (size * log_decay).reshape(groups * slots, 1).to(dtype),
+                num0.reshape(batch, groups * slots, 1, feat).to(dtype),
+                den0.reshape(batch, groups * slots, 1).to(dtype),
+                intra_den[-1].reshape(groups * slots, 1).to(dtype), max(chunk, MIN_CARRY_CHUNK))
+        entering = torch.cat([entering.to(dtype), after.reshape(batch, n_chunks - 1, groups, slots, feat)], 1)
+        entering_den = torch.cat([entering_den.to(dtype), after_den.reshape(batch, n_chunks - 1, groups, slots)], 1)
+    num = intra + carry_weight[:, :, :, None] * entering[:, :, None]
+    den = intra_den + carry_weight * entering_den[:, :, None]
     return (num.reshape(batch, n_chunks * size, groups, slots, feat)[:, :length],
             den.reshape(batch, n_chunks * size, groups, slots)[:, :length])
 
