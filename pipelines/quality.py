@@ -62,7 +62,7 @@ def _spans(chunk: int, window: int) -> list[str]:
             "--model.encoder.mka.block_size", str(chunk)]
 
 
-def _kinds(prefix: str, config: str, data_file: str, chunk: int, window: int, extra: list[str]) -> list[Run]:
+def _kinds(prefix: str, config: str, data_file: str | None, chunk: int, window: int, extra: list[str]) -> list[Run]:
     return [Run(f"{prefix}-{name}", config, data_file, [*_pattern(p), *_spans(chunk, window), *extra], seeded=True)
             for name, p in TWO_LAYER_KINDS]
 
@@ -104,6 +104,9 @@ STUDIES: dict[str, list[Run]] = {
     "long-range-cpu": [Run(name, "synthetic-long-cpu", None, _pattern(p)) for name, p in [
         ("full", "full*2"), ("hybrid-ksa", "ksa,full"), ("ksa", "ksa*2"), ("sca", "sca*2"), ("swa", "swa*2"),
         ("hybrid-mka", "mka,full"), ("hybrid-fastmka", "fastmka,full")]],
+    # All nine kinds on the CPU-sized long-range data, several seeds (fits one GPU: pass
+    # `-- --trainer.accelerator gpu`; the seed-0 CPU runs above are the same models but for MKA's block size).
+    "long-range-cpu-kinds": _kinds("lr", "synthetic-long-cpu", None, 4, 4, []),
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [

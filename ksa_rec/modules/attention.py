@@ -16,20 +16,20 @@ How each kind maps onto the ops (``W`` = window in chunks, ``k`` = chunk size)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from ksa_rec.models.config import EncoderConfig
 from ksa_rec.modules.rope import apply_rotary
-from ksa_rec.modules.kv_cache import LayerCache
+from ksa_rec.modules.kv_cache import CacheStep, LayerCache, join_rows, take
 from ksa_rec.modules.mka import FastMkaAttention, MkaAttention
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import ksa_attention
-from ksa_rec.ops.ksa.cached import ksa_cached_attention
+from ksa_rec.ops.ksa.cached import (CachedPlan, attend_cached, ksa_cached_attention, plan_cached_attention,
+                                    resolve_backend)
 from ksa_rec.ops.swa import sliding_window_attention
-from ksa_rec.utils.jagged import jagged_append, segment_ids
 
 
 @dataclass
@@ -51,22 +51,50 @@ class StreamLayout:
 
 @dataclass
 class StepLayout:
-    """New tokens of a streaming step for B users (see ``SequenceEncoder.step``).
+    """New tokens of a streaming step for B users (see ``SequenceEncoder.step``), built once per step.
 
-    Events: ``offsets [B+1]``, absolute ``positions [Tn]``, rotary ``cos, sin``; summaries of the chunks
-    these events complete: ``sum_offsets [B+1]``, ``sum_ids [Tsn]`` (``c*S + j``), ``sum_cos, sum_sin``.
+    The step's tokens are one stream: the new events, then the summary tokens of the chunks they complete.
+    Events: ``offsets [B+1]``, absolute ``positions [Tn]``; summaries: ``sum_offsets [B+1]``, ``sum_ids
+    [Tsn]`` (``c*S + j``); rotary ``cos, sin [Tn + Tsn, 1, Dh/2]`` of the whole stream.
     ``next_index [B]``: each user's event count after the step (what the caches are trimmed for).
+    Queries per user (its events, then its summaries): ``q_index``, ``q_is_summary``, ``q_offsets``;
+    ``q_rows`` are their rows of the stream and ``stream_rows`` the inverse (both None: the same order).
+    ``plans``: what the layers whose caches hold the same rows share within the step.
     """
 
     offsets: Tensor
     positions: Tensor
-    cos: Tensor
-    sin: Tensor
     sum_offsets: Tensor
     sum_ids: Tensor
-    sum_cos: Tensor
-    sum_sin: Tensor
+    cos: Tensor
+    sin: Tensor
     next_index: Tensor
+    with_summaries: bool
+    q_index: Tensor
+    q_is_summary: Tensor
+    q_offsets: Tensor
+    q_rows: Tensor | None
+    stream_rows: Tensor | None
+    plans: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, offsets: Tensor, positions: Tensor, sum_offsets: Tensor, sum_ids: Tensor, cos: Tensor,
+              sin: Tensor, next_index: Tensor, with_summaries: bool) -> "StepLayout":
+        q_index, q_offsets, rows = join_rows(positions, offsets, sum_ids, sum_offsets)
+        n = positions.numel()
+        if isinstance(rows, slice):
+            q_rows = stream_rows = None
+            q_is_summary = torch.arange(q_index.numel(), device=q_index.device) >= n
+        else:
+            q_rows, q_is_summary = rows, rows >= n
+            stream_rows = torch.empty_like(rows)
+            stream_rows[rows] = torch.arange(rows.numel(), device=rows.device)
+        return cls(offsets, positions, sum_offsets, sum_ids, cos, sin, next_index, with_summaries, q_index,
+                   q_is_summary, q_offsets, q_rows, stream_rows)
+
+    @property
+    def num_events(self) -> int:
+        return self.positions.numel()
 
 
 class KindAttention(nn.Module):
@@ -83,9 +111,13 @@ class KindAttention(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, summary: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``x [N, dim]`` -> q, k, v ``[N, H, Dh]`` with RoPE applied to q and k."""
-        proj = self.qkv_sum if summary else self.qkv
-        q, k, v = proj(x).view(x.shape[0], 3, self.num_heads, self.cfg.dim // self.num_heads).unbind(1)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return self.rotate((self.qkv_sum if summary else self.qkv)(x), cos, sin)
+
+    def rotate(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``qkv [N, 3*dim]`` -> q, k, v ``[N, H, Dh]``; q and k rotated in one call (half the ops)."""
+        qkv = qkv.view(qkv.shape[0], 3, self.num_heads, self.cfg.dim // self.num_heads)
+        q, k = apply_rotary(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)
+        return q, k, qkv[:, 2]
 
     def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, Tensor | None]:
         """``x [T, dim]``, ``xs [Ts, dim]`` or None -> outputs of the same shapes (before the residual)."""
@@ -147,53 +179,74 @@ class KindAttention(nn.Module):
             "swa": dict(window=None, window_tokens=cfg.window * cfg.chunk_size),
         }[self.kind]
 
-    def step(self, h: Tensor, hs: Tensor | None, sl: StepLayout, cache: LayerCache) -> tuple[Tensor, Tensor | None, LayerCache]:
-        """New tokens ``h [Tn, dim]`` / ``hs [Tsn, dim]`` (normed) against the cache; returns outputs (before
-        the residual) and the cache with the new K/V added and what no later token can see dropped."""
-        cfg = self.cfg
-        q, k, v = self.project(h, sl.cos, sl.sin)
-        if hs is None:
-            qs = ks = vs = q[:0]
+    def step(self, h: Tensor, sl: StepLayout, cache: LayerCache) -> tuple[Tensor, LayerCache]:
+        """The step's tokens ``h [Tn + Tsn, dim]`` (normed; ``StepLayout``) against the cache -> their outputs
+        (before the residual) and the cache with the new K/V added and what no later token can see dropped."""
+        n = sl.num_events
+        qkv = self.qkv(h) if h.shape[0] == n else torch.cat([self.qkv(h[:n]), self.qkv_sum(h[n:])])
+        q, k, v = self.rotate(qkv, sl.cos, sl.sin)
+        update, attention = self.step_plan(sl, cache, q)
+        keys = torch.cat([cache.k, k[:n], cache.sk, k[n:]])
+        values = torch.cat([cache.v, v[:n], cache.sv, v[n:]])
+        if not q.shape[0]:
+            out = q
+        elif attention is not None:
+            out = attend_cached(attention, q, keys, values, q.shape[-1] ** -0.5)
         else:
-            qs, ks, vs = self.project(hs, sl.sum_cos, sl.sum_sin, summary=True)
-        cache = cache.append(k, v, sl.positions, sl.offsets, ks, vs, sl.sum_ids, sl.sum_offsets)
-        queries, q_offsets = jagged_append(q, sl.offsets, qs, sl.sum_offsets)
-        q_index, _ = jagged_append(sl.positions, sl.offsets, sl.sum_ids, sl.sum_offsets)
-        is_summary, _ = jagged_append(torch.zeros_like(sl.positions, dtype=torch.bool), sl.offsets,
-                                      torch.ones_like(sl.sum_ids, dtype=torch.bool), sl.sum_offsets)
-        out = ksa_cached_attention(queries, q_offsets, q_index, is_summary, cache.k, cache.v, cache.offsets,
-                                   cache.idx, cache.sk, cache.sv, cache.s_offsets, cache.sidx,
-                                   chunk_size=cfg.chunk_size, summary_tokens=cfg.summary_tokens if hs is not None else 0,
-                                   **self.cached_rule())
-        out_events = self.out(out[~is_summary].flatten(1))
-        out_sum = None if hs is None else self.out(out[is_summary].flatten(1))
-        return out_events, out_sum, self.trim(cache, sl.next_index, with_summaries=hs is not None)
+            ev, sm = update.events, update.summaries
+            out = ksa_cached_attention(q if sl.q_rows is None else q[sl.q_rows], sl.q_offsets, sl.q_index,
+                                       sl.q_is_summary, take(keys, ev.rows), take(values, ev.rows), ev.offsets,
+                                       ev.index, take(keys, sm.rows), take(values, sm.rows), sm.offsets, sm.index,
+                                       chunk_size=self.cfg.chunk_size, summary_tokens=self.step_summary_tokens(sl),
+                                       backend="triton", **self.cached_rule())
+            out = out if sl.stream_rows is None else out[sl.stream_rows]
+        return self.out(out.flatten(1)), update.advance(keys, values)
 
-    def trim(self, cache: LayerCache, next_index: Tensor, with_summaries: bool) -> LayerCache:
-        """Drop the rows no future token of the user can see (``next_index [B]``: the next event's index).
+    def step_summary_tokens(self, sl: StepLayout) -> int:
+        return self.cfg.summary_tokens if sl.with_summaries else 0
 
-        Future event i >= n sees events j >= (c(n) - W) * k (ksa/sca), j >= n - w (swa), all (full); a
-        summary query needs its own chunk's events, so the open chunk is always kept with summaries. Future
-        events see summaries of chunks >= c(n) - W - M (ksa only).
-        """
+    def step_plan(self, sl: StepLayout, cache: LayerCache, q: Tensor) -> tuple[CacheStep, CachedPlan | None]:
+        """Which key rows the step reads and keeps, and the torch attention's padded problem (None for the
+        triton kernel); built once per step for the layers of this kind whose caches hold the same rows in
+        the same tensors (``SequenceEncoder.stack_caches`` and ``step`` return caches that share them)."""
+        key = (self.kind, *map(id, cache.layout))
+        if key not in sl.plans:
+            # The layout tensors stay referenced beside the plan, so no other tensor can take their ids.
+            sl.plans[key] = (cache.layout, self.build_step_plan(sl, cache, q))
+        return sl.plans[key][1]
+
+    def build_step_plan(self, sl: StepLayout, cache: LayerCache, q: Tensor) -> tuple[CacheStep, CachedPlan | None]:
+        """Kept rows: future event i >= n sees events j >= (c(n) - W) * k (ksa/sca), j >= n - w (swa), all
+        (full); a summary query needs its own chunk's events, so the open chunk is always kept with
+        summaries. Future events see summaries of chunks >= c(n) - W - M (ksa only; all of them when M is
+        None). The other kinds read summaries only for the step's own summary queries."""
         cfg, k = self.cfg, self.cfg.chunk_size
-        n = next_index
-        open_chunk = (n // k) * k
+        n = sl.next_index
         if self.kind == "full":
-            lo = torch.zeros_like(n)
+            keep_events = True
         elif self.kind == "swa":
-            lo = n - cfg.window * k
-            lo = torch.minimum(lo, open_chunk) if with_summaries else lo
+            keep_events = n - cfg.window * k
+            keep_events = torch.minimum(keep_events, (n // k) * k) if sl.with_summaries else keep_events
         else:
-            lo = (n // k - cfg.window) * k
-        event_keep = cache.idx >= lo[segment_ids(cache.offsets, cache.idx.numel())]
-        if self.kind == "ksa" and with_summaries:
-            first_chunk = n // k - cfg.window - (cfg.max_summaries if cfg.max_summaries is not None else n)
-            owner_first = first_chunk[segment_ids(cache.s_offsets, cache.sidx.numel())]
-            summary_keep = cache.sidx // cfg.summary_tokens >= owner_first
-        else:
-            summary_keep = torch.zeros_like(cache.sidx, dtype=torch.bool)
-        return cache.keep(event_keep, summary_keep)
+            keep_events = (n // k - cfg.window) * k
+        keep_summaries = self.kind == "ksa" and sl.with_summaries
+        if keep_summaries and cfg.max_summaries is not None:
+            keep_summaries = (n // k - cfg.window - cfg.max_summaries) * cfg.summary_tokens
+        update = CacheStep.build(cache, sl.positions, sl.offsets, sl.sum_ids, sl.sum_offsets, keep_events,
+                                 keep_summaries)
+        if not q.shape[0] or resolve_backend(None, q) != "torch":
+            return update, None
+        ev, sm = update.events, update.summaries
+        attention = plan_cached_attention(sl.q_offsets, sl.q_index, sl.q_is_summary, ev.offsets, ev.index,
+                                          sm.offsets, sm.index, chunk_size=k,
+                                          summary_tokens=self.step_summary_tokens(sl), dtype=q.dtype,
+                                          **self.cached_rule())
+        if attention.key_rows is None:  # one user: the key table and the stream are already its padded rows
+            return update, attention
+        return update, replace(
+            attention, key_rows=update.table_rows()[attention.key_rows],
+            query_rows=attention.query_rows if sl.q_rows is None else sl.q_rows[attention.query_rows],
+            out_rows=attention.out_rows if sl.stream_rows is None else attention.out_rows[sl.stream_rows])
 
 
 class MemoryCache:

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from ksa_rec.models.config import EncoderConfig
 from ksa_rec.models.config import MEMORY_KINDS
 from ksa_rec.modules.attention import KindAttention, MemoryAttention, StepLayout, StreamLayout
+from ksa_rec.modules.kv_cache import LayerCache, share_layouts
 from ksa_rec.modules.rope import RotaryEmbedding
 from ksa_rec.ops.ksa.layout import summary_event_positions, summary_index
-from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids, validate_offsets
+from ksa_rec.utils.jagged import segment_ids, validate_offsets
 
 
 class FeedForward(nn.Sequential):
@@ -38,11 +39,16 @@ class Block(nn.Module):
         a, a_sum = self.attn(self.attn_norm(x), None if xs is None else self.attn_norm(xs), layout)
         return self.residual_and_ffn(x, xs, a, a_sum)
 
-    def step(self, x: Tensor, xs: Tensor | None, sl: StepLayout, cache):
-        """Streaming form of ``forward`` for new tokens; returns ``(x, xs, cache)``."""
-        a, a_sum, cache = self.attn.step(self.attn_norm(x), None if xs is None else self.attn_norm(xs), sl, cache)
-        x, xs = self.residual_and_ffn(x, xs, a, a_sum)
-        return x, xs, cache
+    def step(self, x: Tensor, sl: StepLayout, cache):
+        """Streaming form of ``forward`` for the step's tokens (events, then summaries: ``StepLayout``);
+        returns ``(x, cache)``. Both streams share the norms and the FFN, so they go through them as one."""
+        h = self.attn_norm(x)
+        if isinstance(self.attn, MemoryAttention):  # no summary stream beside memory layers
+            a, _, cache = self.attn.step(h, None, sl, cache)
+        else:
+            a, cache = self.attn.step(h, sl, cache)
+        x = x + self.dropout(a)
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), cache
 
     def residual_and_ffn(self, x: Tensor, xs: Tensor | None, a: Tensor, a_sum: Tensor | None):
         x = x + self.dropout(a)
@@ -107,11 +113,16 @@ class SequenceEncoder(nn.Module):
     # ---- streaming -----------------------------------------------------------------------------------------
     def empty_caches(self, batch: int, dtype: torch.dtype, device) -> list:
         """One streaming cache per block (``LayerCache``, or ``MemoryCache`` for mka/fastmka)."""
-        return [block.attn.empty_cache(batch, dtype, device) for block in self.blocks]
+        return share_layouts([block.attn.empty_cache(batch, dtype, device) for block in self.blocks])
 
-    def stack_caches(self, users: list[list[dict[str, Tensor]]]) -> list:
-        """Per-user cache tensors (``users[u][layer]``) -> one batched cache per block."""
-        return [block.attn.stack_cache([u[i] for u in users]) for i, block in enumerate(self.blocks)]
+    def stack_caches(self, users: list[list[dict[str, Tensor]]], device=None) -> list:
+        """Per-user cache tensors (``users[u][layer]``) -> one batched cache per block, on ``device`` (None:
+        where the tensors are). Layers that keep the same rows share their index tensors (``share_layouts``)."""
+        caches = share_layouts([block.attn.stack_cache([u[i] for u in users]) for i, block in enumerate(self.blocks)])
+        if device is None:
+            return caches
+        moved = {}
+        return [c.to(device, moved) if isinstance(c, LayerCache) else c.to(device) for c in caches]
 
     def step(self, tokens: Tensor, offsets: Tensor, event_count: Tensor, time_part: Tensor | None,
              caches: list) -> tuple[Tensor, list]:
@@ -125,28 +136,28 @@ class SequenceEncoder(nn.Module):
         Returns:
             ``(states of the new events (sum_b t_b, dim) after the final norm, updated caches)``.
         """
-        cfg, k, S = self.cfg, self.cfg.chunk_size, self.cfg.summary_tokens
-        seg = segment_ids(offsets, tokens.shape[0])
-        positions = event_count[seg] + torch.arange(tokens.shape[0], device=tokens.device) - offsets[seg]
-        cos, sin = self.rope.tables(positions, tokens.dtype)
-        sum_offsets = torch.zeros_like(offsets)
-        sum_ids, sum_cos, sum_sin, xs = positions[:0], cos[:0], sin[:0], None
-        if self.with_summaries:
-            # Each new event that ends a chunk brings that chunk's S summary tokens into this step.
-            ends = torch.nonzero((positions + 1) % k == 0).squeeze(1)
+        k, S = self.cfg.chunk_size, self.cfg.summary_tokens
+        n = tokens.shape[0]
+        seg = segment_ids(offsets, n)
+        positions = event_count[seg] + torch.arange(n, device=tokens.device) - offsets[seg]
+        x, stream_positions = tokens, positions
+        sum_ids, sum_offsets = positions[:0], torch.zeros_like(offsets)
+        # Each new event that ends a chunk brings that chunk's S summary tokens into this step.
+        ends = torch.nonzero((positions + 1) % k == 0).squeeze(1) if self.with_summaries else positions[:0]
+        if ends.numel():
             rows = ends.repeat_interleave(S)
             slot = torch.arange(S, device=tokens.device).repeat(ends.numel())
             chunk = positions[rows] // k
             sum_ids = chunk * S + slot
-            sum_offsets = lengths_to_offsets(torch.bincount(seg[rows], minlength=offsets.numel() - 1))
-            sum_pos = chunk * k + (slot + 1) * (k // S) - 1
-            sum_cos, sum_sin = self.rope.tables(sum_pos, tokens.dtype)
+            sum_offsets = torch.searchsorted(seg[rows], torch.arange(offsets.numel(), device=tokens.device))
+            stream_positions = torch.cat([positions, chunk * k + (slot + 1) * (k // S) - 1])
             xs = self.summary_embedding[slot] + (time_part[rows] if time_part is not None else 0)
-        sl = StepLayout(offsets=offsets, positions=positions, cos=cos, sin=sin, sum_offsets=sum_offsets,
-                        sum_ids=sum_ids, sum_cos=sum_cos, sum_sin=sum_sin,
-                        next_index=event_count + offsets[1:] - offsets[:-1])
-        x, new_caches = tokens, []
+            x = torch.cat([tokens, xs])
+        cos, sin = self.rope.tables(stream_positions, tokens.dtype)
+        sl = StepLayout.build(offsets, positions, sum_offsets, sum_ids, cos, sin,
+                              event_count + offsets[1:] - offsets[:-1], self.with_summaries)
+        new_caches = []
         for block, cache in zip(self.blocks, caches):
-            x, xs, cache = block.step(x, xs, sl, cache)
+            x, cache = block.step(x, sl, cache)
             new_caches.append(cache)
-        return self.final_norm(x), new_caches
+        return self.final_norm(x[:n]), new_caches

@@ -10,16 +10,21 @@ Example, k = 4, W = 1, one ksa layer, a user after 13 events (chunks 0, 1, 2 com
 
     events kept    | e8 e9 e10 e11 e12 |      (chunk 3 - W = 2 onwards: the ring)
     summaries kept | s0 s1 s2         |      (all complete chunks; max_summaries bounds them)
+
+A step's cost is host-side (many tiny ops), not bandwidth, so a step works out where rows go and which
+survive once (``CacheStep``) for all the layers whose caches hold the same rows, in the same index
+tensors (``share_layouts``); each layer then only concatenates its K/V into one key table and takes
+rows from it, as views where they are consecutive.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 
-from ksa_rec.utils.jagged import jagged_append, jagged_keep, lengths_to_offsets
+from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids
 
 
 @dataclass
@@ -45,25 +50,22 @@ class LayerCache:
         zero = torch.zeros(batch + 1, dtype=torch.int64, device=device)
         return cls(rows(), rows(), none, zero, rows(), rows(), none.clone(), zero.clone())
 
-    def append(self, k: Tensor, v: Tensor, idx: Tensor, offsets: Tensor, sk: Tensor, sv: Tensor,
-               sidx: Tensor, s_offsets: Tensor) -> "LayerCache":
-        """Each user's new rows after its old ones (new offsets are ``[B+1]`` of the new rows)."""
-        kk, off = jagged_append(self.k, self.offsets, k, offsets)
-        vv, _ = jagged_append(self.v, self.offsets, v, offsets)
-        ii, _ = jagged_append(self.idx, self.offsets, idx, offsets)
-        skk, soff = jagged_append(self.sk, self.s_offsets, sk, s_offsets)
-        svv, _ = jagged_append(self.sv, self.s_offsets, sv, s_offsets)
-        sii, _ = jagged_append(self.sidx, self.s_offsets, sidx, s_offsets)
-        return LayerCache(kk, vv, ii, off, skk, svv, sii, soff)
+    @property
+    def layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The tensors that say which rows the cache holds (shared by the layers that hold the same rows)."""
+        return self.idx, self.offsets, self.sidx, self.s_offsets
 
-    def keep(self, event_keep: Tensor, summary_keep: Tensor) -> "LayerCache":
-        """Only the rows where the masks (``[sum m_b]``, ``[sum s_b]`` bool) are True."""
-        return LayerCache(self.k[event_keep], self.v[event_keep], self.idx[event_keep],
-                          jagged_keep(self.offsets, event_keep), self.sk[summary_keep], self.sv[summary_keep],
-                          self.sidx[summary_keep], jagged_keep(self.s_offsets, summary_keep))
-
-    def to(self, device) -> "LayerCache":
-        return LayerCache(*(getattr(self, f.name).to(device) for f in fields(self)))
+    def to(self, device, moved: dict | None = None) -> "LayerCache":
+        """``moved``: tensors already moved, by id; pass one dict for several caches to keep shared
+        tensors shared."""
+        moved = {} if moved is None else moved
+        out = []
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if id(t) not in moved:
+                moved[id(t)] = (t, t.to(device))
+            out.append(moved[id(t)][1])
+        return LayerCache(*out)
 
     # ---- per-user (de)composition, for storage ---------------------------------------------------------
     def user(self, b: int) -> dict[str, Tensor]:
@@ -87,3 +89,126 @@ class LayerCache:
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx, self.sk, self.sv, self.sidx))
+
+
+def share_layouts(caches: list) -> list:
+    """The caches, where layers that hold the same rows now hold them in the same tensors: a step plans
+    the rows once per layout, found by identity (``KindAttention.step_plan``). Other caches pass through."""
+    distinct, out = [], []
+    for cache in caches:
+        if isinstance(cache, LayerCache):
+            same = next((d for d in distinct if all(a.shape == b.shape and torch.equal(a, b)
+                                                    for a, b in zip(cache.layout, d.layout))), None)
+            if same is None:
+                distinct.append(cache)
+            else:
+                cache = replace(cache, idx=same.idx, offsets=same.offsets, sidx=same.sidx, s_offsets=same.s_offsets)
+        out.append(cache)
+    return out
+
+
+Rows = Tensor | slice
+"""Row numbers into a step's key table: an index tensor, or a slice where they are consecutive."""
+
+
+def take(table: Tensor, rows: Rows) -> Tensor:
+    if isinstance(rows, slice):
+        return table[rows]
+    return table.index_select(0, rows) if rows.numel() else table.new_empty((0, *table.shape[1:]))
+
+
+def join_rows(old_index: Tensor, old_offsets: Tensor, new_index: Tensor, new_offsets: Tensor,
+              base: int = 0) -> tuple[Tensor, Tensor, Rows]:
+    """Each user's old rows, then its new rows: ``(identities, offsets [B+1], rows)``, where ``rows`` are
+    the rows of ``cat([old, new])`` in that order, plus ``base``."""
+    n_old, n_new = old_index.numel(), new_index.numel()
+    if not n_new:
+        return old_index, old_offsets, slice(base, base + n_old)
+    if not n_old:
+        return new_index, new_offsets, slice(base, base + n_new)
+    if old_offsets.numel() == 2:
+        return torch.cat([old_index, new_index]), old_offsets + new_offsets, slice(base, base + n_old + n_new)
+    offsets = old_offsets + new_offsets
+    seg = segment_ids(offsets, n_old + n_new)
+    local = torch.arange(n_old + n_new, device=offsets.device) - offsets[seg]
+    old_len = (old_offsets[1:] - old_offsets[:-1])[seg]
+    rows = torch.where(local < old_len, old_offsets[seg] + local, n_old + new_offsets[seg] + local - old_len)
+    return torch.cat([old_index, new_index])[rows], offsets, rows + base if base else rows
+
+
+@dataclass
+class StreamRows:
+    """One stream (events or summaries) of a batch of caches through a step: the rows the attention
+    reads (old then new per user) and the rows that survive it, as rows of the step's key table."""
+
+    index: Tensor
+    offsets: Tensor
+    rows: Rows
+    kept_index: Tensor
+    kept_offsets: Tensor
+    kept_rows: Rows
+
+    @classmethod
+    def build(cls, old_index: Tensor, old_offsets: Tensor, new_index: Tensor, new_offsets: Tensor, base: int,
+              keep: Tensor | bool) -> "StreamRows":
+        """``keep``: True keeps every row, False none, a ``[B]`` tensor the rows whose identity is at least
+        the user's entry."""
+        index, offsets, rows = join_rows(old_index, old_offsets, new_index, new_offsets, base)
+        if keep is True:
+            return cls(index, offsets, rows, index, offsets, rows)
+        if keep is False or not index.numel():
+            none = index[:0]
+            return cls(index, offsets, rows, none, torch.zeros_like(offsets), none)
+        one_user = offsets.numel() == 2
+        seg = None if one_user else segment_ids(offsets, index.numel())
+        survive = torch.nonzero(index >= (keep if one_user else keep[seg])).squeeze(1)
+        if one_user:
+            kept_offsets = offsets.new_tensor([0, survive.numel()])
+        else:  # survivors are in row order, so their owners are sorted
+            kept_offsets = torch.searchsorted(seg[survive], torch.arange(offsets.numel(), device=offsets.device))
+        kept_rows = _consecutive(survive, rows.start) if isinstance(rows, slice) else rows[survive]
+        return cls(index, offsets, rows, index[survive], kept_offsets, kept_rows)
+
+
+@dataclass
+class CacheStep:
+    """How a step changes a batch of caches, for every layer whose cache holds the same rows and keeps by
+    the same rule (built once per step). Key table rows: old events, new events, old summaries, new
+    summaries (``torch.cat([cache.k, k_new, cache.sk, k_sum_new])``)."""
+
+    events: StreamRows
+    summaries: StreamRows
+
+    @classmethod
+    def build(cls, cache: LayerCache, index: Tensor, offsets: Tensor, sum_index: Tensor, sum_offsets: Tensor,
+              keep_events: Tensor | bool, keep_summaries: Tensor | bool) -> "CacheStep":
+        """New event identities ``index`` / ``offsets [B+1]``, new summary ids ``sum_index`` /
+        ``sum_offsets``; ``keep_*`` as in ``StreamRows.build``."""
+        events = StreamRows.build(cache.idx, cache.offsets, index, offsets, 0, keep_events)
+        base = cache.idx.numel() + index.numel()
+        return cls(events, StreamRows.build(cache.sidx, cache.s_offsets, sum_index, sum_offsets, base, keep_summaries))
+
+    def table_rows(self) -> Tensor:
+        """The key table's rows in the order ``cat([events, summaries])`` of the attention's (appended) rows."""
+        return torch.cat([_as_tensor(self.events.rows, self.events.index.device),
+                          _as_tensor(self.summaries.rows, self.events.index.device)])
+
+    def advance(self, keys: Tensor, values: Tensor) -> LayerCache:
+        """The cache after the step, from the step's key table."""
+        ev, sm = self.events, self.summaries
+        return LayerCache(take(keys, ev.kept_rows), take(values, ev.kept_rows), ev.kept_index, ev.kept_offsets,
+                          take(keys, sm.kept_rows), take(values, sm.kept_rows), sm.kept_index, sm.kept_offsets)
+
+
+def _consecutive(rows: Tensor, base: int) -> Rows:
+    """``rows + base``, as a slice where they are consecutive (the usual case: a user's oldest rows drop
+    out), so the kept K/V are a view of the step's key table instead of a copy."""
+    if rows.numel():
+        first, last = rows[[0, -1]].tolist()
+        if last - first + 1 == rows.numel():
+            return slice(base + first, base + last + 1)
+    return rows + base
+
+
+def _as_tensor(rows: Rows, device) -> Tensor:
+    return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows

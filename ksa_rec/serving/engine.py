@@ -71,7 +71,7 @@ class StreamEngine:
         device = self.serving.device
         offsets = lengths_to_offsets(torch.from_numpy(lengths))
         features = self._features(ordered, items, gaps, lengths)
-        caches = [c.to(device) for c in self.model.encoder.stack_caches([s.layers for s in old])]
+        caches = self.model.encoder.stack_caches([s.layers for s in old], device)
         event_count = torch.tensor([s.event_count for s in old], dtype=torch.int64, device=device)
         tokens, time_part = self.model.embedding(features.to(device))
         out, caches = self.model.encoder.step(tokens, offsets.to(device), event_count, time_part, caches)

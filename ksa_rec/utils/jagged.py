@@ -72,25 +72,3 @@ def validate_offsets(offsets: Tensor, total: int, *, name: str = "offsets") -> N
         raise ValueError(f"{name}[-1] = {int(offsets[-1])} does not match the {total} rows given")
     if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"{name} must be non-decreasing")
-
-
-def jagged_append(old: Tensor, old_offsets: Tensor, new: Tensor, new_offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """Per segment, ``old`` rows then ``new`` rows: ``(old_b ++ new_b for each b, offsets [B+1])``."""
-    old_len, new_len = offsets_to_lengths(old_offsets), offsets_to_lengths(new_offsets)
-    offsets = lengths_to_offsets(old_len + new_len)
-    out = old.new_empty((old.shape[0] + new.shape[0], *old.shape[1:]))
-    if old.shape[0]:
-        seg = segment_ids(old_offsets, old.shape[0])
-        out[offsets[seg] + torch.arange(old.shape[0], device=old.device) - old_offsets[seg]] = old
-    if new.shape[0]:
-        seg = segment_ids(new_offsets, new.shape[0])
-        out[offsets[seg] + old_len[seg] + torch.arange(new.shape[0], device=new.device) - new_offsets[seg]] = new
-    return out, offsets
-
-
-def jagged_keep(offsets: Tensor, keep: Tensor) -> Tensor:
-    """Offsets of the rows where ``keep [T]`` (bool) is True, per segment."""
-    counts = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
-    if keep.numel():
-        counts.index_add_(0, segment_ids(offsets, keep.numel()), keep.to(torch.int64))
-    return lengths_to_offsets(counts)

@@ -1,10 +1,12 @@
 """The streaming contract: feeding histories event by event, or in arbitrary pieces, through the step
 path gives the same event states as one full forward pass, for every attention kind and hybrids."""
 
+import collections
 import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ksa_rec.models.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
@@ -94,3 +96,60 @@ def test_ksa_state_is_bounded_by_the_ring_and_the_summaries():
     assert ksa.idx.tolist() == list(range(52, 61))
     assert ksa.sidx.tolist() == list(range(15))
     assert full.idx.tolist() == list(range(61)) and full.sidx.numel() == 0
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_one_user_in_pieces_equals_full_pass(pattern):
+    """One user takes the unpadded path (no gathers, kept rows as views of the step's key table)."""
+    rnd = random.Random(1)
+    enc = _encoder(pattern, summary_tokens=2, max_summaries=1)
+    tokens, times = _histories([37], seed=1)
+    full = _full_pass(enc, tokens, times)
+    streamed, _ = _streamed(enc, tokens, times, [_random_pieces(37, rnd)])
+    torch.testing.assert_close(streamed, full, atol=1e-10, rtol=1e-10)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of_one_step(pattern, batch):
+    """Aten ops of one step (one new event per user, one of them completing a chunk) from caches stacked
+    from per-user tensors, as the serving engine does."""
+    enc = _encoder(pattern)
+    tokens, times = _histories([24] * batch)
+    _, caches = _streamed(enc, tokens, times, [[20, 3]] * batch)
+    caches = enc.stack_caches([[cache.user(b) for cache in caches] for b in range(batch)])
+    step = torch.cat([t[23:] for t in tokens]), torch.cat([t[23:] for t in times])
+    with _CountOps() as counter:
+        enc.step(step[0], lengths_to_offsets(torch.ones(batch, dtype=torch.long)), torch.full((batch,), 23),
+                 step[1], caches)
+    return counter.ops
+
+
+@pytest.mark.parametrize("kind", ["ksa", "full", "sca", "swa"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layers_that_keep_the_same_rows_plan_the_step_once(kind, batch):
+    """What a step reads and keeps, and the attention mask, are built once per step for all layers that
+    keep the same rows: more layers add no device syncs (nonzero) and a bounded number of ops each."""
+    two, four = _ops_of_one_step(f"{kind}*2", batch), _ops_of_one_step(f"{kind}*4", batch)
+    for sync in ("aten.nonzero", "aten._local_scalar_dense"):
+        assert two[sync] == four[sync]
+    assert (sum(four.values()) - sum(two.values())) / 2 <= 80
+
+
+def test_step_and_stack_share_index_tensors_between_layers():
+    enc = _encoder("ksa,ksa,full")
+    tokens, times = _histories([13, 6])
+    _, caches = _streamed(enc, tokens, times, [[5, 8], [6]])
+    assert caches[0].idx is caches[1].idx and caches[0].sidx is caches[1].sidx
+    assert caches[2].idx is not caches[0].idx
+    stacked = enc.stack_caches([[cache.user(b) for cache in caches] for b in range(2)], "cpu")
+    assert stacked[0].offsets is stacked[1].offsets and stacked[0].s_offsets is stacked[1].s_offsets
+    assert stacked[2].idx.tolist() == caches[2].idx.tolist()

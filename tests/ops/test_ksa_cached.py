@@ -27,13 +27,14 @@ def _gather(rows_per_user):
         torch.tensor([len(r) for r in rows]))
 
 
+@pytest.mark.parametrize("users", [1, 5])  # one user: the unpadded path
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("window,S,M", [(2, 1, None), (0, 1, None), (1, 2, None), (None, 1, None), (2, 1, 1),
                                         (3, 0, None)])
-def test_newest_tokens_against_dense(seed, window, S, M):
+def test_newest_tokens_against_dense(users, seed, window, S, M):
     rnd = random.Random(seed)
     k = 4
-    lengths = [rnd.choice([1, 3, 4, 5, 8, 17, 40, 61]) for _ in range(5)]
+    lengths = [rnd.choice([1, 3, 4, 5, 8, 17, 40, 61]) for _ in range(users)]
     (q, kk, v), (qs, ks, vs), offsets, s_off = _history(lengths, k, S, seed=seed)
     ref, ref_sum = ksa_dense(q, kk, v, qs, ks, vs, offsets, chunk_size=k, window=window, summary_tokens=S,
                              max_summaries=M)

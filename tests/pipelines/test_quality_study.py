@@ -27,7 +27,7 @@ def test_seeded_runs_repeat_per_seed_seed_major_with_the_seed_argument(quality):
 
 
 def test_every_kinds_study_compares_all_nine_patterns_at_one_span(quality):
-    for study in ("beauty-kinds", "ml-100k-kinds", "ml-1m-kinds", "ml-20m-kinds"):
+    for study in ("beauty-kinds", "ml-100k-kinds", "ml-1m-kinds", "ml-20m-kinds", "long-range-cpu-kinds"):
         runs = quality.STUDIES[study]
         patterns = [r.overrides[r.overrides.index("--model.encoder.pattern") + 1] for r in runs]
         assert len(set(patterns)) == 9 and all(len(p.split(",")) == 2 for p in patterns)

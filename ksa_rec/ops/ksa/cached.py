@@ -16,7 +16,7 @@ Layout: per user b, queries ``q[q_offsets[b]:q_offsets[b+1]]``, event keys ``k[k
 summary keys ``k_sum[s_offsets[b]:...]``; all jagged, ``[rows, heads, D]``. The caller appends the new
 tokens' own K/V to the cache before calling (a token sees itself).
 
-Backends: ``"torch"`` (this file: padded SDPA with a boolean mask, the reference) and ``"triton"``
+Backends: ``"torch"`` (this file: padded SDPA with a visibility mask, the reference) and ``"triton"``
 (``triton_cached.py``: one fused launch for the batch, memory-bound streaming of each user's cache,
 imported lazily). ``backend=None`` picks triton for CUDA tensors in fp16/bf16/fp32 when it imports,
 torch otherwise.
@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ksa_rec.utils.jagged import jagged_to_padded, offsets_to_lengths
+from ksa_rec.utils.jagged import offsets_to_lengths, segment_ids
 
 
 def ksa_cached_attention(q: Tensor, q_offsets: Tensor, q_index: Tensor, q_is_summary: Tensor,
@@ -55,31 +56,85 @@ def ksa_cached_attention(q: Tensor, q_offsets: Tensor, q_index: Tensor, q_is_sum
         ``(sum_b Q_b, H, D)``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.shape[0] == 0:
+    if q.shape[0] == 0 or k.shape[0] + k_sum.shape[0] == 0:
         return q.new_zeros(q.shape)
-    if _resolve_backend(backend, q) == "triton":
+    if resolve_backend(backend, q) == "triton":
         return _triton_function()(q, q_offsets, q_index, q_is_summary, k, v, k_offsets, k_index, k_sum, v_sum,
                                   s_offsets, s_index, chunk_size=chunk_size, window=window,
                                   summary_tokens=summary_tokens, max_summaries=max_summaries,
                                   window_tokens=window_tokens, scale=scale)
-    q_len, k_len, s_len = (offsets_to_lengths(o) for o in (q_offsets, k_offsets, s_offsets))
-    qmax, kmax, smax = (max(int(x.max()), 1) for x in (q_len, k_len, s_len))
-    big = torch.iinfo(torch.int64).max // 4
-    qp = jagged_to_padded(q, q_offsets, qmax).transpose(1, 2)  # [B, H, Q, D]
-    keys = torch.cat([jagged_to_padded(k, k_offsets, kmax), jagged_to_padded(k_sum, s_offsets, smax)], 1)
-    values = torch.cat([jagged_to_padded(v, k_offsets, kmax), jagged_to_padded(v_sum, s_offsets, smax)], 1)
-    qi = jagged_to_padded(q_index, q_offsets, qmax, pad_value=0)
-    qs = jagged_to_padded(q_is_summary, q_offsets, qmax, pad_value=False)
-    ki = jagged_to_padded(k_index, k_offsets, kmax, pad_value=big)  # padding: never visible (> any i)
-    si = jagged_to_padded(s_index, s_offsets, smax, pad_value=big)
+    plan = plan_cached_attention(q_offsets, q_index, q_is_summary, k_offsets, k_index, s_offsets, s_index,
+                                 chunk_size=chunk_size, window=window, summary_tokens=summary_tokens,
+                                 max_summaries=max_summaries, window_tokens=window_tokens, dtype=q.dtype)
+    return attend_cached(plan, q, torch.cat([k, k_sum]), torch.cat([v, v_sum]), scale)
+
+
+@dataclass
+class CachedPlan:
+    """The torch path's padded problem: it depends on the layout and the identities only, so the layers
+    of a stack whose caches keep the same rows share one (``KindAttention.step``).
+
+    Key table: ``cat([k, k_sum])`` rows. ``None`` rows mean one user, whose rows are already the padded
+    problem (no gathers).
+    """
+
+    query_rows: Tensor | None
+    """``[B, Qmax]`` rows of q per padded query slot (padding repeats a valid row; its output is dropped)."""
+    key_rows: Tensor | None
+    """``[B, Kmax + Smax]`` rows of the key table: each user's event keys padded to Kmax, then its summary
+    keys padded to Smax (padding points at row 0 and is masked out)."""
+    out_rows: Tensor | None
+    """``[sum Q_b]`` rows of the flattened ``[B * Qmax]`` output that hold q's rows."""
+    mask: Tensor
+    """``[B, 1, Qmax, Kmax + Smax]`` additive: 0 where visible, -inf elsewhere (what SDPA would make of a
+    bool mask on every call)."""
+
+
+def plan_cached_attention(q_offsets: Tensor, q_index: Tensor, q_is_summary: Tensor, k_offsets: Tensor,
+                          k_index: Tensor, s_offsets: Tensor, s_index: Tensor, *, chunk_size: int,
+                          window: int | None, summary_tokens: int, max_summaries: int | None = None,
+                          window_tokens: int | None = None, dtype: torch.dtype) -> CachedPlan:
+    """``CachedPlan`` of ``ksa_cached_attention``'s torch path (same arguments, without the K/V; ``dtype``:
+    the queries').
+
+    Needs at least one query and one key. More than one user costs one device sync (the longest rows)."""
+    if q_offsets.numel() == 2:
+        query_rows = key_rows = out_rows = None
+        qi, qs, ki, si = q_index[None], q_is_summary[None], k_index[None], s_index[None]
+    else:
+        big = torch.iinfo(torch.int64).max // 4  # padding keys: never visible (> any query index)
+        q_len, k_len, s_len = (offsets_to_lengths(o) for o in (q_offsets, k_offsets, s_offsets))
+        qmax, kmax, smax = torch.stack([q_len.max(), k_len.max(), s_len.max()]).tolist()
+        query_rows = q_offsets[:-1, None] + torch.arange(qmax, device=q_offsets.device)
+        query_rows = query_rows.clamp_(max=q_index.numel() - 1)
+        width = torch.arange(kmax + smax, device=k_offsets.device)
+        is_event_col = width < kmax
+        start = torch.where(is_event_col, k_offsets[:-1, None], k_index.numel() + s_offsets[:-1, None] - kmax)
+        valid = width < torch.where(is_event_col, k_len[:, None], kmax + s_len[:, None])
+        key_rows = torch.where(valid, start + width, 0)
+        key_index = torch.where(valid, torch.cat([k_index, s_index])[key_rows], big)
+        ki, si = key_index[:, :kmax], key_index[:, kmax:]
+        qi, qs = q_index[query_rows], q_is_summary[query_rows]
+        seg = segment_ids(q_offsets, q_index.numel())
+        out_rows = seg * qmax + torch.arange(q_index.numel(), device=seg.device) - q_offsets[seg]
     mask = torch.cat([_event_key_mask(qi, qs, ki, chunk_size, window, window_tokens, summary_tokens),
                       _summary_key_mask(qi, qs, si, chunk_size, window, summary_tokens, max_summaries,
                                         window_tokens)], dim=2)
-    # Padded query rows see nothing; give them one key so the softmax stays finite (rows are dropped).
+    # A query that sees nothing gets one key so the softmax stays finite (padding rows are dropped).
     mask[:, :, 0] |= ~mask.any(dim=2)
-    out = F.scaled_dot_product_attention(qp, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
-                                         scale=scale, enable_gqa=keys.shape[2] != qp.shape[1])
-    return out.transpose(1, 2)[_valid_rows(q_len, qmax)]
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return CachedPlan(query_rows, key_rows, out_rows, additive[:, None])
+
+
+def attend_cached(plan: CachedPlan, q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """``q [sum Q_b, H, D]`` against the key table ``keys, values [rows, Hkv, D]`` -> ``[sum Q_b, H, D]``."""
+    def padded(x, rows):
+        return (x[None] if rows is None else x[rows]).transpose(1, 2)
+
+    qp, kp = padded(q, plan.query_rows), padded(keys, plan.key_rows)
+    out = F.scaled_dot_product_attention(qp, kp, padded(values, plan.key_rows), attn_mask=plan.mask, scale=scale,
+                                         enable_gqa=kp.shape[1] != qp.shape[1]).transpose(1, 2)
+    return out[0] if plan.out_rows is None else out.flatten(0, 1)[plan.out_rows]
 
 
 def _event_key_mask(qi, qs, ki, k, window, window_tokens, S) -> Tensor:
@@ -112,7 +167,7 @@ def _summary_key_mask(qi, qs, si, k, window, S, max_summaries, window_tokens) ->
     return torch.where(qs[:, :, None], summary_sees, event_sees)
 
 
-def _resolve_backend(backend: str | None, q: Tensor) -> str:
+def resolve_backend(backend: str | None, q: Tensor) -> str:
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"ksa_cached_attention: backend must be None, 'torch' or 'triton', got {backend!r}")
     if backend is None:
@@ -140,8 +195,4 @@ def _triton_available() -> bool:
     return True
 
 
-def _valid_rows(lengths: Tensor, width: int) -> Tensor:
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-
-
-__all__ = ["ksa_cached_attention"]
+__all__ = ["CachedPlan", "attend_cached", "ksa_cached_attention", "plan_cached_attention", "resolve_backend"]
