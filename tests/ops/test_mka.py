@@ -25,6 +25,19 @@ def ema_loop(values, log_decay, num0, den0):
     return torch.stack(nums, 1), torch.stack(dens, 1)
 
 
+def assert_scan_matches_loop(inputs: tuple, chunk: int, g: torch.Generator) -> None:
+    """``ema_scan`` equals the plain step loop, forward and backward (random cotangents)."""
+    got = ema_scan(*inputs, chunk=chunk)
+    want = ema_loop(*inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TIGHT)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    grads_got = torch.autograd.grad(sum((a * c).sum() for a, c in zip(got, cot)), inputs)
+    grads_want = torch.autograd.grad(sum((a * c).sum() for a, c in zip(want, cot)), inputs)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 8, 64])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_ema_scan_matches_the_step_loop_forward_and_backward(chunk, with_state):
@@ -36,16 +49,7 @@ def test_ema_scan_matches_the_step_loop_forward_and_backward(chunk, with_state):
             else torch.zeros(B, G, S, F, dtype=torch.float64)).requires_grad_()
     den0 = (torch.rand(B, G, S, generator=g, dtype=torch.float64) * 5 if with_state
             else torch.zeros(B, G, S, dtype=torch.float64)).requires_grad_()
-    inputs = (values, log_decay, num0, den0)
-    got = ema_scan(values, log_decay, num0, den0, chunk=chunk)
-    want = ema_loop(*inputs)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **TIGHT)
-    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
-    grads_got = torch.autograd.grad(sum((a * c).sum() for a, c in zip(got, cot)), inputs)
-    grads_want = torch.autograd.grad(sum((a * c).sum() for a, c in zip(want, cot)), inputs)
-    for a, b in zip(grads_got, grads_want):
-        torch.testing.assert_close(a, b, **TIGHT)
+    assert_scan_matches_loop((values, log_decay, num0, den0), chunk, g)
 
 
 def test_ema_scan_stays_finite_at_extreme_decays():
@@ -70,16 +74,7 @@ def test_ema_scan_carries_state_across_several_chunk_levels(chunk):
     log_decay = decays.log().requires_grad_()
     num0 = torch.randn(B, G, S, F, generator=g, dtype=torch.float64, requires_grad=True)
     den0 = (torch.rand(B, G, S, generator=g, dtype=torch.float64) * 5).requires_grad_()
-    inputs = (values, log_decay, num0, den0)
-    got = ema_scan(values, log_decay, num0, den0, chunk=chunk)
-    want = ema_loop(*inputs)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **TIGHT)
-    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
-    grads_got = torch.autograd.grad(sum((a * c).sum() for a, c in zip(got, cot)), inputs)
-    grads_want = torch.autograd.grad(sum((a * c).sum() for a, c in zip(want, cot)), inputs)
-    for a, b in zip(grads_got, grads_want):
-        torch.testing.assert_close(a, b, **TIGHT)
+    assert_scan_matches_loop((values, log_decay, num0, den0), chunk, g)
 
 
 def test_ema_scan_stays_finite_over_long_spans_in_float32():
