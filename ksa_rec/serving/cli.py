@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -22,6 +23,8 @@ def score_parser() -> argparse.ArgumentParser:
                    help="score from the newest MAX_LEN events (whole chunks); default: whole histories")
     p.add_argument("--item-chunk", type=int, default=65536, help="items scored at once (bounds memory)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes (one per GPU); users are split between them and the parts merged")
     return p
 
 
@@ -61,8 +64,9 @@ def score(argv: list[str]) -> None:
     engine = _engine(args)
     store = SqliteStateStore(args.state) if args.state else None
     run_score(engine, args.output, events=args.events, store=store, batch_size=args.batch_size,
-              max_len=args.max_len, accelerator=args.accelerator)
-    print(f"ksa-rec score: top-{args.top_k} per user written to {args.output}")
+              max_len=args.max_len, accelerator=args.accelerator, devices=args.devices)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # the other processes of --devices N print nothing
+        print(f"ksa-rec score: top-{args.top_k} per user written to {args.output}")
 
 
 def stream(argv: list[str]) -> None:

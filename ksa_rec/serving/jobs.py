@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -167,37 +168,62 @@ class StoredUsers(IterableDataset):
         self.store, self.model_id, self.batch_size = store, model_id, batch_size
 
     def __iter__(self):
-        for rows in self.store.scan(self.batch_size):
+        # Several processes: each takes every world-th batch (Lightning shards only map-style datasets).
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        for i, rows in enumerate(self.store.scan(self.batch_size)):
+            if i % world != rank:
+                continue
             states = [UserState.from_bytes(blob, self.model_id, user) for user, blob in rows]
             yield ScoreBatch([u for u, _ in rows], [s.event_count for s in states], [0] * len(rows), states=states)
 
 
 class ParquetScoreWriter(BasePredictionWriter):
-    """Appends each batch's top-K to ``<output>.tmp`` and renames it to ``output`` at the end, so a
-    failed run never leaves a half-written result."""
+    """Appends each batch's top-K to a temporary file and renames it to ``output`` at the end, so a failed
+    run never leaves a half-written result. With several processes each rank writes its own part, and
+    rank 0 streams the parts into ``output`` (row group by row group: memory stays bounded)."""
 
     SCHEMA = pa.schema([("user_id", pa.string()), ("event_count", pa.int64()),
                         ("item_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
 
     def __init__(self, output: Path):
         super().__init__(write_interval="batch")
-        self.output, self.tmp = output, output.with_name(output.name + ".tmp")
+        self.output = output
         self.writer: pq.ParquetWriter | None = None
+
+    def part(self, rank: int, world: int) -> Path:
+        suffix = ".tmp" if world == 1 else f".rank{rank}-of-{world}.tmp"
+        return self.output.with_name(self.output.name + suffix)
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Recommendations, batch_indices, batch, batch_idx,
                            dataloader_idx):
-        if self.writer is None:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA)
+        self._open(trainer)
         self.writer.write_table(pa.table({"user_id": prediction.user_ids, "event_count": prediction.event_counts,
                                           "item_ids": prediction.item_ids, "scores": prediction.scores},
                                          schema=self.SCHEMA))
 
     def on_predict_end(self, trainer, pl_module):
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA)
+        self._open(trainer)
         self.writer.close()
-        os.replace(self.tmp, self.output)
+        world = trainer.world_size
+        trainer.strategy.barrier()
+        if trainer.global_rank == 0:
+            if world > 1:
+                self._merge([self.part(r, world) for r in range(world)], self.part(0, 1))
+            os.replace(self.part(0, 1), self.output)
+        trainer.strategy.barrier()
+
+    def _open(self, trainer) -> None:
+        if self.writer is None:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.part(trainer.global_rank, trainer.world_size), self.SCHEMA)
+
+    def _merge(self, parts: list[Path], target: Path) -> None:
+        with pq.ParquetWriter(target, self.SCHEMA) as writer:
+            for part in parts:
+                for batch in pq.ParquetFile(part).iter_batches():
+                    writer.write_batch(batch)
+        for part in parts:
+            part.unlink()
 
 
 # ---- progress -----------------------------------------------------------------------------------------------
@@ -220,8 +246,8 @@ class ThroughputBar(TQDMProgressBar):
                                                self.unit: self.count})
 
 
-def predictor(callbacks, accelerator: str) -> pl.Trainer:
-    return pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+def predictor(callbacks, accelerator: str, devices: int = 1) -> pl.Trainer:
+    return pl.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
                       enable_model_summary=False, callbacks=callbacks, inference_mode=True)
 
 
@@ -241,7 +267,10 @@ def run_stream(engine: StreamEngine, store: StateStore, events: str, sink: Sink,
 
 
 def run_score(engine: StreamEngine, output: Path, *, events: str | None = None, store: StateStore | None = None,
-              batch_size: int = 256, max_len: int | None = None, accelerator: str = "auto") -> None:
+              batch_size: int = 256, max_len: int | None = None, accelerator: str = "auto",
+              devices: int = 1) -> None:
+    """Top-K of every user to ``output``. ``devices`` > 1: that many processes (Lightning's DDP), users
+    split between them, each rank's results written to its own part and merged by rank 0."""
     model = engine.model
     if events is not None:
         frame = read_interactions(events, schema=engine.schema)
@@ -253,4 +282,4 @@ def run_score(engine: StreamEngine, output: Path, *, events: str | None = None, 
     else:
         loader = DataLoader(StoredUsers(store, engine.serving.model_id, batch_size), batch_size=None)
     callbacks = [ParquetScoreWriter(output), ThroughputBar("users")]
-    predictor(callbacks, accelerator).predict(ServingModule(engine), loader, return_predictions=False)
+    predictor(callbacks, accelerator, devices).predict(ServingModule(engine), loader, return_predictions=False)

@@ -261,3 +261,28 @@ def _assert_same_outputs(got: Path, want: Path) -> None:
         assert (a["user_id"], a["event_count"], a["row"], a["item_ids"]) == \
             (b["user_id"], b["event_count"], b["row"], b["item_ids"])
         assert max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) < 1e-4
+
+
+def test_score_on_two_processes_equals_one(trained, event_files, tmp_path):
+    """Users split across 2 processes (Lightning DDP on CPU, gloo), parts merged by rank 0: the same
+    rows as one process, from events and from a state store, and no part file left behind."""
+    checkpoint, _ = trained
+    events, _ = event_files
+    assert _stream(checkpoint, events, tmp_path / "s.db", "--chunk-rows", "64") == 0
+    for source in (["--events", str(events)], ["--state", str(tmp_path / "s.db"), "--batch-size", "3"]):
+        outputs = {}
+        for devices in (1, 2):
+            out = tmp_path / f"scores-{devices}.parquet"
+            done = subprocess.run([sys.executable, "-m", "ksa_rec.cli", "score", "--checkpoint", str(checkpoint),
+                                   *source, "--output", str(out), "--accelerator", "cpu", "--devices", str(devices)],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert ("GLOBAL_RANK: 1" in done.stderr) == (devices == 2)
+            assert done.stdout.count("written to") == 1
+            outputs[devices] = pl.read_parquet(out).sort("user_id")
+        one, two = outputs[1], outputs[2]
+        assert two.height == one.height > 1 and two["user_id"].n_unique() == two.height
+        assert two["user_id"].to_list() == one["user_id"].to_list()
+        assert two["item_ids"].to_list() == one["item_ids"].to_list()
+        assert two["event_count"].to_list() == one["event_count"].to_list()
+        assert sorted(p.name for p in tmp_path.glob("scores-*")) == ["scores-1.parquet", "scores-2.parquet"]
