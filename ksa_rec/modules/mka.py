@@ -292,6 +292,28 @@ class _MkaLayerBase(nn.Module):
         """``log beta = logsigmoid(theta)``, the shape of ``decay_logit``."""
         return F.logsigmoid(self.decay_logit)
 
+    def forward(self, x: Tensor, offsets: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, *,
+                check_inputs: bool = True) -> Tensor:
+        """``x (sum_b n_b, dim)`` pre-normed -> ``(sum_b n_b, dim)`` after the output projection.
+
+        ``check_inputs=False`` skips validating offsets and positions (device syncs), for an encoder that
+        validated the batch once.
+        """
+        if check_inputs:
+            self.check_inputs(x, offsets, positions, cos, sin)
+        if x.shape[0] == 0:
+            self._record_router(x.new_zeros(0, LEVELS))
+            return x.new_zeros(0, self.dim)
+        mixed, weights = self._mix(x, offsets, positions, cos, sin, int(offsets_to_lengths(offsets).max()))
+        self._record_router(weights)
+        return self.out(mixed)
+
+    def _mix(self, x: Tensor, offsets: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+             max_len: int) -> tuple[Tensor, Tensor]:
+        """The kind's attention before the output projection: ``(sum_b n_b, dim)`` and the routing
+        weights ``(sum_b n_b, 3)``."""
+        raise NotImplementedError
+
     def _record_router(self, weights: Tensor) -> None:
         self.last_router_mean = weights.detach().mean(0) if weights.shape[0] else None
 
@@ -401,28 +423,16 @@ class MkaAttention(_MkaLayerBase):
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         return q, k, v, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-    def forward(self, x: Tensor, offsets: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, *,
-                check_inputs: bool = True) -> Tensor:
-        """``x (sum_b n_b, dim)`` pre-normed -> ``(sum_b n_b, dim)`` after the output projection.
-
-        ``check_inputs=False`` skips validating offsets and positions (device syncs), for an encoder that
-        validated the batch once.
-        """
-        if check_inputs:
-            self.check_inputs(x, offsets, positions, cos, sin)
-        if x.shape[0] == 0:
-            self._record_router(x.new_zeros(0, LEVELS))
-            return x.new_zeros(0, self.dim)
+    def _mix(self, x: Tensor, offsets: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+             max_len: int) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
         q, k, v, q_rot, k_rot = self.project(x, cos, sin)
-        max_len = int(offsets_to_lengths(offsets).max())
         a1 = local_attention(q_rot, k_rot, v, offsets, window=cfg.local_window, backend=cfg.window_backend)
         a2 = mka_session(q, k, v, self.log_decay(), offsets, max_len, scale=self.scale, chunk=cfg.scan_chunk)
         a3, has_bank = bank_attention(q, k, v, offsets, positions, local_window=cfg.local_window,
                                       block_size=cfg.block_size, max_blocks=cfg.max_blocks, scale=self.scale)
         weights = level_weights(self.router(x), has_bank, cfg.mask_empty_bank)
-        self._record_router(weights)
-        return self.out(mix_levels(weights, a1, a2, a3).flatten(1))
+        return mix_levels(weights, a1, a2, a3).flatten(1), weights
 
     def bank_slots(self) -> int:
         cfg = self.cfg
@@ -502,22 +512,14 @@ class FastMkaAttention(_MkaLayerBase):
         k, v = self.kv_proj(fused).view(x.shape[0], 2, self.num_heads, self.head_dim).unbind(1)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x: Tensor, offsets: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, *,
-                check_inputs: bool = True) -> Tensor:
-        """``x (sum_b n_b, dim)`` pre-normed -> ``(sum_b n_b, dim)`` after the output projection."""
-        if check_inputs:
-            self.check_inputs(x, offsets, positions, cos, sin)
-        if x.shape[0] == 0:
-            self._record_router(x.new_zeros(0, LEVELS))
-            return x.new_zeros(0, self.dim)
+    def _mix(self, x: Tensor, offsets: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+             max_len: int) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
-        max_len = int(offsets_to_lengths(offsets).max())
         fused, weights = fastmka_sources(x, self.router(x), self.log_decay(), offsets, positions, max_len,
                                          block_size=cfg.block_size, chunk=cfg.scan_chunk)
-        self._record_router(weights)
         q_rot, k_rot, v = self.project_fused(x, fused, cos, sin)
         out = local_attention(q_rot, k_rot, v, offsets, window=cfg.fast_window, backend=cfg.window_backend)
-        return self.out(out.flatten(1))
+        return out.flatten(1), weights
 
     def init_state(self, batch: int, device, dtype) -> FastMkaState:
         """Empty state for ``batch`` users. Needs a bounded ``fast_window`` (the fused K/V cache size)."""
