@@ -7,7 +7,9 @@ How to run (from the repository root):
 
 Each run is ``ksa-rec fit --config configs/<cfg>.yaml ...`` in its own process (several share one GPU:
 these models are small), logging under ``runs/<study>/<run>``. The script then writes ``<out>/results.md``
-(a markdown table: HR/NDCG@{5,10,20}, MRR with 95% CIs, epochs, wall time) and ``<out>/results.json``.
+(a markdown table: HR/NDCG@{5,10,20}, MRR with 95% CIs, epochs, why training stopped, wall time; test
+metrics by history length and, on the long-range data, by distance of the evidence) and
+``<out>/results.json``. Both are rewritten as each run ends, so a study cut short keeps its finished runs.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ STUDIES: dict[str, list[Run]] = {
     # than the shipped config's 160 epochs at 5e-4).
     "beauty-kinds": _kinds("beauty", "beauty", BEAUTY, 2, 4, ["--model.optim.lr", "0.001"]),
     "ml-100k-kinds": _kinds("ml-100k", "ml-100k", "ml-100k/u.data", 8, 4, []),
+    "ml-latest-small-kinds": _kinds("ml-latest-small", "ml-latest-small", "ml-latest-small/ratings.csv", 8, 4, []),
     # For users who have the files (none ship here): --data-root holding ml-1m/ and ml-20m/.
     "ml-1m-kinds": _kinds("ml-1m", "ml-1m", "ml-1m/ratings.dat", 8, 4, []),
     "ml-20m-kinds": _kinds("ml-20m", "ml-20m", "ml-20m/ratings.csv", 8, 4, []),
@@ -163,16 +166,17 @@ def collect(log_root: Path) -> dict | None:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = "| run | " + " | ".join(METRICS) + " | targets | epochs | wall s |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
+    head = "| run | " + " | ".join(METRICS) + " | targets | epochs | stopped by | wall s |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 5)]
     for name, res in results.items():
         test = res.get("test") or {}
+        stop = (res.get("fit") or {}).get("stopped_by", "-")
         if not test:
-            lines.append(f"| {name} | " + " | ".join("-" for _ in METRICS) + f" | - | - | {res['wall_s']:.0f} |")
+            lines.append(f"| {name} | " + " | ".join("-" for _ in METRICS) + f" | - | - | {stop} | {res['wall_s']:.0f} |")
             continue
         cells = [f"{test[m]:.4f} ± {test[m + '_ci95']:.4f}" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {int(test['targets'])} | {res.get('epochs', '-')} | {res['wall_s']:.0f} |")
+                     f" | {int(test['targets'])} | {res.get('epochs', '-')} | {stop} | {res['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -205,13 +209,15 @@ def seed_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def group_table(results: dict[str, dict], metric: str = "ndcg@10") -> str:
-    """``metric`` per group of targets (e.g. by distance of the long-range evidence), if logged."""
+def group_table(results: dict[str, dict], metric: str, family: str) -> str:
+    """``metric`` per group of one family of targets (``dist``: by distance of the long-range evidence;
+    ``hist``: by history length), if logged."""
     groups: list[str] = []
     for res in results.values():
         for key in res.get("test") or {}:
-            if key.endswith(f"/{metric}") and key.split("/")[0] not in groups:
-                groups.append(key.split("/")[0])
+            group = key.split("/")[0]
+            if key.endswith(f"/{metric}") and group.startswith(f"{family}_") and group not in groups:
+                groups.append(group)
     if not groups:
         return ""
     lines = [f"| run ({metric}) | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
@@ -239,8 +245,10 @@ def main() -> int:
     # Parallel runs share the cores: one busy-waiting OpenMP pool per process would oversubscribe them.
     threads = max(1, (os.cpu_count() or 1) // min(args.parallel, len(runs)))
     prepare(runs, args.data_root, args.extra)
+    args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     pending = list(runs)
+    report = ""
     active: list[tuple[Run, subprocess.Popen, Path, float]] = []
     while pending or active:
         while pending and len(active) < args.parallel:
@@ -256,16 +264,21 @@ def main() -> int:
             res = collect(log_root) or {}
             res["wall_s"] = time.time() - started
             res["returncode"] = proc.returncode
-            res["epochs"] = _epochs(log_root)
+            res["epochs"] = (res.get("fit") or {}).get("epochs") or _epochs(log_root)
             results[run.name] = res
             print(f"{run.name}: exit {proc.returncode}, {res['wall_s']:.0f} s, "
                   f"test ndcg@10 {res.get('test', {}).get('ndcg@10', float('nan')):.4f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    report = "\n\n".join(filter(None, [seed_table(results), table(results), group_table(results, "hr@10"), group_table(results)]))
-    (args.out / "results.md").write_text(report + "\n")
+            report = write_report(results, args.out)
     print(report)
     return 0 if all(r["returncode"] == 0 for r in results.values()) else 1
+
+
+def write_report(results: dict[str, dict], out: Path) -> str:
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report = "\n\n".join(filter(None, [seed_table(results), table(results),
+                                        *(group_table(results, m, f) for f in ("hist", "dist") for m in ("hr@10", "ndcg@10"))]))
+    (out / "results.md").write_text(report + "\n")
+    return report
 
 
 def _epochs(log_root: Path) -> int | None:

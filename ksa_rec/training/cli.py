@@ -48,19 +48,34 @@ class RecCLI(LightningCLI):
         if trainer.fast_dev_run or trainer.interrupted:
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        fit = {"epochs": trainer.current_epoch, "stopped_by": self._stop_reason()}
         trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
-        self.write_results(best)
+        self.write_results(best, fit=fit)
+
+    def _stop_reason(self) -> str:
+        """Why fit ended: early_stopping (validation stopped improving: converged), max_epochs, or
+        max_time (a time budget cut it short: not converged)."""
+        trainer = self.trainer
+        if trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch > 0:
+            return "early_stopping"
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
+            return "max_epochs"
+        if trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+            return "max_steps"
+        return "max_time"
 
     def after_test(self) -> None:
         self.write_results(self.config[self.subcommand].get("ckpt_path") or "")
 
-    def write_results(self, checkpoint: str) -> None:
-        """Every metric of the last validation/test pass, with 95% CIs and user counts, as JSON."""
+    def write_results(self, checkpoint: str, fit: dict | None = None) -> None:
+        """Every metric of the last validation/test pass, with 95% CIs and user counts, as JSON (and,
+        after fit, how many epochs ran and why training stopped)."""
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics.json"
         if not self.trainer.is_global_zero:
             return  # several processes (sharded training) hold the same synced metrics: one writes them
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": checkpoint, **self.model.last_metrics}, indent=2))
+        extra = {"fit": fit} if fit else {}
+        out.write_text(json.dumps({"checkpoint": checkpoint, **extra, **self.model.last_metrics}, indent=2))
         print(f"metrics with 95% CIs: {out}")
 
 

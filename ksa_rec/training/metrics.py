@@ -59,8 +59,9 @@ def rank_metrics(ranks: Tensor) -> dict[str, Tensor]:
 
 class RankingMetrics(Metric):
     """Accumulates mean HR@{5,10,20}, NDCG@{5,10,20}, MRR (and their 95% normal-approximation
-    half-widths) over targets (= users under leave-one-out), optionally per group (e.g. a
-    distance-of-evidence bucket)."""
+    half-widths) over targets (= users under leave-one-out), optionally per group. Groups may come in
+    several families (e.g. distance-of-evidence buckets and history-length buckets): a target counts
+    once in "all" and once in its group of each family."""
 
     full_state_update = False
 
@@ -74,11 +75,12 @@ class RankingMetrics(Metric):
         self.add_state("squares", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(len(self.groups), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, ranks: Tensor, group: Tensor | None = None) -> None:
-        """``ranks [B]``; ``group [B]`` int index into ``groups[1:]`` (-1: only counted under "all")."""
+    def update(self, ranks: Tensor, *groups: Tensor) -> None:
+        """``ranks [B]``; each of ``groups`` (one per family) ``[B]`` int index into ``groups[1:]``
+        (-1: the target is in no group of that family)."""
         values = torch.stack(list(rank_metrics(ranks).values()), dim=1)  # [B, M]
         self._add(0, values)
-        if group is not None:
+        for group in groups:
             for g in range(1, len(self.groups)):
                 sel = group == g - 1
                 if bool(sel.any()):

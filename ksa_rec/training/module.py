@@ -39,6 +39,9 @@ class EvalConfig:
     """Items scored at once when ranking the full catalogue (bounds memory at eval_batch x item_chunk)."""
     distance_edges: tuple[int, ...] = (64, 264, 1024)
     """Buckets of ``evidence_distance`` for the long-range breakdown (when the data has that label)."""
+    history_edges: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
+    """Buckets of history length (events before the target, before truncation) for the test breakdown
+    of quality by how much a user has done; empty: no breakdown."""
 
 
 class RecModule(pl.LightningModule):
@@ -63,7 +66,7 @@ class RecModule(pl.LightningModule):
         self.vocab: dict | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.val_metrics = RankingMetrics()
-        self.test_metrics = RankingMetrics(self.distance_groups())
+        self.test_metrics = RankingMetrics(self.distance_groups() + self.history_groups())
 
     # ---- data hand-over ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -112,10 +115,14 @@ class RecModule(pl.LightningModule):
         self.val_metrics.update(self._ranks(batch))
 
     def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
-        group = None
+        groups = []
         if EVIDENCE_LABEL in batch.labels:
-            group = self.distance_group(batch.labels[EVIDENCE_LABEL])
-        self.test_metrics.update(self._ranks(batch), group)
+            groups.append(self.distance_group(batch.labels[EVIDENCE_LABEL]))
+        if self.eval_cfg.history_edges:
+            # The history groups follow the distance groups in the metric's group list.
+            history = batch.positions[batch.eval_rows] + 1
+            groups.append(len(self.distance_groups()) + self.history_group(history))
+        self.test_metrics.update(self._ranks(batch), *groups)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
@@ -132,20 +139,22 @@ class RecModule(pl.LightningModule):
                 continue  # kept in last_metrics / the results JSON, not in the console table
             self.log(f"{split}/{name}", value, prog_bar=name in ("ndcg@10", "hr@10"))
 
-    # ---- long-range breakdown ------------------------------------------------------------------------
+    # ---- test breakdowns: by distance of the long-range evidence, by history length -----------------
     def distance_groups(self) -> tuple[str, ...]:
-        edges = self.eval_cfg.distance_edges
-        names = ["no_long_range"]
-        bounds = [1, *edges]
-        names += [f"dist_{lo}_{hi}" for lo, hi in zip(bounds[:-1], bounds[1:])]
-        names.append(f"dist_{bounds[-1]}_plus")
-        return tuple(names)
+        return ("no_long_range",) + _bucket_names("dist", self.eval_cfg.distance_edges)
 
     def distance_group(self, distance: Tensor) -> Tensor:
         """``evidence_distance [B]`` (-1 = none) -> index into ``distance_groups()``."""
         edges = torch.tensor(self.eval_cfg.distance_edges, device=distance.device)
         bucket = 1 + torch.bucketize(distance, edges, right=True)
         return torch.where(distance < 1, torch.zeros_like(bucket), bucket)
+
+    def history_groups(self) -> tuple[str, ...]:
+        return _bucket_names("hist", self.eval_cfg.history_edges) if self.eval_cfg.history_edges else ()
+
+    def history_group(self, history: Tensor) -> Tensor:
+        """``history [B]`` (events before each target, >= 1) -> index into ``history_groups()``."""
+        return torch.bucketize(history, torch.tensor(self.eval_cfg.history_edges, device=history.device), right=True)
 
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -169,3 +178,9 @@ class RecModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _bucket_names(prefix: str, edges: tuple[int, ...]) -> tuple[str, ...]:
+    """``("p_1_e0", "p_e0_e1", ..., "p_eN_plus")``: half-open buckets [lo, hi) of values >= 1."""
+    bounds = [1, *edges]
+    return (*(f"{prefix}_{lo}_{hi}" for lo, hi in zip(bounds[:-1], bounds[1:])), f"{prefix}_{bounds[-1]}_plus")

@@ -27,7 +27,8 @@ def test_seeded_runs_repeat_per_seed_seed_major_with_the_seed_argument(quality):
 
 
 def test_every_kinds_study_compares_all_nine_patterns_at_one_span(quality):
-    for study in ("beauty-kinds", "ml-100k-kinds", "ml-1m-kinds", "ml-20m-kinds", "long-range-cpu-kinds"):
+    for study in ("beauty-kinds", "ml-100k-kinds", "ml-latest-small-kinds", "ml-1m-kinds", "ml-20m-kinds",
+                  "long-range-cpu-kinds"):
         runs = quality.STUDIES[study]
         patterns = [r.overrides[r.overrides.index("--model.encoder.pattern") + 1] for r in runs]
         assert len(set(patterns)) == 9 and all(len(p.split(",")) == 2 for p in patterns)
@@ -45,3 +46,17 @@ def test_seed_table_is_the_mean_with_a_student_t_half_width(quality):
     # mean 0.2, sd 0.1, half-width t(2) * sd / sqrt(3) = 4.303 * 0.1 / 1.732 = 0.2484
     assert cells[2 + quality.METRICS.index("hr@10")] == "0.2000 ± 0.2484"
     assert "other" not in table
+
+
+def test_report_has_the_stop_reason_and_one_table_per_group_family(quality, tmp_path):
+    metrics = {m: 0.1 for m in quality.METRICS} | {f"{m}_ci95": 0.01 for m in quality.METRICS} | {"targets": 10}
+    groups = {"hist_1_8/hr@10": 0.2, "hist_1_8/hr@10_ci95": 0.02, "hist_1_8/targets": 4,
+              "dist_1_64/hr@10": 0.3, "dist_1_64/hr@10_ci95": 0.03, "dist_1_64/targets": 6}
+    results = {"a": {"test": metrics | groups, "fit": {"epochs": 7, "stopped_by": "early_stopping"},
+                     "epochs": 7, "wall_s": 12.0}}
+    report = quality.write_report(results, tmp_path)
+    assert (tmp_path / "results.md").read_text() == report + "\n"
+    assert "| 10 | 7 | early_stopping | 12 |" in report
+    hist = next(t for t in report.split("\n\n") if t.startswith("| run (hr@10) | hist_1_8 |"))
+    assert "0.2000 ± 0.0200 (n=4)" in hist and "dist_" not in hist
+    assert any(t.startswith("| run (hr@10) | dist_1_64 |") for t in report.split("\n\n"))

@@ -85,6 +85,15 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
     results = json.loads(metrics_file.read_text())
     assert Path(results["checkpoint"]).is_file()
     assert results["test"]["targets"] == 40 and 0.0 <= results["test"]["ndcg@10"] <= 1.0
+    assert results["fit"] == {"epochs": 3, "stopped_by": "max_epochs"}
+    # Test targets broken down by history length (events before each user's last one), bucket edges
+    # (8, 16, 32, 64, 128, ...): the counts follow the users' lengths.
+    lengths = cli.datamodule.data.lengths() - 1
+    for lo, hi in [(32, 64), (64, 128)]:
+        expected = int(((lengths >= lo) & (lengths < hi)).sum())
+        assert results["test"].get(f"hist_{lo}_{hi}/targets", 0) == expected
+    hist_targets = sum(v for k, v in results["test"].items() if k.startswith("hist_") and k.endswith("/targets"))
+    assert hist_targets == 40 and 0 < results["test"].get("hist_64_128/targets", 0) < 40
     # The loss went down and the checkpoint carries the vocabularies serving needs.
     import csv
 

@@ -50,3 +50,14 @@ def test_accumulator_means_groups_and_ci():
     assert out["far/ndcg@5"] == pytest.approx(0.25) and out["far/targets"] == 2
     # 95% CI half-width of HR@10 over values (1, 1, 1, 0): 1.96 * sqrt(0.1875 / 3)
     assert out["hr@10_ci95"] == pytest.approx(1.96 * math.sqrt(0.1875 / 3))
+
+
+def test_accumulator_counts_each_target_once_per_group_family():
+    # Groups (near, far | short, long): the first family indexes 0-1, the second 2-3.
+    metric = RankingMetrics(groups=("near", "far", "short", "long"))
+    metric.update(torch.tensor([0, 2, 30]), torch.tensor([0, -1, 1]), torch.tensor([2, 3, 3]))
+    out = metric.compute()
+    assert out["targets"] == 3
+    assert out["near/targets"] == 1 and out["far/targets"] == 1
+    assert out["short/targets"] == 1 and out["long/targets"] == 2
+    assert out["long/hr@5"] == pytest.approx(0.5) and out["short/hr@5"] == 1.0
