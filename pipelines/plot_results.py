@@ -5,9 +5,12 @@ How to run (repository root):
     python pipelines/plot_results.py \\
         --long-range docs/results/raw/long-range-cpu-2026-11-22.json \\
         --serving docs/results/serving-cpu.json \\
-        --training docs/results/raw/training-h100-2026-11-22.json --out docs/results
+        --training docs/results/raw/training-h100-2026-11-22.json \\
+        --history Beauty=docs/results/raw/beauty-kinds-converged-2026-11-23.json \\
+                  ML-latest-small=docs/results/raw/ml-latest-small-kinds-2026-11-23.json --out docs/results
 
 Writes ``quality-by-distance.png`` (HR@10 per model by distance of the long-range evidence),
+``quality-by-history.png`` (HR@10 per attention kind by the user's history length, mean over seeds),
 ``state-bytes.png`` (bytes of streaming state per user vs history length, per model) and
 ``training-speed.png`` (training events/s vs history length, per model).
 """
@@ -16,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import mean_ci, seed_groups  # noqa: E402
 
 
 def quality_by_distance(results: dict, out: Path, metric: str = "hr@10") -> Path:
@@ -43,6 +51,59 @@ def quality_by_distance(results: dict, out: Path, metric: str = "hr@10") -> Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def quality_by_history(studies: dict[str, dict], out: Path, metric: str = "hr@10", min_targets: int = 40) -> Path:
+    """One panel per study (``quality.py`` results JSON of a kinds study): ``metric`` per bucket of
+    history length for each model, the mean over seeds +- the 95% t half-width. The longest buckets
+    are merged until each holds at least ``min_targets`` users."""
+    fig, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 4.8), constrained_layout=True, squeeze=False)
+    for ax, (title, results) in zip(axes[0], studies.items()):
+        groups = seed_groups(results)
+        prefix = os.path.commonprefix(list(groups))
+        prefix = prefix[:prefix.rfind("-") + 1]
+        first = next(iter(groups.values()))[0]
+        buckets = _merge_tail([k.split("/")[0] for k in first if k.startswith("hist_") and k.endswith("/targets")],
+                              first, min_targets)
+        for i, (model, tests) in enumerate(groups.items()):
+            stats = [mean_ci([_pooled(t, merged, metric) for t in tests]) for merged in buckets]
+            xs = [j + (i - len(groups) / 2) * 0.04 for j in range(len(buckets))]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[h or 0.0 for _, h in stats], marker="os^vD<>px"[i % 9],
+                        capsize=2, linewidth=1.2, label=model[len(prefix):])
+        labels = []
+        for merged in buckets:
+            lo = merged[0].split("_")[1]
+            hi = merged[-1].split("_")[2]
+            users = sum(int(first[f"{b}/targets"]) for b in merged)
+            labels.append(f"{lo}+" if hi == "plus" else f"{lo}-{hi}")
+            labels[-1] += f"\n{users} users"
+        ax.set_xticks(range(len(buckets)), labels, fontsize=8)
+        ax.set(xlabel="history length (events before the test target)", ylabel=f"test {metric.upper()}",
+               title=f"{title}: mean of {len(next(iter(groups.values())))} seeds, 95% t-interval")
+        ax.legend(fontsize=7, ncol=2)
+    path = out / "quality-by-history.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _merge_tail(buckets: list[str], test: dict, min_targets: int) -> list[list[str]]:
+    """Consecutive buckets, the longest ones merged until each group holds ``min_targets`` users."""
+    merged: list[list[str]] = []
+    for b in reversed(buckets):
+        if merged and sum(test[f"{m}/targets"] for m in merged[-1]) < min_targets:
+            merged[-1].insert(0, b)
+        else:
+            merged.append([b])
+    if len(merged) > 1 and sum(test[f"{m}/targets"] for m in merged[-1]) < min_targets:
+        merged[-2] = merged.pop() + merged[-2]  # the shortest histories are too few on their own
+    return list(reversed(merged))
+
+
+def _pooled(test: dict, buckets: list[str], metric: str) -> float:
+    """``metric`` over the users of several buckets together (their user-weighted mean)."""
+    users = [test[f"{b}/targets"] for b in buckets]
+    return sum(test[f"{b}/{metric}"] * n for b, n in zip(buckets, users)) / sum(users)
 
 
 def state_bytes(rows: list[dict], out: Path) -> Path:
@@ -80,8 +141,13 @@ def main() -> None:
     p.add_argument("--long-range", type=Path)
     p.add_argument("--serving", type=Path)
     p.add_argument("--training", type=Path)
+    p.add_argument("--history", nargs="+", metavar="TITLE=RESULTS_JSON",
+                   help="kinds-study results (quality.py) to plot by history length, one panel each")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     args = p.parse_args()
+    if args.history:
+        studies = {title: json.loads(Path(path).read_text()) for title, _, path in (h.partition("=") for h in args.history)}
+        print(quality_by_history(studies, args.out))
     if args.long_range:
         print(quality_by_distance(json.loads(args.long_range.read_text()), args.out))
     if args.serving:

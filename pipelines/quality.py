@@ -187,26 +187,36 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 def seed_table(results: dict[str, dict]) -> str:
     """Mean over seeds of each seeded run's test metrics, +- the 95% t half-width of that mean (the
     spread between seeds, not the per-run interval over users)."""
-    groups: dict[str, list[dict]] = {}
-    for name, res in results.items():
-        base, _, seed = name.rpartition("-s")
-        if base and seed.isdigit() and res.get("test"):
-            groups.setdefault(base, []).append(res["test"])
+    groups = seed_groups(results)
     if not groups:
         return ""
     lines = ["| model (mean over seeds) | seeds | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
     for base, tests in groups.items():
         cells = []
         for m in METRICS:
-            values = [t[m] for t in tests]
-            mean = sum(values) / len(values)
-            if len(values) > 1:
-                sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-                cells.append(f"{mean:.4f} ± {T95.get(len(values) - 1, 1.96) * sd / len(values) ** 0.5:.4f}")
-            else:
-                cells.append(f"{mean:.4f}")
+            mean, half = mean_ci([t[m] for t in tests])
+            cells.append(f"{mean:.4f} ± {half:.4f}" if half is not None else f"{mean:.4f}")
         lines.append(f"| {base} | {len(tests)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seed_groups(results: dict[str, dict]) -> dict[str, list[dict]]:
+    """Test metrics of the seeded runs (``<model>-s<seed>``) by model, in the order they appear."""
+    groups: dict[str, list[dict]] = {}
+    for name, res in results.items():
+        base, _, seed = name.rpartition("-s")
+        if base and seed.isdigit() and res.get("test"):
+            groups.setdefault(base, []).append(res["test"])
+    return groups
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the 95% Student-t half-width of the mean (None from a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return mean, T95.get(len(values) - 1, 1.96) * sd / len(values) ** 0.5
 
 
 def group_table(results: dict[str, dict], metric: str, family: str) -> str:
