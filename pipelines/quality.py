@@ -219,6 +219,10 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
     return mean, T95.get(len(values) - 1, 1.96) * sd / len(values) ** 0.5
 
 
+# Group names of each family of test breakdowns (RecModule.distance_groups / history_groups).
+FAMILIES = {"hist": ("hist_",), "dist": ("no_long_range", "dist_")}
+
+
 def group_table(results: dict[str, dict], metric: str, family: str) -> str:
     """``metric`` per group of one family of targets (``dist``: by distance of the long-range evidence;
     ``hist``: by history length), if logged."""
@@ -226,7 +230,7 @@ def group_table(results: dict[str, dict], metric: str, family: str) -> str:
     for res in results.values():
         for key in res.get("test") or {}:
             group = key.split("/")[0]
-            if key.endswith(f"/{metric}") and group.startswith(f"{family}_") and group not in groups:
+            if key.endswith(f"/{metric}") and group.startswith(FAMILIES[family]) and group not in groups:
                 groups.append(group)
     if not groups:
         return ""

@@ -51,7 +51,8 @@ def test_seed_table_is_the_mean_with_a_student_t_half_width(quality):
 def test_report_has_the_stop_reason_and_one_table_per_group_family(quality, tmp_path):
     metrics = {m: 0.1 for m in quality.METRICS} | {f"{m}_ci95": 0.01 for m in quality.METRICS} | {"targets": 10}
     groups = {"hist_1_8/hr@10": 0.2, "hist_1_8/hr@10_ci95": 0.02, "hist_1_8/targets": 4,
-              "dist_1_64/hr@10": 0.3, "dist_1_64/hr@10_ci95": 0.03, "dist_1_64/targets": 6}
+              "dist_1_64/hr@10": 0.3, "dist_1_64/hr@10_ci95": 0.03, "dist_1_64/targets": 6,
+              "no_long_range/hr@10": 0.4, "no_long_range/hr@10_ci95": 0.04, "no_long_range/targets": 2}
     results = {"a": {"test": metrics | groups, "fit": {"epochs": 7, "stopped_by": "early_stopping"},
                      "epochs": 7, "wall_s": 12.0}}
     report = quality.write_report(results, tmp_path)
@@ -59,4 +60,4 @@ def test_report_has_the_stop_reason_and_one_table_per_group_family(quality, tmp_
     assert "| 10 | 7 | early_stopping | 12 |" in report
     hist = next(t for t in report.split("\n\n") if t.startswith("| run (hr@10) | hist_1_8 |"))
     assert "0.2000 ± 0.0200 (n=4)" in hist and "dist_" not in hist
-    assert any(t.startswith("| run (hr@10) | dist_1_64 |") for t in report.split("\n\n"))
+    assert any(t.startswith("| run (hr@10) | dist_1_64 | no_long_range |") for t in report.split("\n\n"))
