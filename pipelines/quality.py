@@ -110,6 +110,12 @@ STUDIES: dict[str, list[Run]] = {
     # All nine kinds on the CPU-sized long-range data, several seeds (fits one GPU: pass
     # `-- --trainer.accelerator gpu`; the seed-0 CPU runs above are the same models but for MKA's block size).
     "long-range-cpu-kinds": _kinds("lr", "synthetic-long-cpu", None, 4, 4, []),
+    # The proposed fix for that finding: all-KSA (the same runs as lr-ksa-s* above) plus an auxiliary loss
+    # asking the summaries that layer 1 reads to name their chunk's items (loss.summary_reconstruction).
+    "long-range-cpu-summary-aux": [
+        Run("lr-ksa-aux", "synthetic-long-cpu", None,
+            [*_pattern("ksa,ksa"), *_spans(4, 4), "--model.loss.summary_reconstruction", "1.0"], seeded=True),
+    ],
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [

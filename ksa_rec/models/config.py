@@ -97,9 +97,13 @@ class LossConfig:
     in_batch_negatives: bool = True
     logq_correction: bool = True
     temperature: float = 1.0
+    summary_reconstruction: float = 0.0
+    """Weight of an auxiliary loss asking every summary state that a later KSA layer reads to name the
+    items of its chunk slice (softmax over the catalogue); 0 = off. Needs a ksa layer after the first."""
 
     def __post_init__(self) -> None:
         _require(self.kind in ("ce", "sampled"), "loss.kind", f"must be 'ce' or 'sampled', got {self.kind!r}")
+        _require(self.summary_reconstruction >= 0, "loss.summary_reconstruction", "must be >= 0")
         _require(self.num_uniform_negatives >= 0, "loss.num_uniform_negatives", "must be >= 0")
         _require(self.temperature > 0, "loss.temperature", "must be > 0")
         _require(self.kind == "ce" or self.in_batch_negatives or self.num_uniform_negatives > 0,

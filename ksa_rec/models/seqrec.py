@@ -7,9 +7,10 @@ from torch import Tensor, nn
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
-from ksa_rec.modules.embeddings import EventEmbedding
+from ksa_rec.modules.embeddings import ITEM_KEY, EventEmbedding
 from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.modules.losses import full_cross_entropy, sampled_softmax
+from ksa_rec.ops.ksa.layout import summary_index
 
 
 class SeqRecModel(nn.Module):
@@ -25,6 +26,9 @@ class SeqRecModel(nn.Module):
         self.embedding = EventEmbedding(encoder.dim, data_spec.num_items, data_spec.feature_cardinalities,
                                         encoder.time_gap_buckets)
         self.encoder = SequenceEncoder(encoder)
+        if loss.summary_reconstruction > 0 and "ksa" not in encoder.layers[1:]:
+            raise ValueError(f"loss.summary_reconstruction needs a ksa layer after the first (pattern "
+                             f"{encoder.pattern!r}): only those read summaries that carry chunk content")
         # Training frequency of each item, for the logQ correction; filled by the trainer from the data.
         self.register_buffer("item_prob", torch.full((data_spec.num_items,), 1.0 / data_spec.num_items))
         # Set when TorchRec shards the item table (ksa_rec.training.sharding.ShardedItems): item lookups
@@ -57,10 +61,36 @@ class SeqRecModel(nn.Module):
         # Sharded item table: the candidates join the history lookup (one fused update per step), drawn from
         # the generator that prefetch returns.
         generator = self.sharded_items.prefetch(batch) if self.sharded_items is not None else None
-        hidden = self.encode(batch)
+        tokens, time_part = self.embedding(batch.features)
+        summaries: list[Tensor] | None = [] if self.loss_cfg.summary_reconstruction > 0 else None
+        hidden = self.encoder(tokens, batch.offsets, batch.positions, time_part, batch.max_len, summaries)
         has_target = batch.targets > 1
         hidden, targets = hidden[has_target], batch.targets[has_target]
         if self.loss_cfg.kind == "ce":
-            return full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature)
-        return sampled_softmax(hidden, targets, self.item_embeddings, self.data_spec.num_items, self.loss_cfg,
-                               self.item_prob, generator)
+            loss = full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature)
+        else:
+            loss = sampled_softmax(hidden, targets, self.item_embeddings, self.data_spec.num_items, self.loss_cfg,
+                                   self.item_prob, generator)
+        if summaries:
+            loss = loss + self.loss_cfg.summary_reconstruction * self.summary_reconstruction_loss(batch, summaries)
+        return loss
+
+    def summary_reconstruction_loss(self, batch: SequenceBatch, summaries: list[Tensor]) -> Tensor:
+        """Mean over layers of: each summary state ``[Ts, dim]``, through the final norm and the tied
+        item head, scored against every item of its chunk slice (``k // S`` events; softmax CE). This gives
+        summaries a reason to hold *which* items a chunk had, the content a later lookup must find."""
+        if self.sharded_items is not None:
+            raise ValueError("loss.summary_reconstruction needs the whole item table on every process (not sharded)")
+        cfg = self.encoder_cfg
+        user, chunk, slot = summary_index(batch.offsets, cfg.chunk_size, cfg.summary_tokens)
+        width = cfg.chunk_size // cfg.summary_tokens
+        rows = (batch.offsets[user] + chunk * cfg.chunk_size + slot * width)[:, None] + torch.arange(
+            width, device=user.device)  # [Ts, k // S]
+        items = batch.features[ITEM_KEY].values()[rows]
+        keep = items > 1  # PAD / OOV are never targets
+        owner = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)[keep]
+        if owner.numel() == 0:  # no complete chunk in the batch: nothing to reconstruct
+            return summaries[0].sum() * 0.0
+        losses = [full_cross_entropy(self.encoder.final_norm(states)[owner], items[keep], self.item_weight,
+                                     self.loss_cfg.temperature) for states in summaries]
+        return torch.stack(losses).mean()

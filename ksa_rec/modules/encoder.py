@@ -94,7 +94,10 @@ class SequenceEncoder(nn.Module):
         return xs, rows
 
     def forward(self, tokens: Tensor, offsets: Tensor, positions: Tensor, time_part: Tensor | None = None,
-                max_len: int | None = None) -> Tensor:
+                max_len: int | None = None, read_summaries: list[Tensor] | None = None) -> Tensor:
+        """``read_summaries``: if a list, it receives the summary states ``[Ts, dim]`` entering every ksa
+        layer but the first (the only ones whose keys carry chunk content: at the first layer a summary
+        is still its slot embedding), rows in ``summary_index`` order."""
         # The layout is checked once here; every layer's op then skips the checks that sync a GPU.
         validate_offsets(offsets, tokens.shape[0])
         if max_len is None:
@@ -106,7 +109,9 @@ class SequenceEncoder(nn.Module):
             xs, rows = self.summary_inputs(offsets, time_part)
             layout.sum_cos, layout.sum_sin = cos[rows], sin[rows]
             xs = self.input_dropout(xs)
-        for block in self.blocks:
+        for i, (kind, block) in enumerate(zip(self.cfg.layers, self.blocks)):
+            if read_summaries is not None and i > 0 and kind == "ksa":
+                read_summaries.append(xs)
             x, xs = block(x, xs, layout)
         return self.final_norm(x)
 
