@@ -116,6 +116,12 @@ STUDIES: dict[str, list[Run]] = {
         Run("lr-ksa-aux", "synthetic-long-cpu", None,
             [*_pattern("ksa,ksa"), *_spans(4, 4), "--model.loss.summary_reconstruction", "1.0"], seeded=True),
     ],
+    # Depth: in a 2-layer stack only the second layer reads summaries that carry chunk content (at the
+    # first KSA layer a summary is still its slot embedding). Four layers give three such reads.
+    "long-range-cpu-depth": [Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra],
+                                 seeded=True) for name, p, extra in [
+        ("full", "full*4", []), ("sca", "sca*4", []), ("ksa", "ksa*4", []),
+        ("ksa-aux", "ksa*4", ["--model.loss.summary_reconstruction", "1.0"])]],
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [
