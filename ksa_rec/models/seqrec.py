@@ -45,9 +45,10 @@ class SeqRecModel(nn.Module):
             return self.sharded_items.lookup(ids)
         return self.item_weight[ids]
 
-    def encode(self, batch: SequenceBatch) -> Tensor:
+    def encode(self, batch: SequenceBatch, read_summaries: list[Tensor] | None = None) -> Tensor:
+        """Event states ``(sum_b n_b, dim)``; ``read_summaries`` as in ``SequenceEncoder.forward``."""
         tokens, time_part = self.embedding(batch.features)
-        return self.encoder(tokens, batch.offsets, batch.positions, time_part, batch.max_len)
+        return self.encoder(tokens, batch.offsets, batch.positions, time_part, batch.max_len, read_summaries)
 
     def user_vectors(self, batch: SequenceBatch) -> Tensor:
         """State after each user's newest event, ``[B, dim]`` (every user must have >= 1 event)."""
@@ -61,9 +62,8 @@ class SeqRecModel(nn.Module):
         # Sharded item table: the candidates join the history lookup (one fused update per step), drawn from
         # the generator that prefetch returns.
         generator = self.sharded_items.prefetch(batch) if self.sharded_items is not None else None
-        tokens, time_part = self.embedding(batch.features)
         summaries: list[Tensor] | None = [] if self.loss_cfg.summary_reconstruction > 0 else None
-        hidden = self.encoder(tokens, batch.offsets, batch.positions, time_part, batch.max_len, summaries)
+        hidden = self.encode(batch, summaries)
         has_target = batch.targets > 1
         hidden, targets = hidden[has_target], batch.targets[has_target]
         if self.loss_cfg.kind == "ce":
