@@ -7,6 +7,7 @@ How to run (repository root):
         --serving docs/results/serving-cpu.json \\
         --training docs/results/raw/training-h100-2026-11-22.json \\
         --history Beauty=docs/results/raw/beauty-kinds-converged-2026-11-23.json \\
+                  ML-100K=docs/results/raw/ml-100k-kinds-2026-11-23.json \\
                   ML-latest-small=docs/results/raw/ml-latest-small-kinds-2026-11-23.json --out docs/results
 
 Writes ``quality-by-distance.png`` (HR@10 per model by distance of the long-range evidence),
