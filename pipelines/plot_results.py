@@ -97,7 +97,8 @@ def _merge_tail(buckets: list[str], test: dict, min_targets: int) -> list[list[s
         else:
             merged.append([b])
     if len(merged) > 1 and sum(test[f"{m}/targets"] for m in merged[-1]) < min_targets:
-        merged[-2] = merged.pop() + merged[-2]  # the shortest histories are too few on their own
+        shortest = merged.pop()  # the shortest histories are too few on their own: join the next bucket
+        merged[-1] = shortest + merged[-1]
     return list(reversed(merged))
 
 
