@@ -121,7 +121,8 @@ STUDIES: dict[str, list[Run]] = {
     "long-range-cpu-depth": [Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra],
                                  seeded=True) for name, p, extra in [
         ("full", "full*4", []), ("sca", "sca*4", []), ("ksa", "ksa*4", []),
-        ("ksa-aux", "ksa*4", ["--model.loss.summary_reconstruction", "1.0"])]],
+        ("ksa-aux", "ksa*4", ["--model.loss.summary_reconstruction", "1.0"]),
+        ("ksa-aux0.3", "ksa*4", ["--model.loss.summary_reconstruction", "0.3"])]],
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [
