@@ -104,3 +104,17 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
     ckpt = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
     assert set(ckpt["ksa_rec_vocab"]) == {"items", "features"}
     assert "category" in ckpt["ksa_rec_vocab"]["features"]
+
+
+@pytest.mark.parametrize("args,reason", [
+    # no validation ever improves by 1.0: the second check stops training
+    (["--early_stopping.min_delta", "1.0", "--early_stopping.patience", "1"], "early_stopping"),
+    (["--trainer.max_time", "00:00:00:01"], "max_time"),
+])
+def test_metrics_say_why_fit_stopped(tmp_path, monkeypatch, args, reason):
+    monkeypatch.chdir(tmp_path)
+    cli = run_lightning(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--trainer.max_epochs", "50",
+                         "--data.cache_dir", str(tmp_path / "cache"), *args])
+    results = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert results["fit"]["stopped_by"] == reason and results["fit"]["epochs"] < 50
+    assert results["test"]["targets"] == 40
