@@ -32,6 +32,7 @@ from ksa_rec.data.sequences import Collator
 from ksa_rec.errors import StateError
 from ksa_rec.serving.engine import Recommendations, StreamEngine
 from ksa_rec.serving.events import EventChunk, iter_event_chunks
+from ksa_rec.serving.faults import crash_point
 from ksa_rec.serving.sinks import Sink
 from ksa_rec.serving.state import UserState
 from ksa_rec.serving.store import StateStore
@@ -106,9 +107,12 @@ class StreamCommitWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction: StreamResult, batch_indices, batch, batch_idx,
                            dataloader_idx):
+        crash_point("before-output")
         sink_position = self.sink.write(prediction.recommendations.records())
+        crash_point("after-output")
         self.store.commit(prediction.states, {self.position_key: str(prediction.end_position),
                                               self.sink.position_key: sink_position, MODEL_KEY: self.model_id})
+        crash_point("after-commit")
 
 
 # ---- score --------------------------------------------------------------------------------------------------
