@@ -38,3 +38,7 @@ class StateError(KsaRecError, ValueError):
 
 class CheckpointError(KsaRecError, ValueError):
     """A checkpoint that cannot be used (corrupt, missing keys, incompatible version)."""
+
+
+class BackendError(KsaRecError, ValueError):
+    """An attention backend that was asked for explicitly but cannot run here (device, dtype, import)."""

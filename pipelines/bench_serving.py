@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from torchrec import KeyedJaggedTensor
 
-from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
+from ksa_rec.data.schema import DataSpec
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
 from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.utils.jagged import lengths_to_offsets
 
@@ -57,7 +59,7 @@ def bench(pattern: str, n: int, users: int, repeats: int, device, dtype=torch.fl
     cfg = EncoderConfig(dim=64, num_heads=4, pattern=pattern, dropout=0.0, chunk_size=8, window=32)
     model = SeqRecModel(cfg, LossConfig(), DataSpec(num_items=10_000)).to(device).eval()
     one = [user_cache(block, kind, n, cfg, device, dtype) for block, kind in zip(model.encoder.blocks, cfg.layers)]
-    caches = model.encoder.stack_caches([one] * users)
+    caches = model.encoder.stack_states([one] * users)
     state_bytes = sum(t.numel() * t.element_size() for layer in one for t in layer.values())
     ones = torch.ones(users, dtype=torch.long)
     features = KeyedJaggedTensor(keys=["item_id"], values=torch.randint(2, 10_000, (users,)), lengths=ones,

@@ -45,9 +45,11 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from ksa_rec.data.batch import SequenceBatch, random_training_batch
-from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
+from ksa_rec.data.schema import DataSpec
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
 from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.modules.embeddings import ITEM_KEY
+from ksa_rec.data.schema import ITEM
 from ksa_rec.training.sharding import (SHARDING_TYPES, EmbeddingOptimConfig, ShardingConfig, shard_model,
                                        sharded_parameter_ids)
 
@@ -106,7 +108,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
                         LossConfig(kind="sampled", num_uniform_negatives=cfg.negatives),
                         DataSpec(num_items=cfg.num_items))
     step = _LossStep(model)
-    sharding = ShardingConfig(sharding_types={ITEM_KEY: cfg.sharding}, min_column_shard=cfg.min_column_shard,
+    sharding = ShardingConfig(sharding_types={ITEM: cfg.sharding}, min_column_shard=cfg.min_column_shard,
                               embedding_optimizer=EmbeddingOptimConfig(kind="rowwise_adagrad", lr=cfg.embedding_lr))
     dmp = shard_model(step, sharding, device, local_world_size=world)
     dmp.init_data_parallel()
@@ -141,7 +143,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     if rank == 0:
         seconds, peak_gb, last_loss = stats.tolist()
         events = world * cfg.users * cfg.events * cfg.steps
-        weight = step.state_dict()[f"model.embedding.collection.embeddings.{ITEM_KEY}.weight"]
+        weight = step.state_dict()[f"model.embedding.collection.embeddings.{ITEM}.weight"]
         shards = [list(m.shard_sizes) for m in weight.metadata().shards_metadata]
         row = {"processes": world, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                "step_ms": 1000 * seconds / cfg.steps, "events_per_s": events / seconds,

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 from ksa_rec.data.batch import random_training_batch
-from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
+from ksa_rec.data.schema import DataSpec
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
 from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.mka import MkaConfig
 

@@ -1,7 +1,14 @@
 """Shared test settings."""
 
+import os
+
 import pytest
 import torch
+
+# Triton decides interpreter-or-compiler when a kernel is decorated, i.e. at first import: set it before
+# any test module imports triton, so the kernel tests run on this CPU, in this process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchrec import KeyedJaggedTensor
 
-from ksa_rec.modules.embeddings import ITEM_KEY
+from ksa_rec.data.schema import ITEM, TIME_GAP
 from ksa_rec.utils.jagged import lengths_to_offsets, positions_in_segment
 
 
@@ -48,6 +49,27 @@ class SequenceBatch:
     labels: dict[str, Tensor] = field(default_factory=dict)
     """Evaluation: per-target int64 ``[R]`` labels of the target event (e.g. ``evidence_distance``)."""
 
+    @classmethod
+    def of_events(cls, lengths: np.ndarray, positions: np.ndarray, user_index: np.ndarray, items: np.ndarray,
+                  features: dict[str, np.ndarray], time_gaps: np.ndarray | None) -> SequenceBatch:
+        """The batch of B users' events, the one way training, evaluation and serving build it.
+
+        Args:
+            lengths: ``[B]`` events per user; positions: ``[T]`` absolute index of each event in its user's
+                history; user_index: ``[B]``; items: ``[T]`` dense item ids.
+            features: dense ids ``[T]`` per side feature; time_gaps: ``[T]`` time-gap buckets
+                (``schema.time_gap_bucket``) or None when the model has no time-gap table.
+        The KeyedJaggedTensor's keys are ``[item_id] + sorted(features) + [time_gap]``.
+        """
+        keys = [ITEM, *sorted(features)] + ([TIME_GAP] if time_gaps is not None else [])
+        values = [items] + [features[name] for name in sorted(features)] + ([time_gaps] if time_gaps is not None else [])
+        key_lengths = torch.from_numpy(np.tile(lengths.astype(np.int64), len(keys)))
+        kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+                                lengths=key_lengths, offsets=lengths_to_offsets(key_lengths))
+        return cls(features=kjt, offsets=lengths_to_offsets(torch.from_numpy(lengths.astype(np.int64))),
+                   positions=torch.from_numpy(positions.astype(np.int64)), max_len=int(lengths.max(initial=0)),
+                   user_index=torch.from_numpy(user_index.astype(np.int64)))
+
     @property
     def batch_size(self) -> int:
         return self.offsets.numel() - 1
@@ -72,6 +94,6 @@ def random_training_batch(users: int, events: int, num_items: int, generator: to
     items = torch.randint(2, num_items, (users * events,), generator=generator)
     targets = torch.randint(2, num_items, (users * events,), generator=generator)
     targets[offsets[1:] - 1] = 0
-    return SequenceBatch(features=KeyedJaggedTensor.from_lengths_sync([ITEM_KEY], items, lengths), offsets=offsets,
+    return SequenceBatch(features=KeyedJaggedTensor.from_lengths_sync([ITEM], items, lengths), offsets=offsets,
                          positions=positions_in_segment(offsets), max_len=events, user_index=torch.arange(users),
                          targets=targets)

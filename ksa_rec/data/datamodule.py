@@ -20,7 +20,7 @@ from ksa_rec.data.schema import LogSchema
 from ksa_rec.data.sequences import Collator, EpochSampler, EvalWindows, TrainWindows
 from ksa_rec.data.split import Splits, leave_one_out, tail_split, temporal_cutoffs, temporal_split
 from ksa_rec.data.synthetic import SyntheticConfig, write as write_synthetic
-from ksa_rec.models.config import DataSpec
+from ksa_rec.data.schema import DataSpec
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from ksa_rec.data.readers import FORMATS, Format, read_interactions
-from ksa_rec.data.schema import ITEM, ROW, TIME, USER, LogSchema
+from ksa_rec.data.schema import ITEM, OOV_ID, RESERVED_IDS, ROW, TIME, USER, LogSchema
 from ksa_rec.data.vocab import Vocab
 from ksa_rec.errors import DataError
 
@@ -120,22 +120,22 @@ class InteractionData:
                 raise bad(f"{name} must be a 1-D int64 array, got {getattr(arr, 'dtype', type(arr))} "
                           f"{getattr(arr, 'shape', '')}")
         offsets, n = self.offsets, self.num_events
-        if len(offsets) != len(self.users) - Vocab.NUM_RESERVED + 1:
+        if len(offsets) != len(self.users) - RESERVED_IDS + 1:
             raise bad(f"offsets has {len(offsets)} entries for "
-                      f"{len(self.users) - Vocab.NUM_RESERVED} users")
+                      f"{len(self.users) - RESERVED_IDS} users")
         if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
             raise bad(f"offsets must rise monotonically from 0 to {n} events")
         for name, arr in arrays.items():
             if name != "offsets" and len(arr) != n:
                 raise bad(f"{name} has {len(arr)} entries, expected {n} events")
-        if n and (self.item_ids.min() < Vocab.NUM_RESERVED or self.item_ids.max() >= len(self.items)):
-            raise bad(f"item_ids outside [{Vocab.NUM_RESERVED}, {len(self.items)})")
+        if n and (self.item_ids.min() < RESERVED_IDS or self.item_ids.max() >= len(self.items)):
+            raise bad(f"item_ids outside [{RESERVED_IDS}, {len(self.items)})")
         if set(self.features) != set(self.feature_ids):
             raise bad(f"feature vocabularies {sorted(self.features)} do not match "
                       f"feature_ids {sorted(self.feature_ids)}")
         for name, ids in self.feature_ids.items():
-            if n and (ids.min() < Vocab.OOV or ids.max() >= len(self.features[name])):
-                raise bad(f"feature_ids[{name!r}] outside [{Vocab.OOV}, {len(self.features[name])})")
+            if n and (ids.min() < OOV_ID or ids.max() >= len(self.features[name])):
+                raise bad(f"feature_ids[{name!r}] outside [{OOV_ID}, {len(self.features[name])})")
         # A decrease is allowed only where a new user starts.
         drops = np.flatnonzero(np.diff(self.timestamps) < 0) + 1
         if not np.isin(drops, offsets).all():

@@ -11,12 +11,24 @@ later stages can name the offending row in an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ksa_rec.utils.config import require
 
 USER = "user_id"
 ITEM = "item_id"
 TIME = "timestamp"
 ROW = "row"
+TIME_GAP = "time_gap"
+"""Key of the log2-bucketed time gap in a batch's KeyedJaggedTensor (computed, not read from a file)."""
+
+PAD_ID, OOV_ID = 0, 1
+"""Dense ids every vocabulary reserves: padding, and an unknown or missing value."""
+RESERVED_IDS = 2
+"""Dense ids below this are never real items (PAD, OOV): never targets, never recommended."""
 #: Output names a feature or label column may not take (they would overwrite a required column).
 RESERVED_OUTPUT_NAMES = (USER, ITEM, TIME, ROW)
 
@@ -62,3 +74,23 @@ class LogSchema:
     def output_columns(self) -> tuple[str, ...]:
         """Columns of ``read_interactions``'s result, in order."""
         return (ROW, USER, ITEM, TIME, *self.features, *self.labels)
+
+
+@dataclass
+class DataSpec:
+    """What the model needs to know about the data: table sizes (ids 0 and 1 are PAD and OOV)."""
+
+    num_items: int
+    """Rows of the item table, reserved ids included."""
+    feature_cardinalities: dict[str, int] = field(default_factory=dict)
+    """Rows of each side-feature table, by feature name."""
+
+    def __post_init__(self) -> None:
+        require(self.num_items > RESERVED_IDS, "data_spec.num_items", f"needs at least one real item, got {self.num_items}")
+
+
+def time_gap_bucket(gaps: Tensor, num_buckets: int) -> Tensor:
+    """Seconds since the previous event -> bucket id in ``[1, num_buckets)``; 0 is "no previous event"
+    (pass a negative gap for it). Buckets are ``1 + floor(log2(1 + gap))``, clipped."""
+    bucket = 1 + torch.floor(torch.log2(1.0 + gaps.clamp(min=0).to(torch.float64))).to(torch.int64)
+    return torch.where(gaps < 0, torch.zeros_like(bucket), bucket.clamp(max=num_buckets - 1))

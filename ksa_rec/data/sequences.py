@@ -15,13 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from torchrec import KeyedJaggedTensor
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.etl import InteractionData
 from ksa_rec.data.split import EvalTargets
 from ksa_rec.data.truncation import chunk_aligned_start
-from ksa_rec.modules.embeddings import ITEM_KEY, TIME_GAP_KEY, time_gap_bucket
+from ksa_rec.data.schema import time_gap_bucket
 
 
 class TrainWindows(Dataset):
@@ -120,26 +119,14 @@ class Collator:
         input_end = end - 1 if self.train else end
         lengths = input_end - start
         rows = _ranges(base + start, lengths)
-        positions = rows - np.repeat(base, lengths)
-        keys, values = [ITEM_KEY], [self.data.item_ids[rows]]
-        for name, ids in sorted(self.data.feature_ids.items()):
-            keys.append(name)
-            values.append(ids[rows])
-        if self.gap_bucket is not None:
-            keys.append(TIME_GAP_KEY)
-            values.append(self.gap_bucket[rows])
-        lengths_t = torch.from_numpy(lengths)
-        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
-        all_lengths = lengths_t.repeat(len(keys))
-        features = KeyedJaggedTensor(
-            keys=keys, values=torch.from_numpy(np.concatenate(values)), lengths=all_lengths,
-            offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(all_lengths.numpy())])))
-        batch = SequenceBatch(features=features, offsets=offsets, positions=torch.from_numpy(positions),
-                              max_len=int(lengths.max(initial=0)), user_index=torch.from_numpy(user))
+        batch = SequenceBatch.of_events(
+            lengths, rows - np.repeat(base, lengths), user, self.data.item_ids[rows],
+            {name: ids[rows] for name, ids in self.data.feature_ids.items()},
+            None if self.gap_bucket is None else self.gap_bucket[rows])
         if self.train:
             batch.targets = torch.from_numpy(self.data.item_ids[rows + 1])
         else:
-            self._add_targets(batch, samples, base, start, offsets.numpy())
+            self._add_targets(batch, samples, base, start, batch.offsets.numpy())
         return batch
 
     def _add_targets(self, batch: SequenceBatch, samples, base: np.ndarray, start: np.ndarray,

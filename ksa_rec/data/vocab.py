@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import polars as pl
 
+from ksa_rec.data.schema import OOV_ID, RESERVED_IDS
 from ksa_rec.errors import DataError
 
 _DICT_KIND = "ksa_rec.Vocab"
@@ -24,10 +25,6 @@ _DICT_VERSION = 1
 
 class Vocab:
     """An immutable raw-id vocabulary; ``raw_ids[i]`` has dense id ``i + 2``."""
-
-    PAD: ClassVar[int] = 0
-    OOV: ClassVar[int] = 1
-    NUM_RESERVED: ClassVar[int] = 2
 
     def __init__(self, raw_ids: pl.Series | Sequence[str]):
         raw = pl.Series("raw", raw_ids, dtype=pl.String)
@@ -51,10 +48,10 @@ class Vocab:
     def encode(self, values: pl.Series | Sequence[str]) -> np.ndarray:
         """Raw ids ``[N]`` -> int64 dense ids ``[N]``; unknown or null -> ``OOV``. One hash join."""
         series = values if isinstance(values, pl.Series) else pl.Series(values, dtype=pl.String)
-        dense = pl.int_range(self.NUM_RESERVED, len(self), dtype=pl.Int64, eager=True)
-        encoded = series.cast(pl.String).replace_strict(self._raw, dense, default=self.OOV,
+        dense = pl.int_range(RESERVED_IDS, len(self), dtype=pl.Int64, eager=True)
+        encoded = series.cast(pl.String).replace_strict(self._raw, dense, default=OOV_ID,
                                                          return_dtype=pl.Int64)
-        return encoded.fill_null(self.OOV).to_numpy(writable=True)
+        return encoded.fill_null(OOV_ID).to_numpy(writable=True)
 
     def decode(self, ids: np.ndarray | Sequence[int]) -> list[str | None]:
         """Dense ids ``[N]`` -> raw ids; ``PAD``/``OOV`` -> ``None``. Out-of-range ids raise IndexError."""
@@ -62,15 +59,15 @@ class Vocab:
         if arr.size and (arr.min() < 0 or arr.max() >= len(self)):
             bad = arr[(arr < 0) | (arr >= len(self))][0]
             raise IndexError(f"id {bad} is outside this vocabulary of {len(self)} ids (0 .. {len(self) - 1})")
-        real = arr >= self.NUM_RESERVED
+        real = arr >= RESERVED_IDS
         if not real.any():
             return [None] * arr.size
-        out = self._raw.gather(np.where(real, arr - self.NUM_RESERVED, 0))
+        out = self._raw.gather(np.where(real, arr - RESERVED_IDS, 0))
         return out.scatter(np.flatnonzero(~real), None).to_list()
 
     def __len__(self) -> int:
         """Number of dense ids, including the two reserved ones (an embedding table's row count)."""
-        return self._raw.len() + self.NUM_RESERVED
+        return self._raw.len() + RESERVED_IDS
 
     def __contains__(self, raw: object) -> bool:
         return raw in self._index
@@ -79,12 +76,12 @@ class Vocab:
         return isinstance(other, Vocab) and self._raw.equals(other._raw)
 
     def __repr__(self) -> str:
-        return f"Vocab({len(self) - self.NUM_RESERVED} ids + {self.NUM_RESERVED} reserved)"
+        return f"Vocab({len(self) - RESERVED_IDS} ids + {RESERVED_IDS} reserved)"
 
     @cached_property
     def _index(self) -> dict[str, int]:
         # Only for membership tests of single ids; bulk lookups go through encode().
-        return {raw: i + self.NUM_RESERVED for i, raw in enumerate(self._raw.to_list())}
+        return {raw: i + RESERVED_IDS for i, raw in enumerate(self._raw.to_list())}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form: ``{"kind", "version", "ids"}`` with ids in dense-id order."""

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ksa_rec.data.batch import SequenceBatch
+from ksa_rec.data.schema import ITEM
 from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.ops.ksa.dense import ksa_visibility
 
 
 @dataclass
@@ -56,12 +56,12 @@ def explain_user(model: SeqRecModel, batch: SequenceBatch) -> KsaExplanation:
     if batch.batch_size != 1:
         raise ValueError(f"explain_user takes one user, got a batch of {batch.batch_size}")
     cfg = model.encoder_cfg
-    kinds = cfg.layers
-    if "ksa" not in kinds:
-        raise ValueError(f"pattern {cfg.pattern!r} has no ksa layer to explain")
+    explained = [i for i, block in enumerate(model.encoder.blocks) if block.attn.reads_summaries]
+    if not explained:
+        raise ValueError(f"pattern {cfg.pattern!r} has no layer that reads summaries to explain")
     captured: dict[int, tuple] = {}
-    hooks = [block.attn.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, args))
-             for i, block in enumerate(model.encoder.blocks) if kinds[i] == "ksa"]
+    hooks = [model.encoder.blocks[i].attn.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, args))
+             for i in explained]
     try:
         model.eval()
         model.encode(batch)
@@ -70,22 +70,25 @@ def explain_user(model: SeqRecModel, batch: SequenceBatch) -> KsaExplanation:
             hook.remove()
     n, k, S = int(batch.offsets[-1]), cfg.chunk_size, cfg.summary_tokens
     C = n // k
+    # Every token of the user by identity: its events, then its summaries (chunk-major).
+    ident = torch.cat([torch.arange(n), torch.arange(C * S)]).to(batch.offsets.device)
+    is_summary = torch.arange(n + C * S, device=ident.device) >= n
     sources, usage, events = [], [], []
     for i in sorted(captured):
         x, xs, layout = captured[i]
         attn = model.encoder.blocks[i].attn
-        q, key, v = attn.project(x, layout.cos, layout.sin)
-        qs, ks, _ = attn.project(xs, layout.sum_cos, layout.sum_sin, summary=True)
+        q, key, _ = attn.rotate(attn.qkv(x), layout.cos, layout.sin)
+        qs, ks, _ = attn.rotate(attn.qkv_sum(xs), layout.sum_cos, layout.sum_sin)
         queries, keys = torch.cat([q, qs]), torch.cat([key, ks])
         scores = torch.einsum("qhd,khd->hqk", queries, keys) * queries.shape[-1] ** -0.5
-        mask = ksa_visibility(n, k, cfg.window, S, cfg.max_summaries, device=x.device)
+        mask = attn.rule(True).visible(ident[:, None], is_summary[:, None], ident[None], is_summary[None])
         weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).mean(0)  # [n+CS, n+CS]
         slot0 = n + torch.arange(C, device=x.device) * S
         chunk_events = (torch.arange(C, device=x.device) * k)[:, None] + torch.arange(k, device=x.device)
         sources.append(weights[slot0[:, None], chunk_events])
         usage.append(weights[n - 1, n:].reshape(C, S).sum(1) if C else weights.new_zeros(0))
         events.append(weights[n - 1, :n])
-    return KsaExplanation(layers=sorted(captured), item_ids=batch.features["item_id"].values().cpu(),
+    return KsaExplanation(layers=sorted(captured), item_ids=batch.features[ITEM].values().cpu(),
                           positions=batch.positions.cpu(), summary_sources=torch.stack(sources).cpu(),
                           summary_usage=torch.stack(usage).cpu(), event_usage=torch.stack(events).cpu())
 

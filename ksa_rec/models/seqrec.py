@@ -6,10 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from ksa_rec.data.batch import SequenceBatch
-from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
-from ksa_rec.modules.embeddings import ITEM_KEY, EventEmbedding
+from ksa_rec.data.schema import ITEM, RESERVED_IDS, DataSpec
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.embeddings import EventEmbedding
 from ksa_rec.modules.encoder import SequenceEncoder
-from ksa_rec.modules.losses import full_cross_entropy, sampled_softmax
+from ksa_rec.modules.losses import LossConfig, full_cross_entropy, sampled_softmax
 from ksa_rec.ops.ksa.layout import summary_index
 
 
@@ -17,7 +18,8 @@ class SeqRecModel(nn.Module):
     """Next-item recommender over jagged user histories.
 
     ``encode`` gives a state per event ``(sum_b n_b, dim)``; ``user_vectors`` the state after each
-    user's newest event ``[B, dim]``; scores of item i are ``<state, item_embedding[i]>``.
+    user's newest event ``[B, dim]``; scores of item i are ``<state, item_embedding[i]>``. ``step``
+    continues per-user streaming states with new events (serving runs this, the same code as training).
     """
 
     def __init__(self, encoder: EncoderConfig, loss: LossConfig, data_spec: DataSpec):
@@ -26,7 +28,7 @@ class SeqRecModel(nn.Module):
         self.embedding = EventEmbedding(encoder.dim, data_spec.num_items, data_spec.feature_cardinalities,
                                         encoder.time_gap_buckets)
         self.encoder = SequenceEncoder(encoder)
-        if loss.summary_reconstruction > 0 and "ksa" not in encoder.layers[1:]:
+        if loss.summary_reconstruction > 0 and not any(block.attn.reads_summaries for block in self.encoder.blocks[1:]):
             raise ValueError(f"loss.summary_reconstruction needs a ksa layer after the first (pattern "
                              f"{encoder.pattern!r}): only those read summaries that carry chunk content")
         # Training frequency of each item, for the logQ correction; filled by the trainer from the data.
@@ -57,6 +59,28 @@ class SeqRecModel(nn.Module):
             raise ValueError("user_vectors needs at least one event per user")
         return self.encode(batch)[batch.offsets[1:] - 1]
 
+    # ---- streaming ----------------------------------------------------------------------------------------
+    def empty_states(self, batch: int, device="cpu") -> list:
+        """Per-layer streaming states of ``batch`` users with no events."""
+        return self.encoder.empty_states(batch, self.item_weight.dtype, device)
+
+    def stack_states(self, users: list[list[dict[str, Tensor]]], device=None) -> list:
+        """Per-user, per-layer state tensors -> one batched state per layer (``SequenceEncoder.stack_states``)."""
+        return self.encoder.stack_states(users, device)
+
+    def step(self, batch: SequenceBatch, states: list) -> tuple[Tensor, list]:
+        """Continue B users' states by the events of ``batch`` (built like a training batch; ``positions``
+        are absolute, so each user's first new event says how many it had). Every user needs >= 1 event.
+
+        Returns ``(user vectors [B, dim] after each user's newest event, the new states)``; equal to
+        ``user_vectors`` over the whole histories."""
+        lengths = batch.offsets[1:] - batch.offsets[:-1]
+        if bool((lengths == 0).any()):
+            raise ValueError("step needs at least one new event per user")
+        tokens, time_part = self.embedding(batch.features)
+        out, states = self.encoder.step(tokens, batch.offsets, batch.positions[batch.offsets[:-1]], time_part, states)
+        return out[batch.offsets[1:] - 1], states
+
     def loss(self, batch: SequenceBatch) -> Tensor:
         """Next-item loss at every event that has a target."""
         # Sharded item table: the candidates join the history lookup (one fused update per step), drawn from
@@ -64,7 +88,7 @@ class SeqRecModel(nn.Module):
         generator = self.sharded_items.prefetch(batch) if self.sharded_items is not None else None
         summaries: list[Tensor] | None = [] if self.loss_cfg.summary_reconstruction > 0 else None
         hidden = self.encode(batch, summaries)
-        has_target = batch.targets > 1
+        has_target = batch.targets >= RESERVED_IDS
         hidden, targets = hidden[has_target], batch.targets[has_target]
         if self.loss_cfg.kind == "ce":
             loss = full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature)
@@ -86,8 +110,8 @@ class SeqRecModel(nn.Module):
         width = cfg.chunk_size // cfg.summary_tokens
         rows = (batch.offsets[user] + chunk * cfg.chunk_size + slot * width)[:, None] + torch.arange(
             width, device=user.device)  # [Ts, k // S]
-        items = batch.features[ITEM_KEY].values()[rows]
-        keep = items > 1  # PAD / OOV are never targets
+        items = batch.features[ITEM].values()[rows]
+        keep = items >= RESERVED_IDS  # PAD / OOV are never targets
         owner = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)[keep]
         if owner.numel() == 0:  # no complete chunk in the batch: nothing to reconstruct
             return summaries[0].sum() * 0.0

@@ -21,15 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
-ITEM_KEY = "item_id"
-TIME_GAP_KEY = "time_gap"
-
-
-def time_gap_bucket(gaps: Tensor, num_buckets: int) -> Tensor:
-    """Seconds since the previous event -> bucket id in ``[1, num_buckets)``; 0 is "no previous event"
-    (pass a negative gap for it). Buckets are ``1 + floor(log2(1 + gap))``, clipped."""
-    bucket = 1 + torch.floor(torch.log2(1.0 + gaps.clamp(min=0).to(torch.float64))).to(torch.int64)
-    return torch.where(gaps < 0, torch.zeros_like(bucket), bucket.clamp(max=num_buckets - 1))
+from ksa_rec.data.schema import ITEM, TIME_GAP
 
 
 class EventEmbedding(nn.Module):
@@ -43,14 +35,14 @@ class EventEmbedding(nn.Module):
         def init(weight: Tensor) -> Tensor:
             return nn.init.normal_(weight, std=std)
 
-        tables = [EmbeddingConfig(name=ITEM_KEY, embedding_dim=dim, num_embeddings=num_items,
-                                  feature_names=[ITEM_KEY], init_fn=init)]
+        tables = [EmbeddingConfig(name=ITEM, embedding_dim=dim, num_embeddings=num_items,
+                                  feature_names=[ITEM], init_fn=init)]
         tables += [EmbeddingConfig(name=name, embedding_dim=dim, num_embeddings=size,
                                    feature_names=[name], init_fn=init)
                    for name, size in sorted(feature_cardinalities.items())]
         if time_gap_buckets:
-            tables.append(EmbeddingConfig(name=TIME_GAP_KEY, embedding_dim=dim,
-                                          num_embeddings=time_gap_buckets, feature_names=[TIME_GAP_KEY],
+            tables.append(EmbeddingConfig(name=TIME_GAP, embedding_dim=dim,
+                                          num_embeddings=time_gap_buckets, feature_names=[TIME_GAP],
                                           init_fn=init))
         self.keys = [t.name for t in tables]
         self.uses_time_gap = bool(time_gap_buckets)
@@ -59,7 +51,7 @@ class EventEmbedding(nn.Module):
     @property
     def item_weight(self) -> Tensor:
         """``[num_items, dim]``, shared with the output head."""
-        return self.collection.embeddings[ITEM_KEY].weight
+        return self.collection.embeddings[ITEM].weight
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor | None]:
         looked_up = self.collection(features)
@@ -68,4 +60,4 @@ class EventEmbedding(nn.Module):
             raise ValueError(f"batch features lack keys {missing}; the model expects {self.keys}")
         parts = {k: looked_up[k].values() for k in self.keys}
         tokens = torch.stack(list(parts.values())).sum(0)
-        return tokens, parts.get(TIME_GAP_KEY)
+        return tokens, parts.get(TIME_GAP)

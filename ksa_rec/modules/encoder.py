@@ -1,6 +1,6 @@
 """The sequence encoder: pre-norm blocks [norm -> attention(kind) -> norm -> FFN], one kind per layer.
 
-With any ``ksa`` layer in the pattern, a summary stream runs beside the events (KSA.md section 4):
+With any layer that reads summaries (``ksa``) in the pattern, a summary stream runs beside the events (KSA.md section 4):
 ``S`` learned slot embeddings (plus the time part of the chunk's last event) enter after every complete
 chunk, share norms, output projections and FFNs with the events, and are dropped at the end.
 """
@@ -10,12 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ksa_rec.models.config import EncoderConfig
-from ksa_rec.models.config import MEMORY_KINDS
-from ksa_rec.modules.attention import KindAttention, MemoryAttention, StepLayout, StreamLayout
-from ksa_rec.modules.kv_cache import LayerCache, share_layouts
-from ksa_rec.modules.rope import RotaryEmbedding
-from ksa_rec.ops.ksa.layout import summary_event_positions, summary_index
+from ksa_rec.modules.attention import KINDS, StepLayout, StreamLayout
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.ops.ksa.layout import summary_index, summary_position
+from ksa_rec.ops.ksa.step import StepTokens, share_layouts
+from ksa_rec.ops.rope import RotaryEmbedding
 from ksa_rec.utils.jagged import segment_ids, validate_offsets
 
 
@@ -30,7 +29,7 @@ class Block(nn.Module):
     def __init__(self, kind: str, cfg: EncoderConfig, with_summaries: bool):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim)
-        self.attn = MemoryAttention(kind, cfg) if kind in MEMORY_KINDS else KindAttention(kind, cfg, with_summaries)
+        self.attn = KINDS[kind](cfg, with_summaries)
         self.ffn_norm = nn.RMSNorm(cfg.dim)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_mult, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -39,16 +38,12 @@ class Block(nn.Module):
         a, a_sum = self.attn(self.attn_norm(x), None if xs is None else self.attn_norm(xs), layout)
         return self.residual_and_ffn(x, xs, a, a_sum)
 
-    def step(self, x: Tensor, sl: StepLayout, cache):
+    def step(self, x: Tensor, sl: StepLayout, state):
         """Streaming form of ``forward`` for the step's tokens (events, then summaries: ``StepLayout``);
-        returns ``(x, cache)``. Both streams share the norms and the FFN, so they go through them as one."""
-        h = self.attn_norm(x)
-        if isinstance(self.attn, MemoryAttention):  # no summary stream beside memory layers
-            a, _, cache = self.attn.step(h, None, sl, cache)
-        else:
-            a, cache = self.attn.step(h, sl, cache)
+        returns ``(x, state)``. Both streams share the norms and the FFN, so they go through them as one."""
+        a, state = self.attn.step(self.attn_norm(x), sl, state)
         x = x + self.dropout(a)
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), cache
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), state
 
     def residual_and_ffn(self, x: Tensor, xs: Tensor | None, a: Tensor, a_sum: Tensor | None):
         x = x + self.dropout(a)
@@ -80,18 +75,11 @@ class SequenceEncoder(nn.Module):
         if self.with_summaries:
             self.summary_embedding = nn.Parameter(torch.randn(cfg.summary_tokens, cfg.dim) * cfg.dim ** -0.5)
 
-    def summary_inputs(self, offsets: Tensor, time_part: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Summary-stream input tokens ``[Ts, dim]`` and the event rows whose positions they take ``[Ts]``.
-
-        Slot j of chunk c is its learned embedding plus the time part of the chunk's last event; its
-        position is that of the last event of the j-th of S slices (KSA.md section 4)."""
-        cfg = self.cfg
-        user, chunk, slot = summary_index(offsets, cfg.chunk_size, cfg.summary_tokens)
-        rows = offsets[user] + summary_event_positions(offsets, cfg.chunk_size, cfg.summary_tokens)
+    def summary_inputs(self, chunk: Tensor, slot: Tensor, last_rows: Tensor, time_part: Tensor | None) -> Tensor:
+        """Summary-stream input tokens ``[Ts, dim]`` of slots ``slot`` of chunks ``chunk``: the slot's learned
+        embedding plus the time part of the chunk's last event (its row of ``time_part``: ``last_rows``)."""
         xs = self.summary_embedding[slot]
-        if time_part is not None:
-            xs = xs + time_part[offsets[user] + chunk * cfg.chunk_size + cfg.chunk_size - 1]
-        return xs, rows
+        return xs if time_part is None else xs + time_part[last_rows]
 
     def forward(self, tokens: Tensor, offsets: Tensor, positions: Tensor, time_part: Tensor | None = None,
                 max_len: int | None = None, read_summaries: list[Tensor] | None = None) -> Tensor:
@@ -106,40 +94,44 @@ class SequenceEncoder(nn.Module):
         layout = StreamLayout(offsets=offsets, max_len=max_len, positions=positions, cos=cos, sin=sin)
         x, xs = self.input_dropout(tokens), None
         if self.with_summaries:
-            xs, rows = self.summary_inputs(offsets, time_part)
+            k, S = self.cfg.chunk_size, self.cfg.summary_tokens
+            user, chunk, slot = summary_index(offsets, k, S)
+            xs = self.summary_inputs(chunk, slot, offsets[user] + chunk * k + k - 1, time_part)
+            # A summary takes the position of an event of its chunk: the rotary tables are that event's.
+            rows = offsets[user] + summary_position(chunk, slot, k, S)
             layout.sum_cos, layout.sum_sin = cos[rows], sin[rows]
             xs = self.input_dropout(xs)
-        for i, (kind, block) in enumerate(zip(self.cfg.layers, self.blocks)):
-            if read_summaries is not None and i > 0 and kind == "ksa":
+        for i, block in enumerate(self.blocks):
+            if read_summaries is not None and i > 0 and block.attn.reads_summaries:
                 read_summaries.append(xs)
             x, xs = block(x, xs, layout)
         return self.final_norm(x)
 
     # ---- streaming -----------------------------------------------------------------------------------------
-    def empty_caches(self, batch: int, dtype: torch.dtype, device) -> list:
-        """One streaming cache per block (``LayerCache``, or ``MemoryCache`` for mka/fastmka)."""
-        return share_layouts([block.attn.empty_cache(batch, dtype, device) for block in self.blocks])
+    def empty_states(self, batch: int, dtype: torch.dtype, device) -> list:
+        """One streaming state per block for ``batch`` users with no events."""
+        return share_layouts([block.attn.empty_state(batch, dtype, device) for block in self.blocks])
 
-    def stack_caches(self, users: list[list[dict[str, Tensor]]], device=None) -> list:
-        """Per-user cache tensors (``users[u][layer]``) -> one batched cache per block, on ``device`` (None:
+    def stack_states(self, users: list[list[dict[str, Tensor]]], device=None) -> list:
+        """Per-user state tensors (``users[u][layer]``) -> one batched state per block, on ``device`` (None:
         where the tensors are). Layers that keep the same rows share their index tensors (``share_layouts``)."""
-        caches = share_layouts([block.attn.stack_cache([u[i] for u in users]) for i, block in enumerate(self.blocks)])
+        states = share_layouts([block.attn.stack_states([u[i] for u in users]) for i, block in enumerate(self.blocks)])
         if device is None:
-            return caches
-        moved = {}
-        return [c.to(device, moved) if isinstance(c, LayerCache) else c.to(device) for c in caches]
+            return states
+        moved = {}  # one dict for every state: tensors shared between layers stay shared
+        return [state.to(device, moved) for state in states]
 
     def step(self, tokens: Tensor, offsets: Tensor, event_count: Tensor, time_part: Tensor | None,
-             caches: list) -> tuple[Tensor, list]:
+             states: list) -> tuple[Tensor, list]:
         """Continue B users' histories by new events; equal to ``forward`` over the whole histories.
 
         Args:
             tokens: ``(sum_b t_b, dim)`` embeddings of the new events; offsets ``[B+1]`` (t_b may be 0).
             event_count: int64 ``[B]`` events each user had before (the new ones get indices from there).
             time_part: ``(sum_b t_b, dim)`` or None, as in ``forward``.
-            caches: one cache per block for these B users (``empty_caches`` / ``stack_caches``).
+            states: one state per block for these B users (``empty_states`` / ``stack_states``).
         Returns:
-            ``(states of the new events (sum_b t_b, dim) after the final norm, updated caches)``.
+            ``(states of the new events (sum_b t_b, dim) after the final norm, updated states)``.
         """
         k, S = self.cfg.chunk_size, self.cfg.summary_tokens
         n = tokens.shape[0]
@@ -155,14 +147,13 @@ class SequenceEncoder(nn.Module):
             chunk = positions[rows] // k
             sum_ids = chunk * S + slot
             sum_offsets = torch.searchsorted(seg[rows], torch.arange(offsets.numel(), device=tokens.device))
-            stream_positions = torch.cat([positions, chunk * k + (slot + 1) * (k // S) - 1])
-            xs = self.summary_embedding[slot] + (time_part[rows] if time_part is not None else 0)
-            x = torch.cat([tokens, xs])
+            stream_positions = torch.cat([positions, summary_position(chunk, slot, k, S)])
+            x = torch.cat([tokens, self.summary_inputs(chunk, slot, rows, time_part)])
         cos, sin = self.rope.tables(stream_positions, tokens.dtype)
-        sl = StepLayout.build(offsets, positions, sum_offsets, sum_ids, cos, sin,
-                              event_count + offsets[1:] - offsets[:-1], self.with_summaries)
-        new_caches = []
-        for block, cache in zip(self.blocks, caches):
-            x, cache = block.step(x, sl, cache)
-            new_caches.append(cache)
-        return self.final_norm(x[:n]), new_caches
+        step_tokens = StepTokens.build(offsets, positions, sum_offsets, sum_ids, event_count + offsets[1:] - offsets[:-1])
+        sl = StepLayout(step_tokens, cos, sin, self.with_summaries)
+        new_states = []
+        for block, state in zip(self.blocks, states):
+            x, state = block.step(x, sl, state)
+            new_states.append(state)
+        return self.final_norm(x[:n]), new_states

@@ -11,14 +11,41 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ksa_rec.models.config import LossConfig
+from ksa_rec.data.schema import RESERVED_IDS
+from ksa_rec.utils.config import require
 
-RESERVED_IDS = 2  # PAD and OOV
+
+@dataclass
+class LossConfig:
+    """Next-item loss: full softmax cross-entropy, or sampled softmax with in-batch + uniform negatives."""
+
+    kind: str = "ce"
+    """"ce" (softmax over the full catalogue) or "sampled" (sampled softmax with logQ correction)."""
+    num_uniform_negatives: int = 256
+    """Sampled softmax: uniform random negatives shared by the batch."""
+    in_batch_negatives: bool = True
+    """Sampled softmax: the batch's other targets are negatives too."""
+    logq_correction: bool = True
+    """Sampled softmax: subtract log of each negative's expected count (Yi et al. 2019)."""
+    temperature: float = 1.0
+    """Logits are divided by this before the softmax."""
+    summary_reconstruction: float = 0.0
+    """Weight of an auxiliary loss asking every summary state that a later KSA layer reads to name the
+    items of its chunk slice (softmax over the catalogue); 0 = off. Needs a ksa layer after the first."""
+
+    def __post_init__(self) -> None:
+        require(self.kind in ("ce", "sampled"), "loss.kind", f"must be 'ce' or 'sampled', got {self.kind!r}")
+        require(self.summary_reconstruction >= 0, "loss.summary_reconstruction", "must be >= 0")
+        require(self.num_uniform_negatives >= 0, "loss.num_uniform_negatives", "must be >= 0")
+        require(self.temperature > 0, "loss.temperature", "must be > 0")
+        require(self.kind == "ce" or self.in_batch_negatives or self.num_uniform_negatives > 0,
+                "loss", "sampled softmax needs in-batch or uniform negatives")
 
 
 def catalogue_logits(hidden: Tensor, item_weight: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """MKA and FastMKA attention layers (MKA.md), their config and their per-user streaming state.
 
 Both layers take the pre-normed layer input of a jagged batch and return the output after their output
-projection, like ``KindAttention``::
+projection, like the other attention layers (``ksa_rec.modules.attention``)::
 
     x (sum_b n_b, dim) | offsets [B+1] | positions (sum_b n_b,) | cos, sin (sum_b n_b, 1, head_dim/2)
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ksa_rec.modules.rope import apply_rotary
+from ksa_rec.ops.rope import apply_rotary
 from ksa_rec.ops.mka.reference import (
     LEVELS,
     bank_attention,
@@ -195,6 +195,24 @@ class _UserState:
                 raise ValueError(f"{name_of}.{name}: dtype {value.dtype}, expected {wanted}")
             if value.device != self.start.device:
                 raise ValueError(f"{name_of}.{name}: on {value.device}, but start is on {self.start.device}")
+
+    # ---- the state protocol of the encoder's layers (``ksa_rec.modules.attention``) -------------------
+    def user(self, b: int) -> dict[str, Tensor]:
+        """User b's tensors (leading dim 1), for storage."""
+        return self.select(torch.tensor([b], device=self.start.device)).to_tensors()
+
+    @classmethod
+    def stack(cls, users: list[dict[str, Tensor]]) -> _UserState:
+        """Inverse of ``user`` over a batch of users."""
+        return cls.cat([cls.from_tensors(u) for u in users])
+
+    def to(self, device, moved: dict | None = None) -> _UserState:
+        """On ``device`` (``moved`` is accepted for the protocol; no tensor here is shared with another state)."""
+        return type(self)(**{name: getattr(self, name).to(device) for name in self.SHAPES})
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-user shapes of the fields (without B)."""
@@ -413,6 +431,8 @@ class MkaAttention(_MkaLayerBase):
     projection. ``lambda(t) = softmax(router(x_t))`` is shared by heads.
     """
 
+    state_class = MkaState
+
     def __init__(self, dim: int, num_heads: int, cfg: MkaConfig):
         super().__init__(dim, num_heads, cfg)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -499,6 +519,8 @@ class FastMkaAttention(_MkaLayerBase):
     from ``x_fused``, ``Q`` from x, RoPE on q and k, and one causal attention over the last ``fast_window``
     events (all earlier events if None); then the output projection.
     """
+
+    state_class = FastMkaState
 
     def __init__(self, dim: int, num_heads: int, cfg: MkaConfig):
         super().__init__(dim, num_heads, cfg)

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import torch
-from torchrec import KeyedJaggedTensor
 
-from ksa_rec.data.schema import ITEM, ROW, TIME, USER, LogSchema
+from ksa_rec.data.batch import SequenceBatch
+from ksa_rec.data.schema import ITEM, RESERVED_IDS, ROW, TIME, USER, LogSchema, time_gap_bucket
 from ksa_rec.errors import DataError
-from ksa_rec.modules.embeddings import ITEM_KEY, TIME_GAP_KEY, time_gap_bucket
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.state import UserState
 from ksa_rec.serving.topk import topk_items
@@ -54,8 +53,7 @@ class StreamEngine:
         return states
 
     def _empty_state(self) -> UserState:
-        caches = self.model.encoder.empty_caches(1, self.model.item_weight.dtype, "cpu")
-        return UserState.empty(caches, self.model.encoder_cfg.dim, self.model.item_weight.dtype)
+        return UserState.empty(self.model.empty_states(1), self.model.encoder_cfg.dim, self.model.item_weight.dtype)
 
     @torch.no_grad()
     def update(self, frame: pl.DataFrame, states: dict[str, UserState], file: str) -> tuple[dict[str, UserState], Recommendations]:
@@ -69,19 +67,14 @@ class StreamEngine:
         old = [states[u] for u in users]
         gaps = _check_order_and_gaps(users, old, lengths, items, timestamps, rows, file)
         device = self.serving.device
-        offsets = lengths_to_offsets(torch.from_numpy(lengths))
-        features = self._features(ordered, items, gaps, lengths)
-        caches = self.model.encoder.stack_caches([s.layers for s in old], device)
-        event_count = torch.tensor([s.event_count for s in old], dtype=torch.int64, device=device)
-        tokens, time_part = self.model.embedding(features.to(device))
-        out, caches = self.model.encoder.step(tokens, offsets.to(device), event_count, time_part, caches)
-        vectors = out[offsets[1:].to(device) - 1]
-        caches = [c.to("cpu") for c in caches]
+        batch = self._batch(ordered, items, gaps, lengths, old).to(device)
+        vectors, states_out = self.model.step(batch, self.model.stack_states([s.layers for s in old], device))
+        caches = [state.to("cpu") for state in states_out]
         ends = np.cumsum(lengths)
         new_states = {}
         for b, user in enumerate(users):
             segment = items[ends[b] - lengths[b]:ends[b]]
-            seen = torch.from_numpy(np.union1d(old[b].seen.numpy(), segment[segment >= 2]))
+            seen = torch.from_numpy(np.union1d(old[b].seen.numpy(), segment[segment >= RESERVED_IDS]))
             new_states[user] = UserState(
                 event_count=old[b].event_count + int(lengths[b]), last_timestamp=int(timestamps[ends[b] - 1]),
                 last_item=int(items[ends[b] - 1]), vector=vectors[b].cpu(), seen=seen,
@@ -102,21 +95,20 @@ class StreamEngine:
         raw = self.serving.items.raw_ids
         ids_list = ids.cpu().tolist()
         return Recommendations(users, [s.event_count for s in states], last_rows,
-                               [[raw[i - 2] for i in row if i >= 2] for row in ids_list],
-                               [[round(float(x), 6) for x, i in zip(srow, irow) if i >= 2]
+                               [[raw[i - RESERVED_IDS] for i in row if i >= RESERVED_IDS] for row in ids_list],
+                               [[round(float(x), 6) for x, i in zip(srow, irow) if i >= RESERVED_IDS]
                                 for srow, irow in zip(scores.cpu().tolist(), ids_list)])
 
-    def _features(self, ordered: pl.DataFrame, items: np.ndarray, gaps: np.ndarray, lengths: np.ndarray) -> KeyedJaggedTensor:
-        values = {ITEM_KEY: items}
-        for name, vocab in self.serving.features.items():
-            values[name] = vocab.encode(ordered[name])
-        if self.num_gap_buckets:
-            values[TIME_GAP_KEY] = time_gap_bucket(torch.from_numpy(gaps), self.num_gap_buckets).numpy()
-        keys = self.model.embedding.keys
-        all_lengths = np.tile(lengths, len(keys))
-        return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate([values[k] for k in keys])),
-                                 lengths=torch.from_numpy(all_lengths),
-                                 offsets=lengths_to_offsets(torch.from_numpy(all_lengths)))
+    def _batch(self, ordered: pl.DataFrame, items: np.ndarray, gaps: np.ndarray, lengths: np.ndarray,
+               old: list[UserState]) -> SequenceBatch:
+        """The micro-batch's events as the model's batch (the training collator's builder), positions
+        continuing each user's state."""
+        first = np.repeat(np.array([s.event_count for s in old], dtype=np.int64), lengths)
+        positions = first + np.arange(len(items)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        features = {name: vocab.encode(ordered[name]) for name, vocab in self.serving.features.items()}
+        time_gaps = (time_gap_bucket(torch.from_numpy(gaps), self.num_gap_buckets).numpy()
+                     if self.num_gap_buckets else None)
+        return SequenceBatch.of_events(lengths, positions, np.arange(len(old)), items, features, time_gaps)
 
 
 def _group_by_user(frame: pl.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -146,7 +138,7 @@ def _check_order_and_gaps(users, old: list[UserState], lengths, items, timestamp
         i = bad[0]
         raise DataError(f"timestamp {timestamps[i]} is before the user's previous event ({prev_time[i]}); "
                         "events of a user must arrive in time order", file=file, row=int(rows[i]), column="timestamp")
-    dup = np.flatnonzero(has_prev & (gaps == 0) & (items == prev_item) & (items >= 2))
+    dup = np.flatnonzero(has_prev & (gaps == 0) & (items == prev_item) & (items >= RESERVED_IDS))
     if dup.size:
         i = dup[0]
         raise DataError("duplicate of the user's previous event (same item and timestamp)", file=file,

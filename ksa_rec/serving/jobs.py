@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.etl import InteractionData, build_interactions
 from ksa_rec.data.readers import read_interactions
+from ksa_rec.data.schema import USER
 from ksa_rec.data.sequences import Collator
 from ksa_rec.errors import StateError
 from ksa_rec.serving.engine import Recommendations, StreamEngine
@@ -66,7 +67,7 @@ class ServingModule(pl.LightningModule):
         return self._score(batch)
 
     def _stream(self, chunk: EventChunk) -> StreamResult:
-        users = chunk.frame["user_id"].unique(maintain_order=True).to_list()
+        users = chunk.frame[USER].unique(maintain_order=True).to_list()
         states = dict(zip(users, self.engine.decode_states(users, self.store.get_many(users))))
         new_states, recs = self.engine.update(chunk.frame, states, chunk.source)
         blobs = {u: s.to_bytes(self.engine.serving.model_id) for u, s in new_states.items()}

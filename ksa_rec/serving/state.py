@@ -3,7 +3,7 @@
 Per user: how many events it has, the last event's time and item (for order and duplicate checks and
 the time-gap feature), the representation after its newest event, the items it has seen (for
 excluding them from recommendations), and per layer the K/V rows the layer's kind keeps (KSA.md
-section 7; ``ksa_rec.modules.kv_cache``).
+section 7; ``ksa_rec.ops.ksa.step``).
 
 Blob layout: a safetensors file whose metadata holds ``format``, ``version``, ``model_id``,
 ``event_count``, ``last_timestamp``, ``last_item`` and ``layers``; tensors ``vector``, ``seen`` and
@@ -39,7 +39,7 @@ class UserState:
     seen: Tensor
     """int64 ``[u]`` sorted distinct item ids the user interacted with."""
     layers: list[dict[str, Tensor]]
-    """Per layer, the tensors of that user's cache (``LayerCache.user`` / ``MemoryCache.user``)."""
+    """Per layer, the tensors of that user's state (``state.user(b)`` of the layer's state type)."""
 
     @classmethod
     def empty(cls, caches: list, dim: int, dtype: torch.dtype) -> "UserState":

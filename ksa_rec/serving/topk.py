@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ksa_rec.modules.losses import RESERVED_IDS
+from ksa_rec.data.schema import RESERVED_IDS
 from ksa_rec.utils.jagged import segment_ids
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ksa_rec.modules.losses import RESERVED_IDS
+from ksa_rec.data.schema import RESERVED_IDS
 from ksa_rec.utils.jagged import segment_ids
 
 CUTOFFS = (5, 10, 20)

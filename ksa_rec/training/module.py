@@ -11,7 +11,10 @@ import torch
 from torch import Tensor
 
 from ksa_rec.data.batch import SequenceBatch
-from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig, coerce
+from ksa_rec.data.schema import DataSpec
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
+from ksa_rec.utils.config import coerce
 from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.training.metrics import RankingMetrics, target_ranks
 

@@ -48,10 +48,12 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import Awaitable, ShardedModule, ShardingEnv
 
 from ksa_rec.data.batch import SequenceBatch
-from ksa_rec.models.config import LossConfig, coerce
+from ksa_rec.modules.losses import LossConfig
+from ksa_rec.utils.config import coerce
 from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.modules.embeddings import ITEM_KEY
-from ksa_rec.modules.losses import RESERVED_IDS, sampled_softmax
+from ksa_rec.data.schema import ITEM
+from ksa_rec.data.schema import RESERVED_IDS
+from ksa_rec.modules.losses import sampled_softmax
 from ksa_rec.training.sharded_checkpoint import (is_sharded_checkpoint, load_sharded_checkpoint,
                                                  save_sharded_checkpoint)
 from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids
@@ -245,7 +247,7 @@ class ShardedItems:
         values, lengths = [], []
         for key in features.keys():
             jagged = features[key]
-            is_item = key == ITEM_KEY
+            is_item = key == ITEM
             values += [jagged.values(), ids if is_item else ids[:0]]
             lengths += [jagged.lengths(), torch.full(ids.shape, int(is_item), dtype=jagged.lengths().dtype,
                                                      device=ids.device)]
@@ -264,7 +266,7 @@ class ShardedItems:
             jagged = history[key]
             out[key] = JaggedTensor(values=looked_up[key].values()[: jagged.values().numel()],
                                     lengths=jagged.lengths())
-        self._prefetched = (ids, looked_up[ITEM_KEY].values()[history[ITEM_KEY].values().numel():])
+        self._prefetched = (ids, looked_up[ITEM].values()[history[ITEM].values().numel():])
         return out
 
     def lookup(self, ids: Tensor) -> Tensor:
@@ -281,10 +283,10 @@ class ShardedItems:
         return rows[at]
 
     def _lookup_now(self, ids: Tensor) -> Tensor:
-        lengths = [torch.full(ids.shape, int(key == ITEM_KEY), dtype=torch.int32, device=ids.device)
+        lengths = [torch.full(ids.shape, int(key == ITEM), dtype=torch.int32, device=ids.device)
                    for key in self.keys]
         features = KeyedJaggedTensor.from_lengths_sync(self.keys, ids, torch.cat(lengths))
-        return self.collection(features)[ITEM_KEY].values()
+        return self.collection(features)[ITEM].values()
 
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -319,7 +321,7 @@ class ShardedItems:
 
     def _count_above(self, vecs: Tensor, target_scores: Tensor, ex_row: Tensor, ex_item: Tensor,
                      item_chunk: int) -> Tensor:
-        weight = self.collection.state_dict()[f"embeddings.{ITEM_KEY}.weight"]
+        weight = self.collection.state_dict()[f"embeddings.{ITEM}.weight"]
         if not isinstance(weight, ShardedTensor):
             raise TypeError(f"item table state is a {type(weight).__name__}, expected a ShardedTensor")
         num_items, dim = weight.size()

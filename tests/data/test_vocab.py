@@ -8,13 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ksa_rec.data.schema import OOV_ID, PAD_ID
 from ksa_rec.data.vocab import Vocab
 from ksa_rec.errors import DataError
 
 
 def test_build_keeps_first_appearance_and_reserves_pad_and_oov():
     vocab = Vocab.build(pl.Series(["b", "a", "b", None, "c"]))
-    assert (Vocab.PAD, Vocab.OOV) == (0, 1)
+    assert (PAD_ID, OOV_ID) == (0, 1)
     assert vocab.raw_ids.to_list() == ["b", "a", "c"]
     assert len(vocab) == 5
     assert "a" in vocab and "z" not in vocab and None not in vocab
@@ -32,7 +33,7 @@ def test_encode_unknown_and_null_to_oov():
     np.testing.assert_array_equal(vocab.encode(["c"]), [4])
     assert vocab.encode([]).shape == (0,)
     ids[0] = 9  # a caller may write into the result
-    np.testing.assert_array_equal(Vocab([]).encode(["a"]), [Vocab.OOV])
+    np.testing.assert_array_equal(Vocab([]).encode(["a"]), [OOV_ID])
 
 
 def test_decode_maps_reserved_ids_to_none():

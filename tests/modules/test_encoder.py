@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ksa_rec.models.config import EncoderConfig
+from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.ops.causal import causal_attention
-from ksa_rec.ops.ksa import ksa_attention
+from ksa_rec.ops.ksa import KsaRule, ksa_attention
 
 PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "mka,full", "fastmka,mka"]
 LENGTHS = [37, 0, 1, 4, 13, 26]
@@ -68,8 +68,7 @@ def test_causal_sdpa_equals_ksa_op_without_window():
     q, k, v = (torch.randn(23, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
     empty = q.new_zeros(0, 2, 8)
     via_sdpa = causal_attention(q, k, v, offsets)
-    via_ksa, _ = ksa_attention(q, k, v, empty, empty, empty, offsets, chunk_size=4, window=None,
-                               summary_tokens=0, backend="torch")
+    via_ksa, _ = ksa_attention(q, k, v, empty, empty, empty, offsets, KsaRule(4, None, 0), backend="torch")
     assert torch.allclose(via_sdpa, via_ksa, atol=1e-12)
 
 

@@ -4,7 +4,9 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from ksa_rec.data.batch import SequenceBatch
-from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
+from ksa_rec.data.schema import DataSpec
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
 from ksa_rec.models.explain import explain_user, plot_explanation
 from ksa_rec.models.seqrec import SeqRecModel
 

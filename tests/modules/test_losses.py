@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from ksa_rec.models.config import LossConfig
+from ksa_rec.modules.losses import LossConfig
 from ksa_rec.modules.losses import full_cross_entropy, sampled_softmax
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from ksa_rec.modules.rope import RotaryEmbedding, apply_rotary
+from ksa_rec.ops.rope import RotaryEmbedding, apply_rotary
 
 
 def test_scores_are_shift_invariant_at_large_positions():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ksa_rec.models.config import EncoderConfig
+from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.utils.jagged import lengths_to_offsets
 
@@ -39,7 +39,7 @@ def _full_pass(enc, tokens, times):
 def _streamed(enc, tokens, times, pieces):
     """``pieces[b]``: list of piece sizes for user b; all users step together, round by round."""
     B = len(tokens)
-    caches = enc.empty_caches(B, torch.float64, "cpu")
+    caches = enc.empty_states(B, torch.float64, "cpu")
     done = [0] * B
     outputs = [[] for _ in range(B)]
     rounds = max(len(p) for p in pieces)
@@ -125,7 +125,7 @@ def _ops_of_one_step(pattern, batch):
     enc = _encoder(pattern)
     tokens, times = _histories([24] * batch)
     _, caches = _streamed(enc, tokens, times, [[20, 3]] * batch)
-    caches = enc.stack_caches([[cache.user(b) for cache in caches] for b in range(batch)])
+    caches = enc.stack_states([[cache.user(b) for cache in caches] for b in range(batch)])
     step = torch.cat([t[23:] for t in tokens]), torch.cat([t[23:] for t in times])
     with _CountOps() as counter:
         enc.step(step[0], lengths_to_offsets(torch.ones(batch, dtype=torch.long)), torch.full((batch,), 23),
@@ -150,6 +150,6 @@ def test_step_and_stack_share_index_tensors_between_layers():
     _, caches = _streamed(enc, tokens, times, [[5, 8], [6]])
     assert caches[0].idx is caches[1].idx and caches[0].sidx is caches[1].sidx
     assert caches[2].idx is not caches[0].idx
-    stacked = enc.stack_caches([[cache.user(b) for cache in caches] for b in range(2)], "cpu")
+    stacked = enc.stack_states([[cache.user(b) for cache in caches] for b in range(2)], "cpu")
     assert stacked[0].offsets is stacked[1].offsets and stacked[0].s_offsets is stacked[1].s_offsets
     assert stacked[2].idx.tolist() == caches[2].idx.tolist()

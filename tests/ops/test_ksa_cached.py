@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from ksa_rec.ops.ksa.cached import ksa_cached_attention
+from ksa_rec.ops.ksa import KsaRule
+from ksa_rec.ops.ksa.cached import KeyRows, QueryRows, ksa_cached_attention
 from ksa_rec.ops.ksa.dense import ksa_dense
 from ksa_rec.ops.ksa.layout import summary_offsets
 from ksa_rec.utils.jagged import lengths_to_offsets
@@ -61,7 +62,7 @@ def test_newest_tokens_against_dense(users, seed, window, S, M):
     k_index = torch.cat([torch.as_tensor(r) - int(offsets[b]) for b, r in enumerate(
         [k_rows[k_off[b]:k_off[b + 1]] for b in range(len(lengths))])])
     s_index = s_rows - torch.cat([torch.full((int(s_off[b + 1] - s_off[b]),), int(s_off[b])) for b in range(len(lengths))])
-    got = ksa_cached_attention(qq, q_offsets, q_index, q_is_sum, kk[k_rows], v[k_rows], k_off, k_index,
-                               ks[s_rows], vs[s_rows], s_offs, s_index, chunk_size=k, window=window,
-                               summary_tokens=S, max_summaries=M)
+    got = ksa_cached_attention(qq, QueryRows(q_offsets, q_index, q_is_sum),
+                               KeyRows(k_off, k_index, kk[k_rows], v[k_rows]),
+                               KeyRows(s_offs, s_index, ks[s_rows], vs[s_rows]), KsaRule(k, window, S, M))
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)

@@ -2,10 +2,8 @@
 of ``ksa_cached_attention`` (``cached.py``, itself checked against the dense oracle in
 ``test_ksa_cached.py``).
 
-CPU: the kernel runs under the Triton interpreter at small sizes (D=16, 1-2 kv heads). Triton chooses
-interpreter or compiler when a function is decorated (its own library too), so ``TRITON_INTERPRET=1``
-is set before the first import of triton; if another module imported triton earlier, the tests run in
-a fresh process instead (``test_in_fresh_interpreter_process``), as in ``test_ksa_triton.py``.
+CPU: the kernel runs under the Triton interpreter at small sizes (D=16, 1-2 kv heads); ``tests/conftest.py``
+sets ``TRITON_INTERPRET=1`` before anything imports triton.
 CUDA: the same tests compiled, plus ``-m gpu`` ones at full size (k=8, W=32, H=8, D=64, histories up
 to 10K) in bf16/fp16 under the 2x rule: kernel error <= 2 x the torch path's error in the same dtype,
 both against the torch path in float64.
@@ -18,69 +16,31 @@ with NaN.
 
 from __future__ import annotations
 
-import importlib
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from ksa_rec.ops.ksa import KsaRule, triton_cached
+from ksa_rec.ops.ksa.cached import KeyRows, QueryRows, ksa_cached_attention
+from ksa_rec.utils.jagged import lengths_to_offsets
 
-from ksa_rec.ops.ksa import triton_cached  # noqa: E402
-from ksa_rec.ops.ksa.cached import ksa_cached_attention  # noqa: E402
-from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
-
-DEVICE = "cuda" if _CUDA else "cpu"
-
-
-def _interpreter_ready() -> bool:
-    """Are triton's library and the kernel interpreted in this process? The kernel module is reloaded
-    if it alone was decorated for the compiler (imported before the variable was set)."""
-    import triton.language.standard as tl_standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl_standard.zeros, InterpretedFunction):
-        return False
-    if not triton_cached._interpreting():
-        importlib.reload(triton_cached)
-    return triton_cached._interpreting()
-
-
-IN_PROCESS = _CUDA or _interpreter_ready()
-
-
-@pytest.fixture(autouse=True)
-def _kernel_here(request):
-    if not IN_PROCESS and request.node.name != "test_in_fresh_interpreter_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: this test runs in "
-                    "test_in_fresh_interpreter_process instead")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the kernel runs in this process")
-def test_in_fresh_interpreter_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _batch(lengths, *, k, S, W, M=None, window_tokens=None, heads=2, kv_heads=None, dim=16, cache="state",
            max_new=3, seed=0):
-    """Random decode step: ``(args, kwargs)`` of ``ksa_cached_attention`` in float64 on DEVICE.
+    """Random decode step: ``(q, queries, events, summaries, rule)`` of ``ksa_cached_attention`` in float64.
 
     User b has ``lengths[b]`` events so far; its newest ``new`` in ``0..max_new`` are queries, plus the
-    S summaries of each chunk they complete. ``cache="state"``: the ring of the last (W+1)*k events
-    (all events for W=None or a token window) and every summary; ``"all"``: every event and summary.
-    Cached rows are shuffled (the rule goes by index, never by position).
+    S summaries of each chunk they complete. ``window_tokens``: a token window of that many events (the
+    swa kind). ``cache="state"``: the ring of the last (W+1)*k events (all events for W=None or a token
+    window) and every summary; ``"all"``: every event and summary. Cached rows are shuffled (the rule goes
+    by index, never by position).
     """
     kv_heads = heads if kv_heads is None else kv_heads
+    rule = (KsaRule(k, W, S, M) if window_tokens is None else KsaRule(k, window_tokens, S, 0, window_unit=1))
     rnd = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     q_idx, q_sum, k_idx, s_idx, q_len, k_len, s_len = [], [], [], [], [], [], []
@@ -111,24 +71,29 @@ def _batch(lengths, *, k, S, W, M=None, window_tokens=None, heads=2, kv_heads=No
     def index(values):
         return torch.tensor(values, dtype=torch.int64).to(DEVICE)
 
-    args = (rand(len(q_idx), heads), offsets(q_len), index(q_idx), torch.tensor(q_sum, dtype=torch.bool).to(DEVICE),
-            rand(len(k_idx), kv_heads), rand(len(k_idx), kv_heads), offsets(k_len), index(k_idx),
-            rand(len(s_idx), kv_heads), rand(len(s_idx), kv_heads), offsets(s_len), index(s_idx))
-    kwargs = dict(chunk_size=k, window=W, summary_tokens=S, max_summaries=M, window_tokens=window_tokens)
-    return args, kwargs
+    queries = QueryRows(offsets(q_len), index(q_idx), torch.tensor(q_sum, dtype=torch.bool).to(DEVICE))
+    events = KeyRows(offsets(k_len), index(k_idx), rand(len(k_idx), kv_heads), rand(len(k_idx), kv_heads))
+    summaries = KeyRows(offsets(s_len), index(s_idx), rand(len(s_idx), kv_heads), rand(len(s_idx), kv_heads))
+    return rand(len(q_idx), heads), queries, events, summaries, rule
 
 
-def _kernel(args, kwargs, dtype, **config):
-    cast = [a.to(dtype) if a.is_floating_point() else a for a in args]
+def _cast(case, dtype):
+    """The case with every K/V and the queries in ``dtype`` (identities unchanged)."""
+    q, queries, events, summaries, rule = case
+    return (q.to(dtype), queries, replace(events, k=events.k.to(dtype), v=events.v.to(dtype)),
+            replace(summaries, k=summaries.k.to(dtype), v=summaries.v.to(dtype)), rule)
+
+
+def _kernel(case, dtype, **config):
     cfg = triton_cached.CachedTritonConfig(nan_fill=True, **config)
-    return triton_cached.ksa_cached_attention_triton(*cast, **kwargs, config=cfg)
+    return triton_cached.ksa_cached_attention_triton(*_cast(case, dtype), config=cfg)
 
 
 def _check_fp32(lengths, **kw):
     config = {key: kw.pop(key) for key in ("block_q", "block_n", "num_splits") if key in kw}
-    args, kwargs = _batch(lengths, **kw)
-    want = ksa_cached_attention(*args, **kwargs, backend="torch")
-    got = _kernel(args, kwargs, torch.float32, **config)
+    case = _batch(lengths, **kw)
+    want = ksa_cached_attention(*case, backend="torch")
+    got = _kernel(case, torch.float32, **config)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.isfinite(got).all(), "non-finite output (an element no program wrote?)"
     # fp32 kernel vs float64 torch: observed ~1e-6 at these sizes
@@ -149,8 +114,9 @@ def test_max_summaries(cache):
     _check_fp32(LENGTHS, k=4, S=1, W=1, M=2, cache=cache, seed=5)
 
 
-def test_token_window():
-    _check_fp32(LENGTHS, k=4, S=1, W=None, window_tokens=5, cache="all", seed=6)
+@pytest.mark.parametrize("S", [0, 1])
+def test_token_window(S):
+    _check_fp32(LENGTHS, k=4, S=S, W=None, window_tokens=5, cache="all", seed=6)
 
 
 def test_grouped_query_attention_and_key_splits():
@@ -168,23 +134,23 @@ def test_padded_head_dim():
 
 
 def test_dispatch():
-    args, kwargs = _batch([9, 30], k=4, S=1, W=1, seed=10)
-    want = ksa_cached_attention(*args, **kwargs)  # auto: float64 -> torch everywhere
-    fp32 = [a.float() if a.is_floating_point() else a for a in args]
-    got = ksa_cached_attention(*fp32, **kwargs, backend="triton")
+    case = _batch([9, 30], k=4, S=1, W=1, seed=10)
+    want = ksa_cached_attention(*case)  # auto: float64 -> torch everywhere
+    got = ksa_cached_attention(*_cast(case, torch.float32), backend="triton")
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="backend"):
-        ksa_cached_attention(*args, **kwargs, backend="flex")
+    # flex has no cached form: its step runs the torch path
+    assert torch.equal(ksa_cached_attention(*case, backend="flex"), ksa_cached_attention(*case, backend="torch"))
 
 
 def test_rejects_bad_inputs():
-    args, kwargs = _batch([9, 30], k=4, S=1, W=1, seed=11)
-    f32 = [a.float() if a.is_floating_point() else a for a in args]
+    case = _batch([9, 30], k=4, S=1, W=1, seed=11)
     with pytest.raises(ValueError, match="supports"):
-        triton_cached.ksa_cached_attention_triton(*args, **kwargs)  # float64
+        triton_cached.ksa_cached_attention_triton(*case)  # float64
+    q, queries, events, summaries, rule = _cast(case, torch.float32)
+    three = lambda rows: torch.zeros(rows.k.shape[0], 3, 16, device=DEVICE)  # noqa: E731
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        kv3, kv3_sum = (torch.zeros(f32[i].shape[0], 3, 16, device=DEVICE) for i in (4, 8))
-        triton_cached.ksa_cached_attention_triton(*f32[:4], kv3, kv3, *f32[6:8], kv3_sum, kv3_sum, *f32[10:], **kwargs)
+        triton_cached.ksa_cached_attention_triton(q, queries, replace(events, k=three(events), v=three(events)),
+                                                  replace(summaries, k=three(summaries), v=three(summaries)), rule)
     with pytest.raises(ValueError, match="power of two"):
         triton_cached.CachedTritonConfig(block_n=48)
 
@@ -192,7 +158,7 @@ def test_rejects_bad_inputs():
 # ---- CUDA only: full sizes, bf16 / fp16 ----------------------------------------------------------------
 
 GPU_LENGTHS = [0, 1, 7, 8, 9, 64, 333, 1000, 2500, 10_000, 4097]
-gpu = pytest.mark.skipif(not _CUDA, reason="needs a CUDA device")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.gpu
@@ -200,17 +166,16 @@ gpu = pytest.mark.skipif(not _CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window,S,M,window_tokens,kv_heads,splits", [
     (32, 1, None, None, 8, None), (32, 1, None, None, 2, 4), (32, 1, 5, None, 8, None), (None, 1, None, None, 8, 3),
-    (None, 0, None, 256, 4, None), (0, 2, None, None, 8, 2),
+    (None, 0, None, 256, 4, None), (None, 1, None, 256, 8, None), (0, 2, None, None, 8, 2),
 ])
 def test_gpu_low_precision_within_2x_of_torch(dtype, window, S, M, window_tokens, kv_heads, splits):
-    args, kwargs = _batch(GPU_LENGTHS, k=8, S=S, W=window, M=M, window_tokens=window_tokens, heads=8,
-                          kv_heads=kv_heads, dim=64, max_new=9, seed=21)
+    case = _batch(GPU_LENGTHS, k=8, S=S, W=window, M=M, window_tokens=window_tokens, heads=8,
+                  kv_heads=kv_heads, dim=64, max_new=9, seed=21)
     # the three see the same rounded inputs: the errors compared are those of the computation
-    args = [a.to(dtype).double() if a.is_floating_point() else a for a in args]
-    want = ksa_cached_attention(*args, **kwargs, backend="torch")
-    ref = ksa_cached_attention(*[a.to(dtype) if a.is_floating_point() else a for a in args], **kwargs,
-                               backend="torch")
-    got = _kernel(args, kwargs, dtype, num_splits=splits)
+    case = _cast(_cast(case, dtype), torch.float64)
+    want = ksa_cached_attention(*case, backend="torch")
+    ref = ksa_cached_attention(*_cast(case, dtype), backend="torch")
+    got = _kernel(case, dtype, num_splits=splits)
     assert got.dtype == dtype and torch.isfinite(got).all()
     err = (got.double() - want).abs().max().item()
     ref_err = (ref.double() - want).abs().max().item()
@@ -220,8 +185,7 @@ def test_gpu_low_precision_within_2x_of_torch(dtype, window, S, M, window_tokens
 @pytest.mark.gpu
 @gpu
 def test_gpu_fp32_and_auto_dispatch():
-    args, kwargs = _batch(GPU_LENGTHS, k=8, S=1, W=32, heads=8, kv_heads=2, dim=64, cache="all", seed=22)
-    want = ksa_cached_attention(*args, **kwargs)  # float64: torch path even on CUDA
-    fp32 = [a.float() if a.is_floating_point() else a for a in args]
-    got = ksa_cached_attention(*fp32, **kwargs)  # auto: triton
+    case = _batch(GPU_LENGTHS, k=8, S=1, W=32, heads=8, kv_heads=2, dim=64, cache="all", seed=22)
+    want = ksa_cached_attention(*case)  # float64: torch path even on CUDA
+    got = ksa_cached_attention(*_cast(case, torch.float32))  # auto: triton
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)

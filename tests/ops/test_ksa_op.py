@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import ksa_rec.ops.ksa as ksa_module
 from ksa_rec.ops import ksa_attention
-from ksa_rec.ops.ksa import backend_function, resolve_backend
+from ksa_rec.ops import backend as backend_module
+from ksa_rec.errors import BackendError
+from ksa_rec.ops.backend import resolve_backend
+from ksa_rec.ops.ksa import KsaRule
 from ksa_rec.ops.ksa.dense import ksa_dense, ksa_visibility
 from ksa_rec.ops.ksa.flex import ksa_mask_mod, token_metadata
 from ksa_rec.ops.ksa.layout import summary_offsets
@@ -43,7 +45,12 @@ class Config:
 
     @property
     def kwargs(self) -> dict:
+        """The oracle's arguments (``ksa_dense`` states the rule on its own, independently of ``KsaRule``)."""
         return dict(chunk_size=self.k, window=self.W, summary_tokens=self.S, max_summaries=self.M)
+
+    @property
+    def rule(self) -> KsaRule:
+        return KsaRule(self.k, self.W, self.S, self.M)
 
 
 CONFIGS = [
@@ -103,7 +110,7 @@ def test_torch_backend_matches_dense_forward_and_backward(cfg, dtype, seed):
     inputs, offsets = make_inputs(lengths_for(cfg, rng), cfg, dtype, seed)
     ref = outputs_and_grads(dense_gqa, inputs, offsets, cfg.kwargs, seed)
     for tuning in (BlockTuning(), SMALL_BLOCKS):
-        got = outputs_and_grads(ksa_attention_torch, inputs, offsets, {**cfg.kwargs, "tuning": tuning}, seed)
+        got = outputs_and_grads(ksa_attention_torch, inputs, offsets, {"rule": cfg.rule, "tuning": tuning}, seed)
         for name, a, b in zip(["out", "out_sum"], got[:2], ref[:2]):
             assert torch.isfinite(a).all(), name
             torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"{name} {tuning}: {m}")
@@ -125,7 +132,7 @@ def test_random_configurations_match_dense(seed):
     inputs, offsets = make_inputs(lengths, cfg, torch.float64, seed)
     ref = outputs_and_grads(dense_gqa, inputs, offsets, cfg.kwargs, seed)
     tuning = rng.choice([BlockTuning(), SMALL_BLOCKS])
-    got = outputs_and_grads(ksa_attention_torch, inputs, offsets, {**cfg.kwargs, "tuning": tuning}, seed)
+    got = outputs_and_grads(ksa_attention_torch, inputs, offsets, {"rule": cfg.rule, "tuning": tuning}, seed)
     for a, b in zip([*got[:2], *got[2]], [*ref[:2], *ref[2]]):
         torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"{cfg} {lengths} {tuning}: {m}")
 
@@ -133,8 +140,8 @@ def test_random_configurations_match_dense(seed):
 @pytest.mark.parametrize("cfg", [CONFIGS[2], CONFIGS[6], CONFIGS[11]], ids=str)
 def test_dispatcher_default_on_cpu_is_the_torch_reference(cfg):
     inputs, offsets = make_inputs(lengths_for(cfg, random.Random(5)), cfg, torch.float64, 5)
-    got = ksa_attention(*inputs, offsets, **cfg.kwargs)
-    ref = ksa_attention_torch(*inputs, offsets, **cfg.kwargs)
+    got = ksa_attention(*inputs, offsets, rule=cfg.rule)
+    ref = ksa_attention_torch(*inputs, offsets, rule=cfg.rule)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
 
@@ -142,7 +149,7 @@ def test_dispatcher_default_on_cpu_is_the_torch_reference(cfg):
 def test_scale_argument_is_used():
     cfg = Config(4, 1, 1)
     inputs, offsets = make_inputs([13, 6], cfg, torch.float64, 0)
-    got = ksa_attention(*inputs, offsets, **cfg.kwargs, scale=0.3)
+    got = ksa_attention(*inputs, offsets, rule=cfg.rule, scale=0.3)
     ref = dense_gqa(*inputs, offsets, **cfg.kwargs, scale=0.3)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
@@ -153,7 +160,7 @@ def test_scale_argument_is_used():
 def test_flex_backend_forward_matches_dense_on_cpu(cfg, dtype):
     inputs, offsets = make_inputs(lengths_for(cfg, random.Random(3)), cfg, dtype, 3)
     with torch.no_grad():
-        got = ksa_attention(*inputs, offsets, **cfg.kwargs, backend="flex")
+        got = ksa_attention(*inputs, offsets, rule=cfg.rule, backend="flex")
         ref = dense_gqa(*inputs, offsets, **cfg.kwargs)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **TOL[dtype])
@@ -166,7 +173,7 @@ def test_flex_mask_mod_is_the_section3_rule_on_every_pair(cfg):
     offsets = lengths_to_offsets(torch.tensor([9, 0, 4, 1, 13]))
     tokens = token_metadata(offsets, cfg.k, cfg.S)
     idx = torch.arange(tokens.length)
-    got = ksa_mask_mod(tokens, cfg.W, cfg.M)(0, 0, idx[:, None], idx[None, :])
+    got = ksa_mask_mod(tokens, cfg.rule)(0, 0, idx[:, None], idx[None, :])
 
     want = torch.zeros(tokens.length, tokens.length, dtype=torch.bool)
     s_off = summary_offsets(offsets, cfg.k, cfg.S) + tokens.events
@@ -184,7 +191,7 @@ def test_flex_backend_refuses_backward_on_cpu():
     cfg = Config(4, 1, 1)
     inputs, offsets = make_inputs([9, 5], cfg, torch.float32, 0)
     with pytest.raises(NotImplementedError, match="no backward on CPU.*backend='torch'"):
-        ksa_attention(*inputs, offsets, **cfg.kwargs, backend="flex")
+        ksa_attention(*inputs, offsets, rule=cfg.rule, backend="flex")
 
 
 # ---- properties of the rule ---------------------------------------------------------------------------
@@ -199,11 +206,11 @@ def test_causality_event_j_never_reaches_earlier_events_or_other_chunks_summarie
     n, start = lengths[user], int(offsets[user])
     j = rng.randrange(n)
     with torch.no_grad():
-        out, out_sum = ksa_attention(*inputs, offsets, **cfg.kwargs)
+        out, out_sum = ksa_attention(*inputs, offsets, rule=cfg.rule)
         moved = [x.clone() for x in inputs]
         for x in moved[:3]:
             x[start + j] += torch.randn(x.shape[1:], dtype=x.dtype)
-        out2, out_sum2 = ksa_attention(*moved, offsets, **cfg.kwargs)
+        out2, out_sum2 = ksa_attention(*moved, offsets, rule=cfg.rule)
 
     assert torch.equal(out[:start + j], out2[:start + j])  # other users and earlier events of the user
     assert torch.equal(out[start + n:], out2[start + n:])
@@ -236,7 +243,7 @@ def test_scopes_are_exclusive_window_chunk_raw_older_chunk_summary(backend):
     inputs, offsets = make_inputs([40], cfg, torch.float64, 0)
     k, c, W = cfg.k, 3, cfg.W
     events_of = lambda chunk: slice(chunk * k, (chunk + 1) * k)  # noqa: E731
-    run = lambda xs: ksa_attention(*xs, offsets, **cfg.kwargs, backend=backend)  # noqa: E731
+    run = lambda xs: ksa_attention(*xs, offsets, rule=cfg.rule, backend=backend)  # noqa: E731
     with torch.no_grad():
         out, out_sum = run(inputs)
         # s_c's key/value: invisible to the chunk that still sees chunk c raw, visible one chunk later
@@ -257,8 +264,8 @@ def test_max_summaries_drops_the_oldest_summaries():
     cfg = Config(4, 1, 1, M=2)  # events of chunk x see summaries of chunks x-3, x-2
     inputs, offsets = make_inputs([40], cfg, torch.float64, 1)
     with torch.no_grad():
-        out, _ = ksa_attention(*inputs, offsets, **cfg.kwargs)
-        moved, _ = ksa_attention(*_perturb_rows(inputs, [4, 5], [2]), offsets, **cfg.kwargs)  # s_2
+        out, _ = ksa_attention(*inputs, offsets, rule=cfg.rule)
+        moved, _ = ksa_attention(*_perturb_rows(inputs, [4, 5], [2]), offsets, rule=cfg.rule)  # s_2
     changed = [not torch.equal(moved[x * 4:(x + 1) * 4], out[x * 4:(x + 1) * 4]) for x in range(10)]
     assert changed == [x in (4, 5) for x in range(10)]
 
@@ -271,7 +278,7 @@ def test_no_events_gives_empty_outputs(lengths, backend):
     cfg = Config(4, 1, 2)
     inputs, offsets = make_inputs(lengths, cfg, torch.float32, 0)
     with torch.set_grad_enabled(backend != "flex"):  # flex has no CPU backward
-        out, out_sum = ksa_attention(*inputs, offsets, **cfg.kwargs, backend=backend)
+        out, out_sum = ksa_attention(*inputs, offsets, rule=cfg.rule, backend=backend)
     assert out.shape == (0, 2, 8) and out_sum.shape == (0, 2, 8)
     assert out.dtype == out_sum.dtype == torch.float32
     if backend != "flex":
@@ -282,7 +289,7 @@ def test_no_events_gives_empty_outputs(lengths, backend):
 def test_users_shorter_than_a_chunk_have_no_summaries():
     cfg = Config(8, 1, 1)
     inputs, offsets = make_inputs([3, 7, 1], cfg, torch.float64, 0)
-    out, out_sum = ksa_attention(*inputs, offsets, **cfg.kwargs)
+    out, out_sum = ksa_attention(*inputs, offsets, rule=cfg.rule)
     ref, _ = dense_gqa(*inputs, offsets, **cfg.kwargs)
     assert out_sum.shape == (0, 2, 8)
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
@@ -292,7 +299,7 @@ def _valid():
     cfg = Config(4, 1, 2)
     inputs, offsets = make_inputs([5, 9], cfg, torch.float32, 0)  # 1 + 2 chunks -> Ts = 3
     args = dict(zip(["q", "k", "v", "q_sum", "k_sum", "v_sum"], [x.detach() for x in inputs]))
-    return dict(**args, offsets=offsets, chunk_size=4, window=2, summary_tokens=1)
+    return dict(**args, offsets=offsets, rule=KsaRule(4, 2, 1))
 
 
 def _set(**changes):
@@ -322,15 +329,8 @@ INVALID = [
     ("offsets-float", _with("offsets", lambda o: o.float()), "offsets must be int64"),
     ("offsets-2d", _with("offsets", lambda o: o[None]), "offsets must be a 1-D tensor"),
     ("offsets-list", _with("offsets", lambda o: o.tolist()), "offsets must be a torch.Tensor"),
-    ("chunk_size-0", _set(chunk_size=0), "chunk_size must be >= 1, got 0"),
-    ("chunk_size-float", _set(chunk_size=4.0), "chunk_size must be an int, got 4.0"),
-    ("window-negative", _set(window=-1), "window must be >= 0, got -1"),
-    ("window-bool", _set(window=True), "window must be an int or None"),
-    ("summary_tokens-negative", _set(summary_tokens=-1), "summary_tokens must be >= 0"),
-    ("summary_tokens-divides", _set(summary_tokens=3),
-     "chunk_size \\(4\\) must be a multiple of summary_tokens \\(3\\)"),
-    ("summary_tokens-0-with-rows", _set(summary_tokens=0), "q_sum must have shape \\(0, 2, 8\\)"),
-    ("max_summaries-negative", _set(max_summaries=-2), "max_summaries must be >= 0, got -2"),
+    ("summary_tokens-0-with-rows", _set(rule=KsaRule(4, 2, 0)), "q_sum must have shape \\(0, 2, 8\\)"),
+    ("rule-type", _set(rule=dict(chunk_size=4, window=2)), "rule must be a KsaRule, got dict"),
     ("scale-nan", _set(scale=math.nan), "scale must be a finite float or None"),
     ("scale-str", _set(scale="0.1"), "scale must be a finite float or None"),
     ("backend", _set(backend="cuda"), "backend must be None \\(auto\\) or one of"),
@@ -346,6 +346,27 @@ def test_invalid_input_is_a_one_line_value_error_naming_the_argument(mutate, mat
     assert "\n" not in str(err.value)
 
 
+RULE_INVALID = [
+    ("chunk_size-0", dict(chunk_size=0), "chunk_size must be >= 1, got 0"),
+    ("chunk_size-float", dict(chunk_size=4.0), "chunk_size must be an int, got 4.0"),
+    ("window-negative", dict(window=-1), "window must be >= 0, got -1"),
+    ("window-bool", dict(window=True), "window must be an int or None"),
+    ("summary_tokens-negative", dict(summary_tokens=-1), "summary_tokens must be >= 0"),
+    ("summary_tokens-divides", dict(summary_tokens=3),
+     "chunk_size \\(4\\) must be a multiple of summary_tokens \\(3\\)"),
+    ("max_summaries-negative", dict(max_summaries=-2), "max_summaries must be >= 0, got -2"),
+    ("window_unit-0", dict(window_unit=0, max_summaries=0), "window_unit must be >= 1, got 0"),
+    ("token-window-with-summaries", dict(window_unit=1), "a window of window_unit=1 events .* set max_summaries=0"),
+]
+
+
+@pytest.mark.parametrize("changes, match", [(c, m) for _, c, m in RULE_INVALID], ids=[i for i, _, _ in RULE_INVALID])
+def test_invalid_rule_is_a_one_line_value_error_naming_the_field(changes, match):
+    with pytest.raises(ValueError, match=f"^KsaRule: {match}") as err:
+        KsaRule(**{**dict(chunk_size=4, window=2, summary_tokens=1), **changes})
+    assert "\n" not in str(err.value)
+
+
 def test_valid_baseline_of_the_invalid_cases_runs():
     args = _valid()
     tensors = [args.pop(name) for name in ("q", "k", "v", "q_sum", "k_sum", "v_sum", "offsets")]
@@ -358,26 +379,39 @@ def test_valid_baseline_of_the_invalid_cases_runs():
 def test_auto_backend_rule(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend(None, cpu, torch.float32) == "torch"
-    monkeypatch.setattr(ksa_module, "triton_available", lambda: True)
+    monkeypatch.setattr(backend_module, "triton_import_error", lambda: None)
     assert resolve_backend(None, cuda, torch.bfloat16) == "triton"
+    assert resolve_backend(None, cuda, torch.bfloat16, "step") == "triton"
     assert resolve_backend(None, cuda, torch.float64) == "flex"  # the kernels have no float64
-    monkeypatch.setattr(ksa_module, "triton_available", lambda: False)
+    assert resolve_backend(None, cuda, torch.float64, "step") == "torch"  # the step has no flex form
+    monkeypatch.setattr(backend_module, "triton_import_error", lambda: "ImportError: no triton")
     assert resolve_backend(None, cuda, torch.float32) == "flex"
     assert resolve_backend("flex", cpu, torch.float32) == "flex"
+    assert resolve_backend("flex", cpu, torch.float32, "step") == "torch"
+
+
+def test_auto_fallback_is_logged_once_with_the_reason(monkeypatch, caplog):
+    monkeypatch.setattr(backend_module, "triton_import_error", lambda: "ImportError: no triton here")
+    backend_module._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="ksa_rec.ops.backend"):
+        for _ in range(3):
+            assert resolve_backend(None, torch.device("cuda"), torch.float32) == "flex"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["Triton kernels unavailable (ImportError: no triton here); the train path runs on flex"]
 
 
 def test_triton_backend_needs_cuda_inputs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = _valid()
     tensors = [args.pop(name) for name in ("q", "k", "v", "q_sum", "k_sum", "v_sum", "offsets")]
-    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got q on cpu"):
+    with pytest.raises(BackendError, match="^attention backend 'triton' needs a CUDA device, got cpu"):
         ksa_attention(*tensors, **args, backend="triton")
 
 
-def test_triton_backend_import_failure_is_explained(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ksa_rec.ops.ksa.triton_op", None)  # makes the import fail
-    with pytest.raises(ImportError, match="backend='triton' is unavailable: importing .*triton_op failed"):
-        backend_function("triton")
+def test_explicit_triton_that_does_not_import_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(backend_module, "triton_import_error", lambda: "ImportError: no module named triton")
+    with pytest.raises(BackendError, match="^attention backend 'triton' is unavailable: ImportError: no module"):
+        resolve_backend("triton", torch.device("cuda"), torch.float32)
 
 
 # ---- a long user: no dense mask, bounded memory -------------------------------------------------------
@@ -399,7 +433,7 @@ def test_long_user_matches_direct_rows():
     cfg, n = Config(8, 1, 32), 16384
     inputs, offsets = make_inputs([n], cfg, torch.float64, 0, D=16)
     q, k, v, q_sum, k_sum, v_sum = (x.detach() for x in inputs)
-    out, out_sum = ksa_attention(q, k, v, q_sum, k_sum, v_sum, offsets, **cfg.kwargs)
+    out, out_sum = ksa_attention(q, k, v, q_sum, k_sum, v_sum, offsets, rule=cfg.rule)
     rows = [0, 7, 8, 300, 263, 264, 4097, n - 9, n - 1] + random.Random(0).sample(range(n), 6)
     direct = _direct_rows(q, k, v, k_sum, v_sum, rows, cfg)
     torch.testing.assert_close(out[rows], direct, **TOL[torch.float64])
@@ -413,13 +447,14 @@ def test_long_user_matches_direct_rows():
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, torch
     from ksa_rec.ops import ksa_attention
+    from ksa_rec.ops.ksa import KsaRule
     n, H, D = {n}, 2, 16
     gen = torch.Generator().manual_seed(0)
     ev = [torch.randn(n, H, D, generator=gen).requires_grad_() for _ in range(3)]
     sm = [torch.randn(n // 8, H, D, generator=gen).requires_grad_() for _ in range(3)]
     offsets = torch.tensor([0, n])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out, out_sum = ksa_attention(*ev, *sm, offsets, chunk_size=8, window=32, summary_tokens=1)
+    out, out_sum = ksa_attention(*ev, *sm, offsets, KsaRule(8, 32, 1))
     (out.square().sum() + out_sum.square().sum()).backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(extra_mb=(after - before) / 1024, finite=bool(torch.isfinite(ev[0].grad).all()))))
@@ -457,12 +492,12 @@ def _to_cuda(inputs, dtype):
 def test_gpu_backend_matches_torch_reference(cfg, backend):
     """Against the torch reference in float64: float32 to 1e-4 (tiled fp32 sums in another order);
     bf16 error at most 2x that of the torch reference run in bf16, plus 1e-2 (ARCHITECTURE.md rule)."""
-    if backend == "triton" and not ksa_module.triton_available():
+    if backend == "triton" and backend_module.triton_import_error() is not None:
         pytest.fail("backend='triton' does not import on this CUDA machine")
     inputs, offsets = make_inputs(lengths_for(cfg, random.Random(0)) + [1500], cfg, torch.float32, 0, D=32)
     offsets = offsets.cuda()
     run = lambda xs, b: outputs_and_grads(  # noqa: E731
-        lambda *a, **kw: ksa_attention(*a, **kw, backend=b), xs, offsets, cfg.kwargs, 0)
+        lambda *a, **kw: ksa_attention(*a, **kw, backend=b), xs, offsets, {"rule": cfg.rule}, 0)
     exact = run(_to_cuda(inputs, torch.float64), "torch")
     got32 = run(_to_cuda(inputs, torch.float32), backend)
     for a, b in zip([*got32[:2], *got32[2]], [*exact[:2], *exact[2]]):

@@ -1,11 +1,8 @@
 """KSA Triton kernels (``ksa_rec/ops/ksa/triton_op.py``) against the dense oracle ``ksa_dense``.
 
 CPU: the kernels run under the Triton interpreter at small sizes (D=16, 1-2 heads, 16-row tiles via
-a test-only ``KsaTritonConfig``). Triton chooses interpreter or compiler when a function is decorated,
-its own library (``tl.zeros``, ...) included, so ``TRITON_INTERPRET=1`` is set here before the first
-import of triton. If another test module imported triton earlier, the kernel tests of this module
-run instead in a fresh interpreter process (``test_in_fresh_interpreter_process``) and the in-process
-copies skip with a pointer to it. Without CUDA and without a working interpreter the tests fail.
+a test-only ``KsaTritonConfig``); ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything
+imports triton (Triton picks interpreter or compiler when a kernel is decorated).
 CUDA: the same tests compiled, plus ``-m gpu`` ones at full sizes with the default tiles, bf16 and
 fp16 under the 2x rule, and bitwise determinism.
 
@@ -15,7 +12,6 @@ outputs and gradients pre-filled with NaN (``nan_fill``) so an element no progra
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -25,49 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ksa_rec.ops.ksa import KsaRule, triton_op
+from ksa_rec.ops.ksa.dense import ksa_dense
+from ksa_rec.ops.ksa.layout import summary_offsets
+from ksa_rec.utils.jagged import lengths_to_offsets
+
 _CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from ksa_rec.ops.ksa import triton_bwd, triton_fwd, triton_op  # noqa: E402
-from ksa_rec.ops.ksa.dense import ksa_dense  # noqa: E402
-from ksa_rec.ops.ksa.layout import summary_offsets  # noqa: E402
-from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
-
 DEVICE = "cuda" if _CUDA else "cpu"
-
-
-def _interpreter_ready() -> bool:
-    """Are triton's library and our kernels interpreted in this process? Our modules are reloaded if
-    they alone were decorated for the compiler (imported before the variable was set)."""
-    import triton.language.standard as tl_standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl_standard.zeros, InterpretedFunction):
-        return False
-    if not triton_op._interpreting():
-        for module in (triton_fwd, triton_bwd, triton_op):
-            importlib.reload(module)
-    return triton_op._interpreting()
-
-
-IN_PROCESS = _CUDA or _interpreter_ready()
-
-
-@pytest.fixture(autouse=True)
-def _kernels_here(request):
-    if not IN_PROCESS and request.node.name != "test_in_fresh_interpreter_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: this test runs in "
-                    "test_in_fresh_interpreter_process instead")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
-def test_in_fresh_interpreter_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
 
 
 def _small_config(**overrides) -> "triton_op.KsaTritonConfig":
@@ -100,9 +60,13 @@ def _oracle(tensors, offsets, grads, **kw):
     return [o.detach() for o in out], [t.grad for t in leaves]
 
 
+def _rule(chunk_size, window, summary_tokens=1, max_summaries=None, window_unit=None) -> KsaRule:
+    return KsaRule(chunk_size, window, summary_tokens, max_summaries, window_unit)
+
+
 def _kernel(tensors, offsets, grads, dtype, config, **kw):
     leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
-    out = triton_op.ksa_attention_triton(*leaves, offsets, config=config, **kw)
+    out = triton_op.ksa_attention_triton(*leaves, offsets, _rule(**kw), config=config)
     _backward(out, [g.to(dtype) for g in grads])
     return [o.detach() for o in out], [t.grad for t in leaves]
 
@@ -114,9 +78,9 @@ def _backward(out, grads):
 
 
 def _check_fp32(lengths, *, chunk, window, sums, max_summaries=None, config=None, heads=2, kv_heads=None, dim=16,
-                seed=0):
+                seed=0, window_unit=None):
     tensors, offsets = _inputs(lengths, chunk, sums, heads, kv_heads, dim, seed)
-    kw = dict(chunk_size=chunk, window=window, summary_tokens=sums, max_summaries=max_summaries)
+    kw = dict(chunk_size=chunk, window=window, summary_tokens=sums, max_summaries=max_summaries, window_unit=window_unit)
     gen = torch.Generator().manual_seed(seed + 1)
     grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(DEVICE) for t in (tensors[0], tensors[3])]
     want_out, want_grad = _oracle(tensors, offsets, grads, **kw)
@@ -172,10 +136,16 @@ def test_padded_head_dim():
     _check_fp32([9, 30], chunk=4, window=1, sums=1, dim=20)
 
 
+@pytest.mark.parametrize("sums", [0, 1, 2])
+def test_token_window_with_and_without_summaries(sums):
+    """The swa kind's rule: events see the last W events (window_unit 1), summaries their own chunk."""
+    _check_fp32(MIXED, chunk=4, window=6, sums=sums, max_summaries=0, window_unit=1)
+
+
 def test_no_complete_chunk_and_empty_batch():
     _check_fp32([1, 3, 2], chunk=4, window=1, sums=1)  # Ts = 0 with S = 1
     tensors, offsets = _inputs([0, 0], 4, 1)
-    out, out_s = triton_op.ksa_attention_triton(*[t.float() for t in tensors], offsets, chunk_size=4, window=1)
+    out, out_s = triton_op.ksa_attention_triton(*[t.float() for t in tensors], offsets, KsaRule(4, 1))
     assert out.shape == (0, 2, 16) and out_s.shape == (0, 2, 16)
 
 
@@ -187,7 +157,7 @@ def test_strided_inputs():
     fused_s = torch.cat(tensors[3:], dim=1)
     views = [*fused.float().split(2, dim=1), *fused_s.float().split(2, dim=1)]
     assert views[0].stride(0) == 3 * 2 * 16
-    got = triton_op.ksa_attention_triton(*views, offsets, chunk_size=chunk, window=1, config=_small_config())
+    got = triton_op.ksa_attention_triton(*views, offsets, KsaRule(chunk, 1), config=_small_config())
     want = ksa_dense(*tensors, offsets, chunk_size=chunk, window=1)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
@@ -198,14 +168,14 @@ def test_rejects_bad_inputs():
     f32 = [t.float() for t in tensors]
     with pytest.raises(ValueError, match="head dims up to 128"):
         big = [torch.zeros(t.shape[0], t.shape[1], 160, device=DEVICE) for t in f32]
-        triton_op.ksa_attention_triton(*big, offsets, chunk_size=4, window=1)
+        triton_op.ksa_attention_triton(*big, offsets, KsaRule(4, 1))
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         kv3 = torch.zeros(f32[1].shape[0], 3, 16, device=DEVICE)
-        triton_op.ksa_attention_triton(f32[0], kv3, kv3, *f32[3:], offsets, chunk_size=4, window=1)
+        triton_op.ksa_attention_triton(f32[0], kv3, kv3, *f32[3:], offsets, KsaRule(4, 1))
     with pytest.raises(ValueError, match="supports"):
-        triton_op.ksa_attention_triton(*tensors, offsets, chunk_size=4, window=1)  # float64
-    with pytest.raises(ValueError, match="window"):
-        triton_op.ksa_attention_triton(*f32, offsets, chunk_size=4, window=-1)
+        triton_op.ksa_attention_triton(*tensors, offsets, KsaRule(4, 1))  # float64
+    with pytest.raises(ValueError, match="summary_tokens=0 but 3 summary rows"):
+        triton_op.ksa_attention_triton(*f32, offsets, KsaRule(4, 1, 0))
     with pytest.raises(ValueError, match="KsaTritonConfig.block_m"):
         triton_op.KsaTritonConfig(block_m=48)
 
@@ -245,7 +215,8 @@ def compile_for_sm90(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 for sums, has_sum, group in ((1, True, 1), (0, False, 2)):
-    common = dict(GROUP=group, CHUNK=8, SUMS=sums, HEAD_DIM=64, HAS_SUM=has_sum, DOT_PREC=None, INTERPRET=False)
+    common = dict(GROUP=group, CHUNK=8, SUMS=sums, UNIT=8, HEAD_DIM=64, HAS_SUM=has_sum, DOT_PREC=None,
+                  INTERPRET=False)
     kernels = [(ksa_fwd_kernel, dict(H=8, BLOCK_M=128, BLOCK_N=64, SUM_BLOCK=16, **common)),
                (ksa_bwd_dq_kernel, dict(H=8, BLOCK_M=128, BLOCK_N=32, SUM_BLOCK=16, **common))]
     kernels += [(ksa_bwd_dkdv_kernel, dict(HK=8 // group, BLOCK_N=128, BLOCK_M=32, ATOMIC_DQ=atomic, **common))
@@ -255,7 +226,7 @@ for sums, has_sum, group in ((1, True, 1), (0, False, 2)):
         assert "wgmma.mma_async" in compiled.asm["ptx"], kernel.fn.__name__  # the Hopper tensor-core path
 compile_for_sm90(ksa_bwd_preprocess_kernel, dict(H=8, HEAD_DIM=64, BLOCK=64), 4, 1)
 for kind in (1, 2):
-    compile_for_sm90(ksa_plan_kernel, dict(BLOCK=128, CHUNK=8, SUMS=1, KIND=kind, HAS_SUM=True, TILE=256,
+    compile_for_sm90(ksa_plan_kernel, dict(BLOCK=128, CHUNK=8, SUMS=1, UNIT=8, KIND=kind, HAS_SUM=True, TILE=256,
                                            INTERPRET=False), 4, 1)
 """
 

@@ -40,7 +40,9 @@ from torchrec.optim import RowWiseAdagrad
 
 from ksa_rec.cli import main as cli_main
 from ksa_rec.data.batch import SequenceBatch
-from ksa_rec.models.config import DataSpec, EncoderConfig, LossConfig
+from ksa_rec.data.schema import DataSpec
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
 from ksa_rec.modules.losses import sampled_softmax
 from ksa_rec.training.metrics import target_ranks
 from ksa_rec.training.module import OptimConfig, RecModule

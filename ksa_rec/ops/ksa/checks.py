@@ -11,18 +11,8 @@ import math
 from torch import Tensor
 
 from ksa_rec.ops.ksa.layout import num_chunks
+from ksa_rec.ops.ksa.rule import KsaRule
 from ksa_rec.utils.jagged import offsets_to_lengths, validate_offsets
-
-
-def check_int(op: str, name: str, value, *, minimum: int, allow_none: bool = False) -> None:
-    """``value`` must be a Python/NumPy integer (not a bool) ``>= minimum``, or ``None`` if allowed."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        expected = "an int or None" if allow_none else "an int"
-        raise ValueError(f"{op}: {name} must be {expected}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
 
 
 def check_scale(op: str, scale) -> None:
@@ -84,23 +74,18 @@ def check_event_inputs(op: str, q, k, v, offsets, check_offsets: bool = True) ->
         raise ValueError(f"{op}: {err}") from None
 
 
-def check_ksa_inputs(q, k, v, q_sum, k_sum, v_sum, offsets, *, chunk_size, window, summary_tokens,
-                     scale, max_summaries, op: str = "ksa_attention", check_offsets: bool = True) -> None:
+def check_ksa_inputs(q, k, v, q_sum, k_sum, v_sum, offsets, rule, *, scale, op: str = "ksa_attention",
+                     check_offsets: bool = True) -> None:
     """Validate the full contract of ``ksa_attention`` (see there); raise a one-line ``ValueError``."""
-    check_int(op, "chunk_size", chunk_size, minimum=1)
-    check_int(op, "window", window, minimum=0, allow_none=True)
-    check_int(op, "summary_tokens", summary_tokens, minimum=0)
-    check_int(op, "max_summaries", max_summaries, minimum=0, allow_none=True)
-    if summary_tokens and chunk_size % summary_tokens:
-        raise ValueError(f"{op}: chunk_size ({chunk_size}) must be a multiple of summary_tokens "
-                         f"({summary_tokens})")
+    if not isinstance(rule, KsaRule):
+        raise ValueError(f"{op}: rule must be a KsaRule, got {type(rule).__name__}")
     check_scale(op, scale)
     check_event_inputs(op, q, k, v, offsets, check_offsets)
     for name, x in (("q_sum", q_sum), ("k_sum", k_sum), ("v_sum", v_sum)):
         _check_stream(op, name, x, q)
     if not check_offsets:
         return
-    expected = int((summary_tokens * num_chunks(offsets_to_lengths(offsets.long()), chunk_size)).sum())
+    expected = int((rule.summary_tokens * num_chunks(offsets_to_lengths(offsets.long()), rule.chunk_size)).sum())
     what = "summary_tokens * sum(n_b // chunk_size) rows, heads of q/k"
     _check_shape(op, "q_sum", q_sum, expected, q.shape[1], q.shape[2], what)
     _check_shape(op, "k_sum", k_sum, expected, k.shape[1], q.shape[2], what)

@@ -1,7 +1,8 @@
 """Brute-force KSA: builds the dense visibility mask of KSA.md section 3 per user. Test oracle only.
 
-It is written to be obviously right, not fast: O(n^2) memory per user. Production code calls
-``ksa_rec.ops.ksa_attention``; tests compare every backend of that op against ``ksa_dense``.
+It is written to be obviously right, not fast: O(n^2) memory per user, and it states the rule on its own
+(it does not use ``KsaRule``), so that tests comparing every backend against ``ksa_dense`` check the rule
+object too. Production code calls ``ksa_rec.ops.ksa_attention``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from ksa_rec.ops.ksa.layout import summary_offsets
 
 
 def ksa_visibility(n: int, chunk_size: int, window: int | None, summary_tokens: int,
-                   max_summaries: int | None = None, device=None) -> Tensor:
+                   max_summaries: int | None = None, device=None, window_unit: int | None = None) -> Tensor:
     """Dense boolean mask ``[n + S*C, n + S*C]`` (rows: queries, cols: keys) for one user.
 
-    Token order inside the mask: the n events, then the summaries chunk-major, slot-minor.
+    Token order inside the mask: the n events, then the summaries chunk-major, slot-minor. ``window_unit``
+    u (default k): an event sees the events ``j <= i`` with ``i // u - j // u <= W``; with ``u != k`` (a
+    token window for u = 1) events see no summaries.
     """
     k, S = chunk_size, summary_tokens
     C = n // k
@@ -29,9 +32,11 @@ def ksa_visibility(n: int, chunk_size: int, window: int | None, summary_tokens: 
     W = math.inf if window is None else window
     M = math.inf if max_summaries is None else max_summaries
 
-    ev_ev = (i[None, :] <= i[:, None]) & ((ci[:, None] - ci[None, :]) <= W)
+    u = k if window_unit is None else window_unit
+    ui = torch.div(i, u, rounding_mode="floor")
+    ev_ev = (i[None, :] <= i[:, None]) & ((ui[:, None] - ui[None, :]) <= W)
     gap = ci[:, None] - sc[None, :]  # c(i) - c
-    ev_sum = (gap > W) & (gap <= W + M)
+    ev_sum = (gap > W) & (gap <= W + M) & (u == k)
     sum_ev = sc[:, None] == ci[None, :]
     sum_sum = (sc[:, None] == sc[None, :]) & (sj[None, :] <= sj[:, None])
     top = torch.cat([ev_ev, ev_sum], dim=1)
@@ -41,7 +46,8 @@ def ksa_visibility(n: int, chunk_size: int, window: int | None, summary_tokens: 
 
 def ksa_dense(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_sum: Tensor,
               offsets: Tensor, *, chunk_size: int, window: int | None, summary_tokens: int = 1,
-              scale: float | None = None, max_summaries: int | None = None) -> tuple[Tensor, Tensor]:
+              scale: float | None = None, max_summaries: int | None = None,
+              window_unit: int | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as ``ksa_rec.ops.ksa_attention`` (see there), computed with dense masks.
 
     Shapes: q, k, v ``[T, H, D]``; q_sum, k_sum, v_sum ``[Ts, H, D]``; offsets int64 ``[B+1]``.
@@ -56,7 +62,7 @@ def ksa_dense(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_s
         qq = torch.cat([q[e0:e1], q_sum[s0:s1]])
         kk = torch.cat([k[e0:e1], k_sum[s0:s1]])
         vv = torch.cat([v[e0:e1], v_sum[s0:s1]])
-        mask = ksa_visibility(e1 - e0, chunk_size, window, summary_tokens, max_summaries, q.device)
+        mask = ksa_visibility(e1 - e0, chunk_size, window, summary_tokens, max_summaries, q.device, window_unit)
         scores = torch.einsum("qhd,khd->hqk", qq, kk) * scale
         scores = scores.masked_fill(~mask, float("-inf"))
         o = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vv)

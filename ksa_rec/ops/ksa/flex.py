@@ -5,15 +5,14 @@ streams concatenated, padded to a multiple of flex's 128-token block. Every toke
 
     user   owning user (-1 for padding: padding only sees padding, so no row is empty)
     kind   False = event, True = summary
-    pos    event index within its user, or the slot j of a summary
-    chunk  c(i) = i // k for an event, c for summary s_{c,j}
+    ident  event index within its user, or the summary id c*S + j
 
-and ``mask_mod`` evaluates the exact rule of KSA.md section 3 on two tokens. Summaries of a user are
+and ``mask_mod`` is ``KsaRule.visible`` on two tokens of the same user. Summaries of a user are
 contiguous in the packing (KSA.md section 5), so event->old-summary attention is a dense band of blocks
 and ``create_block_mask`` skips everything else.
 
 Costs and caching: the block mask depends on the batch lengths; it is built per distinct
-``(offsets, chunk_size, window, summary_tokens, max_summaries)`` and kept in a small LRU cache, so the
+``(offsets, rule)`` and kept in a small LRU cache, so the
 layers of one forward pass share it (with ``_compile=True`` on CUDA the build never materialises an
 ``L x L`` mask). ``flex_attention`` itself is ``torch.compile``-d once per process, lazily; new lengths
 may recompile until torch marks the shapes dynamic.
@@ -34,6 +33,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ksa_rec.ops.ksa.layout import summary_index
+from ksa_rec.ops.ksa.rule import KsaRule
 from ksa_rec.utils.jagged import positions_in_segment, segment_ids
 
 FLEX_BLOCK = 128
@@ -45,8 +45,7 @@ class Tokens:
 
     user: Tensor
     kind: Tensor
-    pos: Tensor
-    chunk: Tensor
+    ident: Tensor
     events: int  # T
     summaries: int  # Ts
 
@@ -56,8 +55,7 @@ class Tokens:
 
 
 def ksa_attention_flex(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_sum: Tensor,
-                       offsets: Tensor, *, chunk_size: int, window: int | None, summary_tokens: int = 1,
-                       scale: float | None = None, max_summaries: int | None = None) -> tuple[Tensor, Tensor]:
+                       offsets: Tensor, rule: KsaRule, *, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """KSA with FlexAttention; contract of ``ksa_rec.ops.ksa_attention`` (inputs assumed valid).
 
     Shapes: q ``(sum_b n_b, H, D)``, k, v ``(sum_b n_b, Hkv, D)``; q_sum ``(sum_b S*(n_b//k), H, D)``,
@@ -71,8 +69,7 @@ def ksa_attention_flex(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Te
             x.requires_grad for x in (q, k, v, q_sum, k_sum, v_sum)):
         raise NotImplementedError("ksa_attention backend='flex': FlexAttention has no backward on CPU in "
                                   f"torch {torch.__version__}; use backend='torch' on CPU")
-    mask = ksa_block_mask(tuple(offsets.tolist()), str(q.device), chunk_size, window, summary_tokens,
-                          max_summaries)
+    mask = ksa_block_mask(tuple(offsets.tolist()), str(q.device), rule)
     total, rows = q.shape[0], q.shape[0] + q_sum.shape[0]
     padding = mask.shape[-2] - rows
 
@@ -103,41 +100,25 @@ def token_metadata(offsets: Tensor, chunk_size: int, summary_tokens: int,
     kind = torch.zeros(rows + padding, dtype=torch.bool, device=dev)
     kind[total:rows] = True
     return Tokens(user=packed(segment_ids(offsets, total), user_s, -1), kind=kind,
-                  pos=packed(pos_e, slot_s, 0), chunk=packed(pos_e // chunk_size, chunk_s, 0),
-                  events=total, summaries=user_s.numel())
+                  ident=packed(pos_e, chunk_s * summary_tokens + slot_s, 0), events=total, summaries=user_s.numel())
 
 
-def ksa_mask_mod(tokens: Tokens, window: int | None, max_summaries: int | None):
-    """``mask_mod(b, h, q_idx, kv_idx) -> bool``: KSA.md section 3 on the packed tokens.
-
-    ``window`` / ``max_summaries`` None become ``L``, larger than any chunk distance, so the integer
-    arithmetic stays the same (and ``W + M`` cannot overflow int32).
-    """
-    W = tokens.length if window is None else window
-    M = tokens.length if max_summaries is None else max_summaries
-    user, kind, pos, chunk = tokens.user, tokens.kind, tokens.pos, tokens.chunk
+def ksa_mask_mod(tokens: Tokens, rule: KsaRule):
+    """``mask_mod(b, h, q_idx, kv_idx) -> bool``: ``rule`` on two packed tokens of the same user."""
+    user, kind, ident = tokens.user, tokens.kind, tokens.ident
 
     def mask_mod(b, h, q_idx, kv_idx):
-        gap = chunk[q_idx] - chunk[kv_idx]  # c(query) - c(key)
-        causal = pos[kv_idx] <= pos[q_idx]  # event index, or slot between two summaries
-        event_event = causal & (gap <= W)
-        event_summary = (gap > W) & (gap <= W + M)
-        summary_event = gap == 0
-        summary_summary = (gap == 0) & causal
-        from_summary = torch.where(kind[kv_idx], summary_summary, summary_event)
-        from_event = torch.where(kind[kv_idx], event_summary, event_event)
-        return (user[q_idx] == user[kv_idx]) & torch.where(kind[q_idx], from_summary, from_event)
+        return (user[q_idx] == user[kv_idx]) & rule.visible(ident[q_idx], kind[q_idx], ident[kv_idx], kind[kv_idx])
 
     return mask_mod
 
 
 @functools.lru_cache(maxsize=8)
-def ksa_block_mask(offsets: tuple[int, ...], device: str, chunk_size: int, window: int | None,
-                   summary_tokens: int, max_summaries: int | None) -> BlockMask:
+def ksa_block_mask(offsets: tuple[int, ...], device: str, rule: KsaRule) -> BlockMask:
     """Block mask of one batch layout (``offsets`` as a tuple: hashable, cached across layers)."""
     offsets_t = torch.tensor(offsets, dtype=torch.int64, device=device)
-    tokens = token_metadata(offsets_t, chunk_size, summary_tokens)
-    mask_mod = ksa_mask_mod(tokens, window, max_summaries)
+    tokens = token_metadata(offsets_t, rule.chunk_size, rule.summary_tokens)
+    mask_mod = ksa_mask_mod(tokens, rule)
     on_cuda = offsets_t.device.type == "cuda"
     return create_block_mask(mask_mod, None, None, tokens.length, tokens.length, device=device,
                              BLOCK_SIZE=FLEX_BLOCK, _compile=on_cuda)

@@ -36,13 +36,7 @@ def summary_index(offsets: Tensor, chunk_size: int, summary_tokens: int) -> tupl
     return user, torch.div(local, summary_tokens, rounding_mode="floor"), local % summary_tokens
 
 
-def summary_event_positions(offsets: Tensor, chunk_size: int, summary_tokens: int) -> Tensor:
-    """Index within its user of the event whose position a summary takes (KSA.md section 4), ``[Ts]``.
-
-    Summary ``s_{c,j}`` takes the position of the last event of the j-th of S equal slices of chunk c:
-    ``c*k + (j+1)*(k//S) - 1`` (``k % S == 0`` is required).
-    """
-    if chunk_size % summary_tokens:
-        raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of summary_tokens ({summary_tokens})")
-    _, chunk, slot = summary_index(offsets, chunk_size, summary_tokens)
+def summary_position(chunk: Tensor, slot: Tensor, chunk_size: int, summary_tokens: int) -> Tensor:
+    """Index within its user of the event whose position summary ``s_{c,j}`` takes (KSA.md section 4): the
+    last event of the j-th of S equal slices of chunk c, ``c*k + (j+1)*(k//S) - 1`` (``k % S == 0``)."""
     return chunk * chunk_size + (slot + 1) * (chunk_size // summary_tokens) - 1

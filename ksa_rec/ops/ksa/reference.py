@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ksa_rec.ops.ksa.layout import summary_index, summary_offsets
+from ksa_rec.ops.ksa.rule import KsaRule
 from ksa_rec.utils.jagged import offsets_to_lengths, positions_in_segment, segment_ids
 
 
@@ -53,8 +54,7 @@ class BlockTuning:
 
 
 def ksa_attention_torch(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_sum: Tensor,
-                        offsets: Tensor, *, chunk_size: int, window: int | None, summary_tokens: int = 1,
-                        scale: float | None = None, max_summaries: int | None = None,
+                        offsets: Tensor, rule: KsaRule, *, scale: float | None = None,
                         tuning: BlockTuning = BlockTuning()) -> tuple[Tensor, Tensor]:
     """KSA forward (differentiable) in plain torch; contract of ``ksa_rec.ops.ksa_attention``.
 
@@ -66,9 +66,8 @@ def ksa_attention_torch(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: T
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     offsets = offsets.long()
-    rule = EventRule(chunk_size, window, summary_tokens, max_summaries)
-    out = _event_queries(q, k, v, k_sum, v_sum, offsets, rule, scale, tuning)
-    out_sum = _summary_queries(q_sum, k, v, k_sum, v_sum, offsets, chunk_size, summary_tokens, scale)
+    out = _event_queries(q, k, v, k_sum, v_sum, offsets, EventBlocks(rule), scale, tuning)
+    out_sum = _summary_queries(q_sum, k, v, k_sum, v_sum, offsets, rule, scale)
     return out, out_sum
 
 
@@ -83,7 +82,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -
 
 
 def _summary_queries(q_sum: Tensor, k: Tensor, v: Tensor, k_sum: Tensor, v_sum: Tensor, offsets: Tensor,
-                     chunk_size: int, summary_tokens: int, scale: float) -> Tensor:
+                     rule: KsaRule, scale: float) -> Tensor:
     """Summary ``s_{c,j}`` attends to the k events of chunk c and to ``s_{c,j'}``, ``j' <= j``.
 
     All complete chunks of the batch at once: queries ``[C, H, S, D]`` against keys
@@ -92,7 +91,7 @@ def _summary_queries(q_sum: Tensor, k: Tensor, v: Tensor, k_sum: Tensor, v_sum: 
     rows = q_sum.shape[0]
     if rows == 0:
         return q_sum[:0].clone()
-    S, kk = summary_tokens, chunk_size
+    S, kk = rule.summary_tokens, rule.chunk_size
     chunks = rows // S
     user, chunk, _ = summary_index(offsets, kk, S)
     first_event = offsets[user[::S]] + chunk[::S] * kk  # rows are chunk-major: one entry per chunk
@@ -101,8 +100,12 @@ def _summary_queries(q_sum: Tensor, k: Tensor, v: Tensor, k_sum: Tensor, v_sum: 
     def chunk_keys(ev: Tensor, summ: Tensor) -> Tensor:  # -> [C, Hkv, k + S, D]
         return torch.cat([ev[events], summ.reshape(chunks, S, *summ.shape[1:])], dim=1).transpose(1, 2)
 
-    mask = torch.ones(S, kk + S, dtype=torch.bool, device=q_sum.device)
-    mask[:, kk:] = torch.ones(S, S, dtype=torch.bool, device=q_sum.device).tril()
+    # The first chunk's queries and keys: the rule is the same relative to every chunk.
+    slot = torch.arange(S, device=q_sum.device)
+    key = torch.cat([torch.arange(kk, device=q_sum.device), slot])
+    is_summary = torch.arange(kk + S, device=q_sum.device) >= kk
+    mask = rule.visible(slot[:, None], torch.ones(S, 1, dtype=torch.bool, device=q_sum.device), key[None],
+                        is_summary[None])
     queries = q_sum.reshape(chunks, S, *q_sum.shape[1:]).transpose(1, 2)
     out = attend(queries, chunk_keys(k, k_sum), chunk_keys(v, v_sum), mask, scale)
     return out.transpose(1, 2).reshape(q_sum.shape)
@@ -120,23 +123,27 @@ class Block:
 
 
 @dataclass(frozen=True)
-class EventRule:
-    """The section-3 rule for event queries. ``window`` None = unbounded (full layer, no summaries);
-    ``max_summaries`` None = every summary older than the window."""
+class EventBlocks:
+    """How event queries are cut into blocks under a ``KsaRule``, and each block's mask."""
 
-    k: int
-    W: int | None
-    S: int
-    M: int | None
+    rule: KsaRule
+
+    @property
+    def k(self) -> int:
+        return self.rule.chunk_size
+
+    @property
+    def S(self) -> int:
+        return self.rule.summary_tokens
 
     def block(self, g0: int, g1: int, n_summary_chunks: int) -> Block:
-        """Keys seen by the query chunks ``[g0, g1)``; only ``n_summary_chunks`` summary chunks exist."""
-        if self.W is None:
-            return Block(g0, g1, (0, g1 * self.k), (0, 0))
-        band = (max(0, g0 - self.W) * self.k, g1 * self.k)
-        hi = min(max(0, g1 - self.W), n_summary_chunks) if self.S else 0
-        lo = 0 if self.M is None else min(max(0, g0 - self.W - self.M), hi)
-        return Block(g0, g1, band, (lo, hi))
+        """Keys seen by the query chunks ``[g0, g1)``; only ``n_summary_chunks`` summary chunks exist.
+        The intervals' ends never decrease with the query, so the first and last query bound them."""
+        first, last = g0 * self.k, g1 * self.k - 1
+        band = (self.rule.event_query_events(first)[0], last + 1)
+        lo = self.rule.event_query_summaries(first)[0] // max(self.S, 1)
+        hi = min(self.rule.event_query_summaries(last)[1] // max(self.S, 1), n_summary_chunks)
+        return Block(g0, g1, band, (min(lo, hi), hi))
 
     def num_keys(self, block: Block) -> int:
         return block.band[1] - block.band[0] + self.S * (block.summaries[1] - block.summaries[0])
@@ -160,31 +167,20 @@ class EventRule:
         return blocks
 
     def mask(self, block: Block, device) -> Tensor:
-        """``[rows, band + summaries]`` bool: which keys each event query of the block sees.
-
-        For each query row the visible keys are one range in each segment: two range tests.
-        """
+        """``[rows, band + summaries]`` bool: which keys each event query of the block sees."""
         i = torch.arange(block.g0 * self.k, block.g1 * self.k, device=device)[:, None]
-        ci = i // self.k
-        j = torch.arange(*block.band, device=device)[None, :]
-        events = j <= i
-        if self.W is not None:
-            events &= j >= (ci - self.W).clamp_min(0) * self.k  # first event of the oldest window chunk
-        if block.summaries[1] == block.summaries[0]:
-            return events
-        c = torch.arange(*block.summaries, device=device).repeat_interleave(self.S)[None, :]
-        in_scope = c < ci - self.W  # c: the chunk of each summary column
-        if self.M is not None:
-            in_scope &= c >= ci - self.W - self.M
-        return torch.cat([events, in_scope], dim=1)
+        keys = torch.cat([torch.arange(*block.band, device=device),
+                          torch.arange(block.summaries[0] * self.S, block.summaries[1] * self.S, device=device)])
+        is_summary = torch.arange(keys.numel(), device=device) >= block.band[1] - block.band[0]
+        return self.rule.visible(i, torch.zeros_like(i, dtype=torch.bool), keys[None], is_summary[None])
 
 
 def _event_queries(q: Tensor, k: Tensor, v: Tensor, k_sum: Tensor, v_sum: Tensor, offsets: Tensor,
-                   rule: EventRule, scale: float, tuning: BlockTuning) -> Tensor:
+                   blocks: EventBlocks, scale: float, tuning: BlockTuning) -> Tensor:
     """Event queries, in blocks of query chunks, of users padded to ``[B, H, L, D]``. -> ``(T, H, D)``."""
     if q.shape[0] == 0:
         return q[:0].clone()
-    kk, S = rule.k, rule.S
+    kk, S = blocks.k, blocks.S
     order, lengths_desc = _sort_users(offsets)
     chunks_desc = [-(-n // kk) for n in lengths_desc]  # chunks including a trailing partial one
     n_chunks, n_summary_chunks = chunks_desc[0], lengths_desc[0] // kk
@@ -192,17 +188,17 @@ def _event_queries(q: Tensor, k: Tensor, v: Tensor, k_sum: Tensor, v_sum: Tensor
     s_offsets = summary_offsets(offsets, kk, S)
     ks_pad, vs_pad = (pad_users(x, s_offsets, order, n_summary_chunks * S) for x in (k_sum, v_sum))
 
-    plan = rule.plan(n_chunks, n_summary_chunks, tuning)
+    plan = blocks.plan(n_chunks, n_summary_chunks, tuning)
     queries = _Slicer(q_pad, [g * kk for b in plan for g in (b.g0, b.g1)])
     keys, values = (_Slicer(x, [e for b in plan for e in b.band]) for x in (k_pad, v_pad))
-    recompute = _needs_recompute(plan, rule, tuning, q, k, v, k_sum, v_sum)
+    recompute = _needs_recompute(plan, blocks, tuning, q, k, v, k_sum, v_sum)
     active_desc = [-c for c in chunks_desc]  # ascending, for bisect
     outs = []
     for block in plan:
         users = bisect.bisect_left(active_desc, -block.g0)  # users with more than g0 chunks: a prefix
         summaries = (block.summaries[0] * S, block.summaries[1] * S)
         # summaries are sliced directly: their full-size slice backward is 1/k of the event stream
-        args = (rule, block, scale, _cat(queries.take(block.g0 * kk, block.g1 * kk, users)),
+        args = (blocks, block, scale, _cat(queries.take(block.g0 * kk, block.g1 * kk, users)),
                 keys.take(*block.band, users) + _take(ks_pad, *summaries, users),
                 values.take(*block.band, users) + _take(vs_pad, *summaries, users))
         if recompute:
@@ -213,13 +209,13 @@ def _event_queries(q: Tensor, k: Tensor, v: Tensor, k_sum: Tensor, v_sum: Tensor
     return unpad_users(torch.cat(outs, dim=2), offsets, order)
 
 
-def _block_attention(rule: EventRule, block: Block, scale: float, query: Tensor, keys: list[Tensor],
+def _block_attention(blocks: EventBlocks, block: Block, scale: float, query: Tensor, keys: list[Tensor],
                      values: list[Tensor]) -> Tensor:
     """One block: ``query [U, H, R, D]`` against ``[band ; summaries]`` given as pieces along dim 2."""
-    return attend(query, _cat(keys), _cat(values), rule.mask(block, query.device), scale)
+    return attend(query, _cat(keys), _cat(values), blocks.mask(block, query.device), scale)
 
 
-def _needs_recompute(plan: list[Block], rule: EventRule, tuning: BlockTuning, *inputs: Tensor) -> bool:
+def _needs_recompute(plan: list[Block], blocks: EventBlocks, tuning: BlockTuning, *inputs: Tensor) -> bool:
     """Recompute blocks in backward when the masks autograd would keep add up to many elements.
 
     ``scaled_dot_product_attention`` saves its mask (as a float ``[R, K]``) for backward, one per block:
@@ -228,7 +224,7 @@ def _needs_recompute(plan: list[Block], rule: EventRule, tuning: BlockTuning, *i
     """
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
         return False
-    saved = sum((b.g1 - b.g0) * rule.k * rule.num_keys(b) for b in plan)
+    saved = sum((b.g1 - b.g0) * blocks.k * blocks.num_keys(b) for b in plan)
     return saved > tuning.recompute_above
 
 

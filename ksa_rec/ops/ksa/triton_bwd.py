@@ -113,7 +113,8 @@ def ksa_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qst, stride_qsh, stride_kst, stride_ksh, stride_vst, stride_vsh,
     T, TS, n_sum_programs, qk_scale, sm_scale, W, M,
-    HK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SUM: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -168,9 +169,9 @@ def ksa_bwd_dkdv_kernel(
                 row_lo_b, row_hi_b = offs, offs
                 lo_b, hi_b = r0, r0
         else:
-            row_lo_a, row_hi_a = _kev_qev(offs, n, CHUNK, W)
-            lo_a, fhi_a = _kev_qev(r0, n, CHUNK, W)
-            flo_a, hi_a = _kev_qev(last, n, CHUNK, W)
+            row_lo_a, row_hi_a = _kev_qev(offs, n, UNIT, W)
+            lo_a, fhi_a = _kev_qev(r0, n, UNIT, W)
+            flo_a, hi_a = _kev_qev(last, n, UNIT, W)
             row_lo_b, row_hi_b = _kev_qsum(offs, n, CHUNK, SUMS)
             lo_b, _ = _kev_qsum(r0, n, CHUNK, SUMS)
             _, hi_b = _kev_qsum(last, n, CHUNK, SUMS)
@@ -261,7 +262,8 @@ def ksa_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qst, stride_qsh, stride_kst, stride_ksh, stride_vst, stride_vsh,
     T, TS, n_ev_programs, qk_scale, sm_scale, W, M,
-    H: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_BLOCK: tl.constexpr, HAS_SUM: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -289,9 +291,9 @@ def ksa_bwd_dq_kernel(
         last = tl.minimum(r0 + BLOCK_M, n) - 1
         q, do, lse, delta, dq_ptrs = _dq_rows(Q + h * stride_qh, DO, LSE, DELTA, DQ, e0, h, stride_qt, T, offs,
                                               row_ok, H, HEAD_DIM)
-        row_lo_a, row_hi_a = _qev_kev(offs, CHUNK, W)
-        lo_a, fhi_a = _qev_kev(r0, CHUNK, W)
-        flo_a, hi_a = _qev_kev(last, CHUNK, W)
+        row_lo_a, row_hi_a = _qev_kev(offs, UNIT, W)
+        lo_a, fhi_a = _qev_kev(r0, UNIT, W)
+        flo_a, hi_a = _qev_kev(last, UNIT, W)
         if HAS_SUM:
             row_lo_b, row_hi_b = _qev_ksum(offs, CHUNK, SUMS, W, M)
             lo_b, fhi_b = _qev_ksum(r0, CHUNK, SUMS, W, M)

@@ -1,8 +1,9 @@
 """Triton kernel of the cached (serving / decode) form of KSA: ``ksa_cached_attention`` of ``cached.py``.
 
-Semantics are those of the torch path of ``cached.py`` (KSA.md section 3 applied by token identity):
+Semantics are those of the torch path of ``cached.py`` (the ``KsaRule`` applied by token identity):
 every query carries its absolute event index or summary id, every cached key its own, and a
-(query, key) pair is visible iff the rule says so for those two indices. The cache may hold keys in
+(query, key) pair is visible iff the key lies in the query's interval for its stream; the intervals are
+the ones the training kernels walk (``triton_fwd.py``), so both read the rule from one place. The cache may hold keys in
 any order (a ring buffer is rotated), so nothing is assumed about positions: each key tile loads the
 keys' indices and the rule is evaluated per element (a few integer ops on a ``[BLOCK_Q, BLOCK_N]``
 tile, hidden under the loads).
@@ -34,12 +35,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# window=None / max_summaries=None are passed as this many chunks (chunk gaps never reach it, and
-# gap - W <= M keeps every comparison inside int32).
-UNBOUNDED = 1 << 29
+from ksa_rec.ops.ksa.cached import KeyRows, QueryRows
+from ksa_rec.ops.ksa.rule import KsaRule
+from ksa_rec.ops.ksa.triton_fwd import _qev_kev, _qev_ksum, _qsum_kev, _qsum_ksum
+from ksa_rec.ops.ksa.triton_op import UNBOUNDED
+
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MODE_CHUNK, MODE_FULL, MODE_TOKENS = 0, 1, 2  # chunk window (ksa/sca), window=None, window_tokens (swa)
 
 
 @dataclass(frozen=True)
@@ -69,33 +71,25 @@ class CachedTritonConfig:
 
 
 @triton.jit
-def _visible(i, q_sum, j, in_ev, W, M, WT, CHUNK: tl.constexpr, SUMS: tl.constexpr, MODE: tl.constexpr):
-    """``[BLOCK_Q, BLOCK_N]`` visibility of key index ``j [1, BLOCK_N]`` (event index when ``in_ev``,
-    else summary id) for query index ``i [BLOCK_Q, 1]`` (summary id where ``q_sum``), as cached.py."""
-    if MODE == 2:
-        ev_ev = (j <= i) & (i - j <= WT)
-    elif MODE == 1:
-        ev_ev = j <= i
-    else:
-        ev_ev = (j <= i) & (i // CHUNK - j // CHUNK <= W)
+def _visible(i, q_sum, j, in_ev, W, M, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr):
+    """``[BLOCK_Q, BLOCK_N]``: whether key ``j [1, BLOCK_N]`` (event index when ``in_ev``, else summary id)
+    lies in the interval that query ``i [BLOCK_Q, 1]`` (summary id where ``q_sum``) sees in that stream."""
+    ev_lo, ev_hi = _qev_kev(i, UNIT, W)
     if SUMS > 0:
-        sum_chunk = i // SUMS  # a summary query's chunk
-        vis_ev = tl.where(q_sum, j // CHUNK == sum_chunk, ev_ev)
-        key_chunk = j // SUMS
-        sum_sum = (key_chunk == sum_chunk) & (j <= i)
-        if MODE == 0:
-            gap = i // CHUNK - key_chunk
-            vis_sum = tl.where(q_sum, sum_sum, (gap > W) & (gap - W <= M))
-        else:  # full and token-window layers: events see no summary
-            vis_sum = q_sum & sum_sum
-        return tl.where(in_ev, vis_ev, vis_sum)
-    else:  # S = 0: no summary keys; a summary query's chunk is its id (cached.py's i // max(S, 1))
-        return tl.where(q_sum, j // CHUNK == i, ev_ev)
+        sum_lo, sum_hi = _qev_ksum(i, CHUNK, SUMS, W, M)
+        qs_ev_lo, qs_ev_hi = _qsum_kev(i, CHUNK, SUMS)
+        qs_sum_lo, qs_sum_hi = _qsum_ksum(i, SUMS)
+        lo = tl.where(q_sum, tl.where(in_ev, qs_ev_lo, qs_sum_lo), tl.where(in_ev, ev_lo, sum_lo))
+        hi = tl.where(q_sum, tl.where(in_ev, qs_ev_hi, qs_sum_hi), tl.where(in_ev, ev_hi, sum_hi))
+    else:  # S = 0: no summary keys; a summary query's chunk is its id (KsaRule with max(S, 1))
+        lo = tl.where(q_sum, i * CHUNK, ev_lo)
+        hi = tl.where(q_sum, i * CHUNK + CHUNK, ev_hi)
+    return (j >= lo) & (j < hi)
 
 
 @triton.jit
 def _cached_tile(acc, l_i, m_i, q, i_q, q_sum, k_ptr, v_ptr, idx_ptr, stride_k, stride_v, s, end, in_ev,
-                 qk_scale, W, M, WT, CHUNK: tl.constexpr, SUMS: tl.constexpr, MODE: tl.constexpr,
+                 qk_scale, W, M, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step (log2 domain) over cached keys ``s .. s+BLOCK_N`` (< ``end``) of one stream."""
     offs_n = s + tl.arange(0, BLOCK_N)
@@ -111,7 +105,7 @@ def _cached_tile(acc, l_i, m_i, q, i_q, q_sum, k_ptr, v_ptr, idx_ptr, stride_k, 
         v = tl.load(v_ptr + offs_n[:, None] * stride_v + offs_d[None, :],
                     mask=in_seg[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     qk = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale
-    vis = _visible(i_q, q_sum, j[None, :], in_ev, W, M, WT, CHUNK, SUMS, MODE) & in_seg[None, :]
+    vis = _visible(i_q, q_sum, j[None, :], in_ev, W, M, CHUNK, SUMS, UNIT) & in_seg[None, :]
     qk = tl.where(vis, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # rows that saw nothing yet keep m = -inf: exponentiate against 0 instead (p = alpha = 0, no NaN)
@@ -126,8 +120,8 @@ def _cached_tile(acc, l_i, m_i, q, i_q, q_sum, k_ptr, v_ptr, idx_ptr, stride_k, 
 @triton.jit
 def _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm, i_sm, q0, nq, hk, split,
                    ev_lo, ev_hi, sm_lo, sm_hi, stride_qt, stride_qh, stride_kt, stride_vt, stride_kst, stride_vst,
-                   stride_ot, stride_oh, q_total, qk_scale, W, M, WT, H: tl.constexpr, GROUP: tl.constexpr,
-                   CHUNK: tl.constexpr, SUMS: tl.constexpr, MODE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   stride_ot, stride_oh, q_total, qk_scale, W, M, H: tl.constexpr, GROUP: tl.constexpr,
+                   CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """Query block qb of one user against the split's event keys ``[ev_lo, ev_hi)`` then summary keys
@@ -160,7 +154,7 @@ def _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm,
                 tl.where(in_ev, i_ev, i_sm), tl.where(in_ev, stride_kt, stride_kst),
                 tl.where(in_ev, stride_vt, stride_vst),
                 tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N),
-                tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, WT, CHUNK, SUMS, MODE, HEAD_DIM, BLOCK_D,
+                tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, CHUNK, SUMS, UNIT, HEAD_DIM, BLOCK_D,
                 BLOCK_N, DOT_PREC)
             t += 1
     else:
@@ -171,7 +165,7 @@ def _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm,
                 tl.where(in_ev, i_ev, i_sm), tl.where(in_ev, stride_kt, stride_kst),
                 tl.where(in_ev, stride_vt, stride_vst),
                 tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N),
-                tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, WT, CHUNK, SUMS, MODE, HEAD_DIM, BLOCK_D,
+                tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, CHUNK, SUMS, UNIT, HEAD_DIM, BLOCK_D,
                 BLOCK_N, DOT_PREC)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw no key: 0
     if NUM_SPLITS == 1:
@@ -189,9 +183,9 @@ def ksa_cached_fwd_kernel(
     Q, QIDX, QSUM, K, V, KIDX, KS, VS, SIDX, QOFF, KOFF, SOFF, O, PO, PLSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kst, stride_ksh, stride_vst, stride_vsh, stride_ot, stride_oh,
-    q_total, qk_scale, W, M, WT,
+    q_total, qk_scale, W, M,
     H: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr,
-    MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    UNIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One program = (user b, key split, kv head hk); grid ``B * NUM_SPLITS * HK`` (kv head fastest, so
@@ -234,15 +228,15 @@ def ksa_cached_fwd_kernel(
         while qb < (nq + BLOCK_Q // GROUP - 1) // (BLOCK_Q // GROUP):
             _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm, i_sm, q0, nq, hk, split,
                            ev_lo, ev_hi, sm_lo, sm_hi, stride_qt, stride_qh, stride_kt, stride_vt, stride_kst,
-                           stride_vst, stride_ot, stride_oh, q_total, qk_scale, W, M, WT, H, GROUP, CHUNK, SUMS,
-                           MODE, HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_N, NUM_SPLITS, DOT_PREC, INTERPRET)
+                           stride_vst, stride_ot, stride_oh, q_total, qk_scale, W, M, H, GROUP, CHUNK, SUMS,
+                           UNIT, HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_N, NUM_SPLITS, DOT_PREC, INTERPRET)
             qb += 1
     else:
         for qb in range(0, (nq + BLOCK_Q // GROUP - 1) // (BLOCK_Q // GROUP)):
             _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm, i_sm, q0, nq, hk, split,
                            ev_lo, ev_hi, sm_lo, sm_hi, stride_qt, stride_qh, stride_kt, stride_vt, stride_kst,
-                           stride_vst, stride_ot, stride_oh, q_total, qk_scale, W, M, WT, H, GROUP, CHUNK, SUMS,
-                           MODE, HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_N, NUM_SPLITS, DOT_PREC, INTERPRET)
+                           stride_vst, stride_ot, stride_oh, q_total, qk_scale, W, M, H, GROUP, CHUNK, SUMS,
+                           UNIT, HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_N, NUM_SPLITS, DOT_PREC, INTERPRET)
 
 
 @triton.jit
@@ -299,22 +293,17 @@ def plan_launch(users: int, kv_heads: int, group: int, q_rows: int, keys: int, d
     return block_q, max(1, min(-(-target // programs), by_size, 64))
 
 
-def ksa_cached_attention_triton(q: Tensor, q_offsets: Tensor, q_index: Tensor, q_is_summary: Tensor,
-                                k: Tensor, v: Tensor, k_offsets: Tensor, k_index: Tensor,
-                                k_sum: Tensor, v_sum: Tensor, s_offsets: Tensor, s_index: Tensor, *,
-                                chunk_size: int, window: int | None, summary_tokens: int,
-                                max_summaries: int | None = None, window_tokens: int | None = None,
-                                scale: float | None = None, config: CachedTritonConfig | None = None) -> Tensor:
+def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, summaries: KeyRows, rule: KsaRule,
+                                *, scale: float | None = None, config: CachedTritonConfig | None = None) -> Tensor:
     """``ksa_cached_attention`` (cached.py) as one Triton launch (two with key splits), forward only.
 
-    Shapes: q ``[Qt, H, D]``, q_index int64 ``[Qt]``, q_is_summary bool ``[Qt]``, q_offsets ``[B+1]``;
-    k, v ``[Kt, Hkv, D]``, k_index ``[Kt]``, k_offsets ``[B+1]``; k_sum, v_sum ``[St, Hkv, D]``,
-    s_index ``[St]``, s_offsets ``[B+1]`` (int64 offsets and indices; fp16, bf16 or fp32 values, one
-    dtype; the last dim contiguous). Returns ``[Qt, H, D]`` in q's dtype. D <= 128. Indices must be
-    < 2**31. The layout is not validated (that would need a device sync).
+    Shapes: q ``[Qt, H, D]`` with ``queries`` (int64 ``index [Qt]``, bool ``is_summary [Qt]``, ``offsets
+    [B+1]``); ``events`` / ``summaries``: ``k, v [rows, Hkv, D]``, int64 ``index [rows]``, ``offsets [B+1]``
+    (fp16, bf16 or fp32 values, one dtype; the last dim contiguous). Returns ``[Qt, H, D]`` in q's dtype.
+    D <= 128. Indices must be < 2**31. The layout is not validated (that would need a device sync).
     """
-    _check(q, k, v, k_sum, v_sum, q_offsets, k_offsets, s_offsets, chunk_size, window, summary_tokens,
-           max_summaries, window_tokens)
+    k, v, k_sum, v_sum = events.k, events.v, summaries.k, summaries.v
+    _check(q, k, v, k_sum, v_sum, queries.offsets, events.offsets, summaries.offsets)
     cfg = config or CachedTritonConfig()
     (q_total, H, D), HK = q.shape, k.shape[1]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -322,14 +311,15 @@ def ksa_cached_attention_triton(q: Tensor, q_offsets: Tensor, q_index: Tensor, q
         out = torch.full_like(q, float("nan"))
     else:
         out = torch.empty_like(q)
-    users = q_offsets.numel() - 1
+    users = queries.offsets.numel() - 1
     if q_total == 0 or users == 0:
         return out.zero_()
     k, v, k_sum, v_sum = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v, k_sum, v_sum))
     q = q if q.stride(-1) == 1 else q.contiguous()
     keys = k.shape[0] + k_sum.shape[0]
-    if k_sum.shape[0] == 0:  # empty summary stream: s_offsets are all 0, it is never read
-        k_sum, v_sum, s_index = k, v, k_index
+    s_index = summaries.index
+    if k_sum.shape[0] == 0:  # empty summary stream: its offsets are all 0, it is never read
+        k_sum, v_sum, s_index = k, v, events.index
     group = H // HK
     block_d = max(16, _pow2(D))
     block_q, splits = plan_launch(users, HK, group, q_total, keys, q.device, cfg)
@@ -338,19 +328,17 @@ def ksa_cached_attention_triton(q: Tensor, q_offsets: Tensor, q_index: Tensor, q
         plse = torch.empty((splits, q_total, H), dtype=torch.float32, device=q.device)
     else:
         po = plse = out  # never dereferenced
-    q_sum_flags = (q_is_summary.view(torch.int8) if q_is_summary.dtype == torch.bool
-                   else q_is_summary.to(torch.int8)).contiguous()
-    mode = MODE_TOKENS if window_tokens is not None else MODE_FULL if window is None else MODE_CHUNK
+    flags = queries.is_summary
+    q_sum_flags = (flags.view(torch.int8) if flags.dtype == torch.bool else flags.to(torch.int8)).contiguous()
     ksa_cached_fwd_kernel[(users * splits * HK,)](
-        q, q_index.contiguous(), q_sum_flags, k, v, k_index.contiguous(), k_sum, v_sum, s_index.contiguous(),
-        q_offsets, k_offsets, s_offsets, out, po, plse,
+        q, queries.index.contiguous(), q_sum_flags, k, v, events.index.contiguous(), k_sum, v_sum,
+        s_index.contiguous(), queries.offsets, events.offsets, summaries.offsets, out, po, plse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_sum.stride(0), k_sum.stride(1), v_sum.stride(0), v_sum.stride(1), out.stride(0), out.stride(1),
-        q_total, scale * _LOG2E, min(window if window is not None else UNBOUNDED, UNBOUNDED),
-        min(max_summaries if max_summaries is not None else UNBOUNDED, UNBOUNDED),
-        min(window_tokens if window_tokens is not None else UNBOUNDED, UNBOUNDED),
-        H=H, HK=HK, GROUP=group, CHUNK=chunk_size, SUMS=summary_tokens, MODE=mode, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_Q=block_q, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        q_total, scale * _LOG2E, UNBOUNDED if rule.window is None else min(rule.window, UNBOUNDED),
+        UNBOUNDED if rule.max_summaries is None else min(rule.max_summaries, UNBOUNDED),
+        H=H, HK=HK, GROUP=group, CHUNK=rule.chunk_size, SUMS=rule.summary_tokens, UNIT=rule.unit, HEAD_DIM=D,
+        BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, INTERPRET=_interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -361,8 +349,7 @@ def ksa_cached_attention_triton(q: Tensor, q_offsets: Tensor, q_index: Tensor, q
     return out
 
 
-def _check(q, k, v, k_sum, v_sum, q_offsets, k_offsets, s_offsets, chunk_size, window, summary_tokens,
-           max_summaries, window_tokens) -> None:
+def _check(q, k, v, k_sum, v_sum, q_offsets, k_offsets, s_offsets) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("k_sum", k_sum), ("v_sum", v_sum)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be [rows, heads, head_dim], got shape {tuple(t.shape)}")
@@ -379,11 +366,7 @@ def _check(q, k, v, k_sum, v_sum, q_offsets, k_offsets, s_offsets, chunk_size, w
     if D > 128:
         raise ValueError(f"ksa_cached_attention_triton supports head dims up to 128, got {D}")
     if not q_offsets.numel() == k_offsets.numel() == s_offsets.numel():
-        raise ValueError("q_offsets, k_offsets and s_offsets must all be [B+1]")
-    if chunk_size < 1 or summary_tokens < 0 or any(x is not None and x < 0 for x in (window, max_summaries,
-                                                                                     window_tokens)):
-        raise ValueError(f"need chunk_size >= 1, summary_tokens >= 0 and non-negative windows; got {chunk_size}, "
-                         f"{summary_tokens}, {window}, {max_summaries}, {window_tokens}")
+        raise ValueError("query, event-key and summary-key offsets must all be [B+1]")
     if not _interpreting() and not q.is_cuda:
         raise RuntimeError("ksa_cached_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "ksa_rec.ops.ksa.triton_cached is first imported, to run the kernel on CPU)")

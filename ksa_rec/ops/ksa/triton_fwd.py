@@ -9,7 +9,7 @@ A program that owns rows ``first..last`` of one user therefore visits the key in
 ``[lo(first), hi(last))``; keys in ``[lo(last), hi(first))`` are visible to every row (no mask), the
 two ends need an element mask (``_split``).
 
-Conventions: ``CHUNK`` = k, ``SUMS`` = S (constexpr); ``W`` = window, ``M`` = max_summaries as ints,
+Conventions: ``CHUNK`` = k, ``SUMS`` = S, ``UNIT`` = u (the window's step, ``KsaRule.unit``) (constexpr); ``W`` = window, ``M`` = max_summaries as ints,
 ``None`` passed as a large value (``triton_op.UNBOUNDED``); chunk numbers are clamped before they are
 multiplied by k, so nothing overflows int32. Events of a user: ``n``, complete chunks ``C = n // k``,
 summaries ``NS = S * C``.
@@ -30,9 +30,10 @@ MASKED_SCORE = tl.constexpr(-1.0e6)
 # ---- visibility intervals: query side (keys seen by a query row) -------------------------------------
 
 @triton.jit
-def _qev_kev(i, CHUNK: tl.constexpr, W):
-    """Event keys seen by event query i: its chunk causally and the W chunks before."""
-    return tl.maximum(i // CHUNK - W, 0) * CHUNK, i + 1
+def _qev_kev(i, UNIT: tl.constexpr, W):
+    """Event keys seen by event query i: its window step causally and the W steps of UNIT events before
+    (UNIT = k: whole chunks; UNIT = 1: a token window)."""
+    return tl.maximum(i // UNIT - W, 0) * UNIT, i + 1
 
 
 @triton.jit
@@ -58,10 +59,10 @@ def _qsum_ksum(r, SUMS: tl.constexpr):
 # ---- visibility intervals: key side (queries that see a key row) ------------------------------------
 
 @triton.jit
-def _kev_qev(j, n, CHUNK: tl.constexpr, W):
-    """Event queries that see event key j: i >= j with c(i) <= c(j) + W."""
-    last_chunk = tl.minimum(j // CHUNK + W, n // CHUNK)
-    return j, tl.minimum((last_chunk + 1) * CHUNK, n)
+def _kev_qev(j, n, UNIT: tl.constexpr, W):
+    """Event queries that see event key j: i >= j with i // UNIT <= j // UNIT + W."""
+    last_step = tl.minimum(j // UNIT + W, n // UNIT)
+    return j, tl.minimum((last_step + 1) * UNIT, n)
 
 
 @triton.jit
@@ -201,8 +202,8 @@ def ksa_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_qst, stride_qsh, stride_kst, stride_ksh, stride_vst, stride_vsh, stride_ost, stride_osh,
     T, TS, n_ev_programs, qk_scale, W, M,
-    H: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_BLOCK: tl.constexpr, HAS_SUM: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_BLOCK: tl.constexpr, HAS_SUM: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One program = one (query block, head). Programs ``[0, n_ev_programs)`` own BLOCK_M event
@@ -236,9 +237,9 @@ def ksa_fwd_kernel(
         q = tl.load(Q + e0 * stride_qt + h * stride_qh + offs[:, None] * stride_qt + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         # events: [first row's window start, last row]: window edge (masked), interior, diagonal (masked)
-        row_lo_a, row_hi_a = _qev_kev(offs, CHUNK, W)
-        lo_a, fhi_a = _qev_kev(r0, CHUNK, W)
-        flo_a, hi_a = _qev_kev(last, CHUNK, W)
+        row_lo_a, row_hi_a = _qev_kev(offs, UNIT, W)
+        lo_a, fhi_a = _qev_kev(r0, UNIT, W)
+        flo_a, hi_a = _qev_kev(last, UNIT, W)
         # summaries: one dense run [lo(first), hi(last)) per user, masks only at its two ends
         if HAS_SUM:
             row_lo_b, row_hi_b = _qev_ksum(offs, CHUNK, SUMS, W, M)
@@ -279,8 +280,8 @@ def ksa_fwd_kernel(
 
 @triton.jit
 def _plan_rows(TABLE, COST, EV_OFF, LENGTHS, SUM_OFF, b, j0, first, n_blocks, W, M, BLOCK: tl.constexpr,
-               CHUNK: tl.constexpr, SUMS: tl.constexpr, KIND: tl.constexpr, HAS_SUM: tl.constexpr,
-               TILE: tl.constexpr):
+               CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr, KIND: tl.constexpr,
+               HAS_SUM: tl.constexpr, TILE: tl.constexpr):
     j = j0 + tl.arange(0, TILE)
     ok = j < n_blocks
     row = first + j
@@ -292,7 +293,7 @@ def _plan_rows(TABLE, COST, EV_OFF, LENGTHS, SUM_OFF, b, j0, first, n_blocks, W,
     tl.store(TABLE + row * 4 + 3, start, mask=ok)
     if KIND == 1:  # event-query block: keys it visits
         last = tl.minimum(start + BLOCK, n) - 1
-        lo, _ = _qev_kev(start, CHUNK, W)
+        lo, _ = _qev_kev(start, UNIT, W)
         cost = last + 1 - lo
         if HAS_SUM:
             lo, _ = _qev_ksum(start, CHUNK, SUMS, W, M)
@@ -310,8 +311,8 @@ def _plan_rows(TABLE, COST, EV_OFF, LENGTHS, SUM_OFF, b, j0, first, n_blocks, W,
 
 @triton.jit
 def ksa_plan_kernel(TABLE, COST, EV_OFF, LENGTHS, SUM_OFF, ROWS, CUM, n_users, upper, W, M, BLOCK: tl.constexpr,
-                    CHUNK: tl.constexpr, SUMS: tl.constexpr, KIND: tl.constexpr, HAS_SUM: tl.constexpr,
-                    TILE: tl.constexpr, INTERPRET: tl.constexpr):
+                    CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr, KIND: tl.constexpr,
+                    HAS_SUM: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr):
     """Block table of one stream: program b < n_users writes the rows of user b's blocks of BLOCK rows
     (``ROWS[b]`` rows, table rows ``CUM[b] - cdiv(ROWS[b], BLOCK) ..`` with ``CUM`` the inclusive
     cumsum of the block counts); program n_users marks rows ``CUM[-1] .. upper`` as padding.
@@ -330,12 +331,12 @@ def ksa_plan_kernel(TABLE, COST, EV_OFF, LENGTHS, SUM_OFF, ROWS, CUM, n_users, u
             j0 = 0
             while j0 < n_blocks:
                 _plan_rows(TABLE, COST, EV_OFF, LENGTHS, SUM_OFF, b, j0, first, n_blocks, W, M, BLOCK, CHUNK,
-                           SUMS, KIND, HAS_SUM, TILE)
+                           SUMS, UNIT, KIND, HAS_SUM, TILE)
                 j0 += TILE
         else:
             for j0 in range(0, n_blocks, TILE):
                 _plan_rows(TABLE, COST, EV_OFF, LENGTHS, SUM_OFF, b, j0, first, n_blocks, W, M, BLOCK, CHUNK,
-                           SUMS, KIND, HAS_SUM, TILE)
+                           SUMS, UNIT, KIND, HAS_SUM, TILE)
     else:
         total = tl.load(CUM + n_users - 1).to(tl.int32)
         if INTERPRET:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
+from ksa_rec.ops.ksa.rule import KsaRule
 from ksa_rec.ops.ksa.triton_bwd import ksa_bwd_dkdv_kernel, ksa_bwd_dq_kernel, ksa_bwd_preprocess_kernel
 from ksa_rec.ops.ksa.triton_fwd import ksa_fwd_kernel, ksa_plan_kernel
 
@@ -94,6 +95,7 @@ def _upper_blocks(total: int, users: int, block: int) -> int:
 class _Spec:
     chunk: int
     sums: int
+    unit: int
     window: int
     max_sum: int
     has_sum: bool
@@ -129,7 +131,7 @@ class _Plan:
         cum = torch.cumsum(torch.div(rows + (block - 1), block, rounding_mode="floor"), 0)
         ksa_plan_kernel[(self.users + 1,)](
             table, cost, self.ev_off, self.lengths, self.sum_off, rows, cum, self.users, upper, s.window, s.max_sum,
-            BLOCK=block, CHUNK=s.chunk, SUMS=s.sums, KIND=kind, HAS_SUM=s.has_sum, TILE=256,
+            BLOCK=block, CHUNK=s.chunk, SUMS=s.sums, UNIT=s.unit, KIND=kind, HAS_SUM=s.has_sum, TILE=256,
             INTERPRET=_interpreting(),
         )
         if kind:
@@ -160,7 +162,7 @@ def _alloc(shape, like: Tensor, dtype=None, nan_fill: bool = False) -> Tensor:
 
 def _common_meta(q: Tensor, k: Tensor, spec: _Spec) -> dict:
     return dict(
-        GROUP=q.shape[1] // k.shape[1], CHUNK=spec.chunk, SUMS=spec.sums, HEAD_DIM=q.shape[2],
+        GROUP=q.shape[1] // k.shape[1], CHUNK=spec.chunk, SUMS=spec.sums, UNIT=spec.unit, HEAD_DIM=q.shape[2],
         SUM_BLOCK=spec.cfg.sum_block, HAS_SUM=spec.has_sum,
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else None, INTERPRET=_interpreting(),
     )
@@ -277,8 +279,7 @@ class _KsaTritonFunction(torch.autograd.Function):
 
 
 def ksa_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_sum: Tensor,
-                         offsets: Tensor, *, chunk_size: int, window: int | None, summary_tokens: int = 1,
-                         scale: float | None = None, max_summaries: int | None = None,
+                         offsets: Tensor, rule: KsaRule, *, scale: float | None = None,
                          config: KsaTritonConfig | None = None) -> tuple[Tensor, Tensor]:
     """KSA attention over the two-stream jagged layout with fused Triton kernels (differentiable).
 
@@ -287,15 +288,14 @@ def ksa_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: 
     ``S * (n_b // k)`` consecutive summary rows (chunk-major, slot-minor); offsets int64 ``[B+1]``.
     Returns ``(out [T, H, D], out_sum [Ts, H, D])`` in the input dtype (fp16, bf16 or fp32; softmax
     and accumulation in fp32; fp32 inputs multiply as 3xTF32, about fp32 accuracy). Semantics of
-    ``ksa_dense`` (KSA.md section 3; ``window=None``: events see all earlier events and no summaries;
-    ``max_summaries`` M: events see only the M newest summaries older than their window).
+    ``ksa_dense`` under ``rule`` (KSA.md section 3, ``rule.py``).
     Head dims up to 128; one that is not a power of two >= 16 is zero-padded (the scale uses the
     true D). ``config``: tile sizes (tests use small ones); default ``default_config(D, dtype)``.
     The batch layout is not validated here (that would need a device sync): offsets must be a valid
     ``[B+1]`` layout of T rows and ``Ts`` must equal ``S * sum_b (n_b // k)``. Rows are indexed in
     int32 within a user: ``n_b * row_stride < 2**31`` (4M events a user at H*D = 512).
     """
-    _check(q, k, v, q_sum, k_sum, v_sum, offsets, chunk_size, window, summary_tokens, max_summaries)
+    _check(q, k, v, q_sum, k_sum, v_sum, offsets, rule)
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else float(scale)
     d_pad = max(16, 1 << (d - 1).bit_length())
@@ -305,11 +305,11 @@ def ksa_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: 
     if d_pad != d:
         q, k, v, q_sum, k_sum, v_sum = (F.pad(t, (0, d_pad - d)) for t in (q, k, v, q_sum, k_sum, v_sum))
     cfg = default_config(d_pad, q.dtype) if config is None else config
-    has_sum = window is not None and summary_tokens > 0
     spec = _Spec(
-        chunk=chunk_size, sums=summary_tokens, scale=scale, has_sum=has_sum, cfg=cfg,
-        window=UNBOUNDED if window is None else min(window, UNBOUNDED),
-        max_sum=UNBOUNDED if max_summaries is None else min(max_summaries, UNBOUNDED),
+        chunk=rule.chunk_size, sums=rule.summary_tokens, unit=rule.unit, scale=scale,
+        has_sum=rule.window is not None and rule.summary_tokens > 0, cfg=cfg,
+        window=UNBOUNDED if rule.window is None else min(rule.window, UNBOUNDED),
+        max_sum=UNBOUNDED if rule.max_summaries is None else min(rule.max_summaries, UNBOUNDED),
     )
     out, out_s = _KsaTritonFunction.apply(q, k, v, q_sum, k_sum, v_sum, offsets, spec)
     if d_pad != d:
@@ -317,7 +317,7 @@ def ksa_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: 
     return out, out_s
 
 
-def _check(q, k, v, q_sum, k_sum, v_sum, offsets, chunk_size, window, summary_tokens, max_summaries) -> None:
+def _check(q, k, v, q_sum, k_sum, v_sum, offsets, rule: KsaRule) -> None:
     names = ("q", "k", "v", "q_sum", "k_sum", "v_sum")
     tensors = (q, k, v, q_sum, k_sum, v_sum)
     for name, t in zip(names, tensors):
@@ -340,11 +340,7 @@ def _check(q, k, v, q_sum, k_sum, v_sum, offsets, chunk_size, window, summary_to
     if offsets.dim() != 1 or offsets.dtype not in (torch.int64, torch.int32) or offsets.device != q.device:
         raise ValueError(f"offsets must be a 1-D int64 tensor [B+1] on {q.device}, got {offsets.dtype} "
                          f"{tuple(offsets.shape)} on {offsets.device}")
-    if chunk_size < 1 or summary_tokens < 0 or (window is not None and window < 0) or (
-            max_summaries is not None and max_summaries < 0):
-        raise ValueError(f"need chunk_size >= 1, summary_tokens >= 0, window None or >= 0, max_summaries None "
-                         f"or >= 0; got {chunk_size}, {summary_tokens}, {window}, {max_summaries}")
-    if summary_tokens == 0 and Ts:
+    if rule.summary_tokens == 0 and Ts:
         raise ValueError(f"summary_tokens=0 but {Ts} summary rows were given")
     if T >= 1 << 31 or Ts >= 1 << 31:
         raise ValueError("ksa_attention_triton indexes rows with int32: at most 2**31 - 1 rows per stream")

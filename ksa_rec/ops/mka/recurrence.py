@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ksa_rec.modules.rope import apply_rotary
+from ksa_rec.ops.rope import apply_rotary
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -1,16 +1,17 @@
 """Token sliding-window attention (SWA), the ``swa`` baseline: event i sees events ``i - w .. i``.
 
-SWA is a special case of KSA: with ``chunk_size = 1`` every event is its own chunk (``c(i) = i``), and
-KSA's event rule "``j <= i`` and ``c(i) - c(j) <= W``" with ``W = w`` and no summaries is exactly the
-token window. So it runs on every KSA backend (torch, flex, triton) through ``ksa_attention``.
+SWA is a special case of KSA: ``KsaRule(chunk_size=1, window=w, summary_tokens=0)`` (every event its own
+chunk, no summaries) is exactly the token window, so it runs on every KSA backend (torch, flex, triton)
+through ``ksa_attention``.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from ksa_rec.ops.ksa import BACKENDS, ksa_attention
-from ksa_rec.ops.ksa.checks import check_backend, check_event_inputs, check_int, check_scale
+from ksa_rec.ops.ksa import BACKENDS, KsaRule, ksa_attention
+from ksa_rec.ops.ksa.checks import check_backend, check_event_inputs, check_scale
+from ksa_rec.utils.config import check_int
 
 _OP = "sliding_window_attention"
 
@@ -44,8 +45,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *
     check_backend(_OP, backend, BACKENDS)
     check_event_inputs(_OP, q, k, v, offsets, check_offsets)
     no_queries, no_keys = q.new_zeros((0, *q.shape[1:])), k.new_zeros((0, *k.shape[1:]))
-    out, _ = ksa_attention(q, k, v, no_queries, no_keys, no_keys, offsets, chunk_size=1, window=window_tokens,
-                           summary_tokens=0, scale=scale, backend=backend, check_offsets=False)
+    out, _ = ksa_attention(q, k, v, no_queries, no_keys, no_keys, offsets, KsaRule(1, window_tokens, 0), scale=scale,
+                           backend=backend, check_offsets=False)
     return out
 
 

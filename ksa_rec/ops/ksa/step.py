@@ -1,7 +1,12 @@
-"""Per-layer K/V kept for streaming, jagged over a batch of users (KSA.md section 7).
+"""The streaming step of KSA: a layer's cached K/V (its state) and the op that continues it with new tokens.
 
-Each cached row carries its identity, so what a layer keeps is decided by one rule per kind and the
-attention never depends on the order or the amount kept:
+``ksa_step_attention(q, k, v, tokens, rule, state) -> (out, state)`` is the training op's streaming form
+(state in the signature): the step's new tokens attend to the state plus themselves under the same
+``KsaRule``, and the state keeps what later tokens can still see (``KsaRule.first_kept_*``).
+
+Per-layer K/V kept for streaming, jagged over a batch of users (KSA.md section 7). Each cached row
+carries its identity, so what a layer keeps follows from its rule and the attention never depends on
+the order or the amount kept:
 
 - event rows: K (RoPE applied) and V of past events, with their absolute event index;
 - summary rows: K/V of summary tokens, with their summary id ``c*S + j``.
@@ -12,18 +17,22 @@ Example, k = 4, W = 1, one ksa layer, a user after 13 events (chunks 0, 1, 2 com
     summaries kept | s0 s1 s2         |      (all complete chunks; max_summaries bounds them)
 
 A step's cost is host-side (many tiny ops), not bandwidth, so a step works out where rows go and which
-survive once (``CacheStep``) for all the layers whose caches hold the same rows, in the same index
-tensors (``share_layouts``); each layer then only concatenates its K/V into one key table and takes
-rows from it, as views where they are consecutive.
+survive once (``plan_step``) for all the layers whose caches hold the same rows, in the same index
+tensors (``share_layouts``), under the same rule; each layer then only concatenates its K/V into one key
+table and takes rows from it, as views where they are consecutive.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
 
+from ksa_rec.ops.backend import resolve_backend
+from ksa_rec.ops.ksa.cached import (CachedPlan, KeyRows, QueryRows, Rows, attend_cached, ksa_cached_attention,
+                                    plan_cached_attention)
+from ksa_rec.ops.ksa.rule import KsaRule
 from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids
 
 
@@ -90,10 +99,14 @@ class LayerCache:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx, self.sk, self.sv, self.sidx))
 
+    @property
+    def batch(self) -> int:
+        return self.offsets.numel() - 1
+
 
 def share_layouts(caches: list) -> list:
     """The caches, where layers that hold the same rows now hold them in the same tensors: a step plans
-    the rows once per layout, found by identity (``KindAttention.step_plan``). Other caches pass through."""
+    the rows once per layout, found by identity (``StepTokens.plan``). Other caches pass through."""
     distinct, out = [], []
     for cache in caches:
         if isinstance(cache, LayerCache):
@@ -107,18 +120,18 @@ def share_layouts(caches: list) -> list:
     return out
 
 
-Rows = Tensor | slice
+Selection = Tensor | slice
 """Row numbers into a step's key table: an index tensor, or a slice where they are consecutive."""
 
 
-def take(table: Tensor, rows: Rows) -> Tensor:
+def take(table: Tensor, rows: Selection) -> Tensor:
     if isinstance(rows, slice):
         return table[rows]
     return table.index_select(0, rows) if rows.numel() else table.new_empty((0, *table.shape[1:]))
 
 
 def join_rows(old_index: Tensor, old_offsets: Tensor, new_index: Tensor, new_offsets: Tensor,
-              base: int = 0) -> tuple[Tensor, Tensor, Rows]:
+              base: int = 0) -> tuple[Tensor, Tensor, Selection]:
     """Each user's old rows, then its new rows: ``(identities, offsets [B+1], rows)``, where ``rows`` are
     the rows of ``cat([old, new])`` in that order, plus ``base``."""
     n_old, n_new = old_index.numel(), new_index.numel()
@@ -143,10 +156,10 @@ class StreamRows:
 
     index: Tensor
     offsets: Tensor
-    rows: Rows
+    rows: Selection
     kept_index: Tensor
     kept_offsets: Tensor
-    kept_rows: Rows
+    kept_rows: Selection
 
     @classmethod
     def build(cls, old_index: Tensor, old_offsets: Tensor, new_index: Tensor, new_offsets: Tensor, base: int,
@@ -200,7 +213,7 @@ class CacheStep:
                           take(keys, sm.kept_rows), take(values, sm.kept_rows), sm.kept_index, sm.kept_offsets)
 
 
-def _consecutive(rows: Tensor, base: int) -> Rows:
+def _consecutive(rows: Tensor, base: int) -> Selection:
     """``rows + base``, as a slice where they are consecutive (the usual case: a user's oldest rows drop
     out), so the kept K/V are a view of the step's key table instead of a copy."""
     if rows.numel():
@@ -210,5 +223,112 @@ def _consecutive(rows: Tensor, base: int) -> Rows:
     return rows + base
 
 
-def _as_tensor(rows: Rows, device) -> Tensor:
+def _as_tensor(rows: Selection, device) -> Tensor:
     return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+
+
+@dataclass
+class StepTokens:
+    """New tokens of a streaming step for B users, built once per step and shared by every layer.
+
+    The step's tokens are one stream: the new events, then the summary tokens of the chunks they complete.
+    Events: ``offsets [B+1]``, absolute ``positions [Tn]``; summaries: ``sum_offsets [B+1]``, ``sum_ids
+    [Tsn]`` (``c*S + j``). ``next_index [B]``: each user's event count after the step. ``queries``: the
+    identities per user (its events, then its summaries); ``q_rows`` are their rows of the stream and
+    ``stream_rows`` the inverse (both None: the same order). ``plans``: the per-step plans of the layers
+    whose states hold the same rows and follow the same rule (``plan``).
+    """
+
+    offsets: Tensor
+    positions: Tensor
+    sum_offsets: Tensor
+    sum_ids: Tensor
+    next_index: Tensor
+    queries: QueryRows
+    q_rows: Tensor | None
+    stream_rows: Tensor | None
+    plans: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, offsets: Tensor, positions: Tensor, sum_offsets: Tensor, sum_ids: Tensor,
+              next_index: Tensor) -> "StepTokens":
+        q_index, q_offsets, rows = join_rows(positions, offsets, sum_ids, sum_offsets)
+        n = positions.numel()
+        if isinstance(rows, slice):
+            q_rows = stream_rows = None
+            q_is_summary = torch.arange(q_index.numel(), device=q_index.device) >= n
+        else:
+            q_rows, q_is_summary = rows, rows >= n
+            stream_rows = torch.empty_like(rows)
+            stream_rows[rows] = torch.arange(rows.numel(), device=rows.device)
+        return cls(offsets, positions, sum_offsets, sum_ids, next_index, QueryRows(q_offsets, q_index, q_is_summary),
+                   q_rows, stream_rows)
+
+    @property
+    def num_events(self) -> int:
+        return self.positions.numel()
+
+    def plan(self, rule: KsaRule, state: LayerCache, backend: str) -> StepPlan:
+        """``plan_step`` for this step, built once for the layers with this rule, backend and state layout."""
+        key = (rule, backend, *map(id, state.layout))
+        if key not in self.plans:
+            # The layout tensors stay referenced beside the plan, so no other tensor can take their ids.
+            self.plans[key] = (state.layout, plan_step(self, rule, state, backend))
+        return self.plans[key][1]
+
+
+@dataclass
+class StepPlan:
+    """What a step does to a batch of states under one rule: which rows it reads and keeps (``update``),
+    and for the torch backend the padded attention problem (``attention``; None for Triton)."""
+
+    update: CacheStep
+    attention: CachedPlan | None
+
+
+def plan_step(tokens: StepTokens, rule: KsaRule, state: LayerCache, backend: str) -> StepPlan:
+    """Rows kept: events from ``rule.first_kept_event(next_index)``, summaries from
+    ``rule.first_kept_summary(next_index)`` (none when events read no summaries)."""
+    first_summary = rule.first_kept_summary(tokens.next_index)
+    keep_summaries = False if first_summary is None else first_summary
+    if rule.max_summaries is None and first_summary is not None:
+        keep_summaries = True
+    keep_events = True if rule.window is None else rule.first_kept_event(tokens.next_index)
+    update = CacheStep.build(state, tokens.positions, tokens.offsets, tokens.sum_ids, tokens.sum_offsets,
+                             keep_events, keep_summaries)
+    if backend != "torch" or not tokens.queries.index.numel():
+        return StepPlan(update, None)
+    ev, sm = update.events, update.summaries
+    attention = plan_cached_attention(tokens.queries, Rows(ev.offsets, ev.index), Rows(sm.offsets, sm.index), rule,
+                                      state.k.dtype)
+    if attention.key_rows is None:  # one user: the key table and the stream are already its padded rows
+        return StepPlan(update, attention)
+    return StepPlan(update, replace(
+        attention, key_rows=update.table_rows()[attention.key_rows],
+        query_rows=attention.query_rows if tokens.q_rows is None else tokens.q_rows[attention.query_rows],
+        out_rows=attention.out_rows if tokens.stream_rows is None else attention.out_rows[tokens.stream_rows]))
+
+
+def ksa_step_attention(q: Tensor, k: Tensor, v: Tensor, tokens: StepTokens, rule: KsaRule, state: LayerCache, *,
+                       backend: str | None = None, scale: float | None = None) -> tuple[Tensor, LayerCache]:
+    """The step's tokens ``q [Tn + Tsn, H, D]``, ``k, v [Tn + Tsn, Hkv, D]`` (events then summaries, RoPE
+    applied) against ``state`` -> ``(out [Tn + Tsn, H, D], the state after the step)``: the new K/V
+    appended and what no later token can see dropped. Equal to the training op over whole histories."""
+    backend = resolve_backend(backend, q.device, q.dtype, "step")
+    plan = tokens.plan(rule, state, backend)
+    n = tokens.num_events
+    keys = torch.cat([state.k, k[:n], state.sk, k[n:]])
+    values = torch.cat([state.v, v[:n], state.sv, v[n:]])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not q.shape[0]:
+        out = q
+    elif plan.attention is not None:
+        out = attend_cached(plan.attention, q, keys, values, scale)
+    else:
+        ev, sm = plan.update.events, plan.update.summaries
+        out = ksa_cached_attention(q if tokens.q_rows is None else q[tokens.q_rows], tokens.queries,
+                                   KeyRows(ev.offsets, ev.index, take(keys, ev.rows), take(values, ev.rows)),
+                                   KeyRows(sm.offsets, sm.index, take(keys, sm.rows), take(values, sm.rows)),
+                                   rule, scale=scale, backend=backend)
+        out = out if tokens.stream_rows is None else out[tokens.stream_rows]
+    return out, plan.update.advance(keys, values)

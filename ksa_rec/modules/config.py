@@ -1,0 +1,90 @@
+"""The encoder's typed configuration (mirrored by ``model.encoder`` in the YAML files of configs/).
+
+Validated on construction, so a bad YAML value fails at parse time with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ksa_rec.modules.attention import KINDS
+from ksa_rec.modules.mka import MkaConfig
+from ksa_rec.utils.config import require
+
+
+def parse_pattern(pattern: str) -> list[str]:
+    """``"ksa*3,full"`` -> ``["ksa", "ksa", "ksa", "full"]``; one kind per layer, ``kind*N`` repeats."""
+    layers: list[str] = []
+    for token in (t.strip() for t in pattern.split(",")):
+        kind, _, times = token.partition("*")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise ValueError(f"pattern {pattern!r}: unknown attention kind {kind!r}; known: {', '.join(KINDS)}")
+        if times and (not times.strip().isdigit() or int(times) < 1):
+            raise ValueError(f"pattern {pattern!r}: repeat count in {token!r} must be a positive integer")
+        layers.extend([kind] * (int(times) if times else 1))
+    return layers
+
+
+@dataclass
+class EncoderConfig:
+    """Sequence encoder: pre-norm blocks whose attention kind is chosen per layer by ``pattern``."""
+
+    dim: int = 64
+    """Width of event states and of every embedding table."""
+    num_heads: int = 2
+    """Attention heads per layer (``dim / num_heads`` must be even: RoPE rotates pairs)."""
+    pattern: str = "full,full"
+    """Attention kind per layer, comma-separated, ``kind*N`` repeats: full, ksa, sca, swa, mka, fastmka."""
+    ffn_mult: int = 4
+    """Hidden width of each feed-forward block, as a multiple of dim."""
+    dropout: float = 0.2
+    """Dropout on inputs, attention outputs and feed-forward outputs."""
+    chunk_size: int = 8
+    """KSA/SCA chunk size k (events per chunk); histories are truncated at multiples of it."""
+    window: int = 32
+    """Window in chunks for ksa/sca layers; swa layers see ``window * chunk_size`` previous events."""
+    summary_tokens: int = 1
+    """Summary tokens S per complete chunk (must divide chunk_size)."""
+    max_summaries: int | None = None
+    """Most old summaries an event sees (oldest dropped); None keeps all."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embedding's frequencies."""
+    time_gap_buckets: int = 0
+    """> 0 adds an embedding of log2 time gaps to the previous event (0 disables)."""
+    attention_backend: str | None = None
+    """Attention backend for training, streaming and scoring: null (auto), torch, flex or triton."""
+    mka: MkaConfig = field(default_factory=MkaConfig)
+    """Settings of mka / fastmka layers (MKA.md)."""
+
+    def __post_init__(self) -> None:
+        layers = parse_pattern(self.pattern)
+        if isinstance(self.mka, dict):
+            self.mka = MkaConfig(**self.mka)
+        kinds = [KINDS[k] for k in layers]
+        readers = sorted({k.kind for k in kinds if k.reads_summaries})
+        blockers = sorted({k.kind for k in kinds if not k.carries_summaries})
+        require(not (readers and blockers), "encoder.pattern",
+                f"{'/'.join(blockers)} layers cannot share a pattern with {'/'.join(readers)} layers (they carry "
+                "no summary stream)")
+        require(self.dim > 0 and self.num_heads > 0 and self.dim % self.num_heads == 0,
+                "encoder.dim", f"must be a positive multiple of num_heads ({self.num_heads}), got {self.dim}")
+        require((self.dim // self.num_heads) % 2 == 0, "encoder.dim", "dim / num_heads must be even (RoPE rotates pairs)")
+        require(0.0 <= self.dropout < 1.0, "encoder.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.chunk_size >= 1, "encoder.chunk_size", f"must be >= 1, got {self.chunk_size}")
+        require(self.window >= 0, "encoder.window", f"must be >= 0, got {self.window}")
+        require(self.summary_tokens >= 1 and self.chunk_size % self.summary_tokens == 0,
+                "encoder.summary_tokens", f"must be >= 1 and divide chunk_size ({self.chunk_size})")
+        require(self.max_summaries is None or self.max_summaries >= 0, "encoder.max_summaries", "must be None or >= 0")
+        require(self.time_gap_buckets >= 0, "encoder.time_gap_buckets", "must be >= 0")
+        require(self.attention_backend in (None, "torch", "flex", "triton"), "encoder.attention_backend",
+                f"must be null, torch, flex or triton, got {self.attention_backend!r}")
+
+    @property
+    def layers(self) -> list[str]:
+        return parse_pattern(self.pattern)
+
+    @property
+    def uses_summaries(self) -> bool:
+        """Whether the encoder carries a summary stream (some layer's events read summaries)."""
+        return any(KINDS[k].reads_summaries for k in self.layers)
