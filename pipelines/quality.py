@@ -7,9 +7,11 @@ How to run (from the repository root):
 
 Each run is ``ksa-rec fit --config configs/<cfg>.yaml ...`` in its own process (several share one GPU:
 these models are small), logging under ``runs/<study>/<run>``. The script then writes ``<out>/results.md``
-(a markdown table: HR/NDCG@{5,10,20}, MRR with 95% CIs, epochs, why training stopped, wall time; test
-metrics by history length and, on the long-range data, by distance of the evidence) and
-``<out>/results.json``. Both are rewritten as each run ends, so a study cut short keeps its finished runs.
+(the protocol's seen-items rule, then a markdown table: HR/NDCG@{5,10,20}, MRR with 95% CIs, seen
+items, epochs, why training stopped, wall time; test metrics by history length and, on the long-range
+data, by distance of the evidence) and ``<out>/results.json``. Both are rewritten as each run ends, so a
+study cut short keeps its finished runs. Pass ``-- --model.eval.seen_items keep`` for data whose targets
+recur (the synthetic long-range data).
 """
 
 from __future__ import annotations
@@ -178,18 +180,31 @@ def collect(log_root: Path) -> dict | None:
     return json.loads(found[-1].read_text()) if found else None
 
 
+def seen_items(res: dict) -> str:
+    """The seen-items rule a run was evaluated with (``model.eval.seen_items``, from its metrics.json); a
+    metrics.json from before that setting had the old rule, which exempted the target from its own mask."""
+    return (res.get("protocol") or {}).get("seen_items", "target exempt")
+
+
+def protocol_line(results: dict[str, dict]) -> str:
+    rules = sorted({seen_items(res) for res in results.values() if res.get("test")})
+    if len(rules) > 1:
+        return f"**Protocol:** seen items: {' / '.join(rules)} (differs between runs: see the seen items column)"
+    return f"**Protocol:** seen items: {rules[0]}" if rules else ""
+
+
 def table(results: dict[str, dict]) -> str:
-    head = "| run | " + " | ".join(METRICS) + " | targets | epochs | stopped by | wall s |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 5)]
+    head = "| run | " + " | ".join(METRICS) + " | seen items | targets | epochs | stopped by | wall s |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 6)]
     for name, res in results.items():
         test = res.get("test") or {}
         stop = (res.get("fit") or {}).get("stopped_by", "-")
         if not test:
-            lines.append(f"| {name} | " + " | ".join("-" for _ in METRICS) + f" | - | - | {stop} | {res['wall_s']:.0f} |")
+            lines.append(f"| {name} | " + " | ".join("-" for _ in METRICS) + f" | - | - | - | {stop} | {res['wall_s']:.0f} |")
             continue
         cells = [f"{test[m]:.4f} ± {test[m + '_ci95']:.4f}" for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {int(test['targets'])} | {res.get('epochs', '-')} | {stop} | {res['wall_s']:.0f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seen_items(res)} | {int(test['targets'])} | "
+                     f"{res.get('epochs', '-')} | {stop} | {res['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -302,7 +317,7 @@ def main() -> int:
 
 def write_report(results: dict[str, dict], out: Path) -> str:
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    report = "\n\n".join(filter(None, [seed_table(results), table(results),
+    report = "\n\n".join(filter(None, [protocol_line(results), seed_table(results), table(results),
                                         *(group_table(results, m, f) for f in ("hist", "dist") for m in ("hr@10", "ndcg@10"))]))
     (out / "results.md").write_text(report + "\n")
     return report

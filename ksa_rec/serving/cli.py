@@ -17,7 +17,7 @@ def score_parser() -> argparse.ArgumentParser:
     source.add_argument("--state", help="state store (SQLite) written by ksa-rec stream")
     p.add_argument("--output", required=True, type=Path, help="output .parquet")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--include-seen", action="store_true", help="do not exclude items the user interacted with")
+    _add_seen_items(p)
     p.add_argument("--batch-size", type=int, default=256, help="users per batch")
     p.add_argument("--max-len", type=int, default=None,
                    help="score from the newest MAX_LEN events (whole chunks); default: whole histories")
@@ -38,11 +38,22 @@ def stream_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None,
                    help="sink: .jsonl file or a parquet parts directory (default: <state>.outputs.jsonl)")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--include-seen", action="store_true")
+    _add_seen_items(p)
     p.add_argument("--chunk-rows", type=int, default=4096, help="events per micro-batch (one commit each)")
     p.add_argument("--item-chunk", type=int, default=65536)
     p.add_argument("--accelerator", default="auto")
     return p
+
+
+def _add_seen_items(p: argparse.ArgumentParser) -> None:
+    """The seen-items setting of evaluation (``model.eval.seen_items``), for recommendations."""
+    from ksa_rec.models.ranking import SEEN_ITEMS
+
+    p.add_argument("--seen-items", choices=SEEN_ITEMS, default="mask",
+                   help="items the user interacted with: mask (never recommended; default) or keep (ranked "
+                        "with the rest: repeat-aware)")
+    p.add_argument("--include-seen", dest="seen_items", action="store_const", const="keep",
+                   help="same as --seen-items keep (its older name; the last of the two flags wins)")
 
 
 def _engine(args):
@@ -53,7 +64,7 @@ def _engine(args):
 
     use_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
     serving = ServingModel.load(args.checkpoint, "cuda" if use_gpu else "cpu")
-    return StreamEngine(serving, top_k=args.top_k, exclude_seen=not args.include_seen, item_chunk=args.item_chunk)
+    return StreamEngine(serving, top_k=args.top_k, exclude_seen=args.seen_items == "mask", item_chunk=args.item_chunk)
 
 
 def score(argv: list[str]) -> None:

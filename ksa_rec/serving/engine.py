@@ -14,7 +14,7 @@ from ksa_rec.data.schema import ITEM, RESERVED_IDS, ROW, TIME, USER, LogSchema, 
 from ksa_rec.errors import DataError
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.state import UserState
-from ksa_rec.serving.topk import topk_items
+from ksa_rec.models.ranking import topk_items
 from ksa_rec.utils.jagged import lengths_to_offsets
 
 

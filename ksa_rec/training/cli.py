@@ -68,14 +68,15 @@ class RecCLI(LightningCLI):
         self.write_results(self.config[self.subcommand].get("ckpt_path") or "")
 
     def write_results(self, checkpoint: str, fit: dict | None = None) -> None:
-        """Every metric of the last validation/test pass, with 95% CIs and user counts, as JSON (and,
-        after fit, how many epochs ran and why training stopped)."""
+        """Every metric of the last validation/test pass, with 95% CIs and user counts, and the evaluation
+        protocol, as JSON (and, after fit, how many epochs ran and why training stopped)."""
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics.json"
         if not self.trainer.is_global_zero:
             return  # several processes (sharded training) hold the same synced metrics: one writes them
         out.parent.mkdir(parents=True, exist_ok=True)
         extra = {"fit": fit} if fit else {}
-        out.write_text(json.dumps({"checkpoint": checkpoint, **extra, **self.model.last_metrics}, indent=2))
+        out.write_text(json.dumps({"checkpoint": checkpoint, "protocol": self.model.protocol(), **extra,
+                                   **self.model.last_metrics}, indent=2))
         print(f"metrics with 95% CIs: {out}")
 
 

@@ -1,9 +1,7 @@
-"""Full-catalogue ranking metrics: HR@K, NDCG@K, MRR, with already-seen items masked.
+"""Full-catalogue ranking metrics: HR@K, NDCG@K, MRR from the ranks of :mod:`ksa_rec.models.ranking`.
 
-The rank of the target is counted chunk by chunk over the item table, so the ``[B, num_items]`` score
-matrix never exists at once (millions of items fit). Rank = number of eligible items scoring at least
-as high as the target (ties count against the model); eligible = not PAD/OOV, not already seen by the
-user, not the target itself.
+A target ranked 0 is the top item. An :data:`~ksa_rec.models.ranking.UNRANKED` target (removed from its
+own ranking: a re-consumed item under ``seen_items: mask``) counts as a miss at every cutoff, MRR 0.
 """
 
 from __future__ import annotations
@@ -12,43 +10,16 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ksa_rec.data.schema import RESERVED_IDS
-from ksa_rec.utils.jagged import segment_ids
+from ksa_rec.models.ranking import UNRANKED
+
+__all__ = ["CUTOFFS", "RankingMetrics", "rank_metrics"]
 
 CUTOFFS = (5, 10, 20)
 
 
-def target_ranks(user_vecs: Tensor, item_weight: Tensor, targets: Tensor, seen_values: Tensor | None,
-                 seen_offsets: Tensor | None, item_chunk: int = 65536) -> Tensor:
-    """0-based rank of each target among the eligible items.
-
-    Args:
-        user_vecs: ``[B, dim]``; item_weight: ``[num_items, dim]``; targets: int64 ``[B]``.
-        seen_values, seen_offsets: jagged items to exclude per user (``[M]``, ``[B+1]``), or None.
-    Returns:
-        int64 ``[B]``.
-    """
-    batch = user_vecs.shape[0]
-    target_scores = (user_vecs * item_weight[targets]).sum(-1, keepdim=True)
-    # Exclusions as (user, item) pairs: seen items and the target itself.
-    ex_user = torch.arange(batch, device=targets.device)
-    ex_item = targets
-    if seen_values is not None and seen_values.numel():
-        ex_user = torch.cat([ex_user, segment_ids(seen_offsets, seen_values.numel())])
-        ex_item = torch.cat([ex_item, seen_values])
-    ranks = torch.zeros(batch, dtype=torch.int64, device=targets.device)
-    for start in range(RESERVED_IDS, item_weight.shape[0], item_chunk):
-        stop = min(start + item_chunk, item_weight.shape[0])
-        scores = user_vecs @ item_weight[start:stop].t()
-        inside = (ex_item >= start) & (ex_item < stop)
-        scores[ex_user[inside], ex_item[inside] - start] = float("-inf")
-        ranks += (scores >= target_scores).sum(1)
-    return ranks
-
-
 def rank_metrics(ranks: Tensor) -> dict[str, Tensor]:
     """Per-user metric values ``[B]`` (float) from 0-based ranks."""
-    ranks_f = ranks.to(torch.float64)
+    ranks_f = torch.where(ranks == UNRANKED, float("inf"), ranks.to(torch.float64))
     out = {"mrr": 1.0 / (ranks_f + 1.0)}
     for k in CUTOFFS:
         hit = ranks < k

@@ -15,8 +15,9 @@ from ksa_rec.data.schema import DataSpec
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.losses import LossConfig
 from ksa_rec.utils.config import coerce
+from ksa_rec.models.ranking import SEEN_ITEMS, SeenItems, target_ranks
 from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.training.metrics import RankingMetrics, target_ranks
+from ksa_rec.training.metrics import RankingMetrics
 
 CHECKPOINT_VOCAB_KEY = "ksa_rec_vocab"
 EVIDENCE_LABEL = "evidence_distance"
@@ -40,11 +41,20 @@ class OptimConfig:
 class EvalConfig:
     item_chunk: int = 65536
     """Items scored at once when ranking the full catalogue (bounds memory at eval_batch x item_chunk)."""
+    seen_items: SeenItems = "mask"
+    """Items the user consumed before the target: "mask" removes them all from the ranking, the target too
+    (a re-consumed target is then a miss; the published protocol), "keep" ranks them (repeat-aware)."""
     distance_edges: tuple[int, ...] = (64, 264, 1024)
     """Buckets of ``evidence_distance`` for the long-range breakdown (when the data has that label)."""
     history_edges: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
     """Buckets of history length (events before the target, before truncation) for the test breakdown
     of quality by how much a user has done; empty: no breakdown."""
+
+    def __post_init__(self) -> None:
+        if self.item_chunk < 1:
+            raise ValueError(f"model.eval.item_chunk: must be >= 1, got {self.item_chunk}")
+        if self.seen_items not in SEEN_ITEMS:
+            raise ValueError(f"model.eval.seen_items: must be one of {', '.join(SEEN_ITEMS)}, got {self.seen_items!r}")
 
 
 class RecModule(pl.LightningModule):
@@ -106,13 +116,19 @@ class RecModule(pl.LightningModule):
                 self.log_dict({f"router/l{i}/{level}": mean[j] for j, level in enumerate(("local", "session", "long"))},
                               on_step=False, on_epoch=True, batch_size=batch_size)
 
+    def protocol(self) -> dict[str, str]:
+        """The evaluation settings a results table must name (written into metrics.json)."""
+        return {"seen_items": self.eval_cfg.seen_items}
+
     def _ranks(self, batch: SequenceBatch) -> Tensor:
         vecs = self.model.encode(batch)[batch.eval_rows]
+        masked = self.eval_cfg.seen_items == "mask"
+        seen_values, seen_offsets = (batch.seen_values, batch.seen_offsets) if masked else (None, None)
         if self.model.sharded_items is not None:  # each process scores the item rows it holds
-            return self.model.sharded_items.target_ranks(vecs, batch.eval_targets, batch.seen_values,
-                                                         batch.seen_offsets, self.eval_cfg.item_chunk)
-        return target_ranks(vecs, self.model.item_weight, batch.eval_targets, batch.seen_values,
-                            batch.seen_offsets, self.eval_cfg.item_chunk)
+            return self.model.sharded_items.target_ranks(vecs, batch.eval_targets, seen_values, seen_offsets,
+                                                         self.eval_cfg.item_chunk)
+        return target_ranks(vecs, self.model.item_weight, batch.eval_targets, seen_values, seen_offsets,
+                            self.eval_cfg.item_chunk)
 
     def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         self.val_metrics.update(self._ranks(batch))

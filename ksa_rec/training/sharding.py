@@ -50,13 +50,14 @@ from torchrec.distributed.types import Awaitable, ShardedModule, ShardingEnv
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.modules.losses import LossConfig
 from ksa_rec.utils.config import coerce
+from ksa_rec.models.ranking import Exclusions, RankCounter, mask_chunk
 from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.data.schema import ITEM
 from ksa_rec.data.schema import RESERVED_IDS
 from ksa_rec.modules.losses import sampled_softmax
 from ksa_rec.training.sharded_checkpoint import (is_sharded_checkpoint, load_sharded_checkpoint,
                                                  save_sharded_checkpoint)
-from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids
+from ksa_rec.utils.jagged import lengths_to_offsets
 
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "table_row_wise", "table_column_wise")
 """What the planner may pick (data_parallel is left out: a replicated table would need the dense optimizer)."""
@@ -292,9 +293,9 @@ class ShardedItems:
     @torch.no_grad()
     def target_ranks(self, vecs: Tensor, targets: Tensor, seen_values: Tensor | None,
                      seen_offsets: Tensor | None, item_chunk: int = 65536) -> Tensor:
-        """0-based rank of each target among the eligible items; the contract of
-        :func:`ksa_rec.training.metrics.target_ranks` (ties count against the model; PAD/OOV, seen items and
-        the target are not eligible), computed over the sharded table. Collective.
+        """The ranks of :func:`ksa_rec.models.ranking.target_ranks` (same exclusions and ties, a target among
+        its row's exclusions :data:`~ksa_rec.models.ranking.UNRANKED`), computed over the sharded table.
+        Collective.
 
         Args:
             vecs: ``[N, dim]`` states that rank ``targets [N]``; seen_values, seen_offsets: jagged items to
@@ -312,34 +313,31 @@ class ShardedItems:
         all_targets, _ = _gather_rows(targets, self.group)
         all_seen, _ = _gather_rows(seen_values, self.group)
         seen_lengths, _ = _gather_rows(seen_offsets[1:] - seen_offsets[:-1], self.group)
-        ex_row = torch.cat([torch.arange(all_targets.numel(), device=targets.device),
-                            segment_ids(lengths_to_offsets(seen_lengths), all_seen.numel())])
-        ex_item = torch.cat([all_targets, all_seen])
-        counts = self._count_above(all_vecs, all_scores, ex_row, ex_item, item_chunk)
+        exclusions = Exclusions.from_jagged(all_seen, lengths_to_offsets(seen_lengths), targets.device)
+        counter = RankCounter(all_targets, all_scores, exclusions)
+        self._count_above(all_vecs, counter, item_chunk)
         start = sum(sizes[: dist.get_rank(self.group)])
-        return counts[start: start + targets.numel()]
+        return counter.ranks()[start: start + targets.numel()]
 
-    def _count_above(self, vecs: Tensor, target_scores: Tensor, ex_row: Tensor, ex_item: Tensor,
-                     item_chunk: int) -> Tensor:
+    def _count_above(self, vecs: Tensor, counter: RankCounter, item_chunk: int) -> None:
+        """Feed ``counter`` the masked scores of every item of the table once, over all processes."""
         weight = self.collection.state_dict()[f"embeddings.{ITEM}.weight"]
         if not isinstance(weight, ShardedTensor):
             raise TypeError(f"item table state is a {type(weight).__name__}, expected a ShardedTensor")
         num_items, dim = weight.size()
         shards = [(shard.metadata.shard_offsets[0], shard.metadata.shard_offsets[1], shard.tensor)
                   for shard in weight.local_shards()]
-        counts = torch.zeros(vecs.shape[0], dtype=torch.int64, device=vecs.device)
         if all(m.shard_sizes[1] == dim for m in weight.metadata().shards_metadata):
             # Whole rows (row/table-wise): each score is complete here, so only counts cross processes.
             for row0, _, rows in shards:
-                for lo in range(max(row0, RESERVED_IDS), row0 + rows.shape[0], item_chunk):
-                    hi = min(lo + item_chunk, row0 + rows.shape[0])
-                    scores = vecs @ rows[lo - row0: hi - row0].t()
-                    counts += _count(scores, lo, target_scores, ex_row, ex_item)
-            dist.all_reduce(counts, group=self.group)
-            return counts
+                for lo in range(row0, row0 + rows.shape[0], item_chunk):
+                    scores = vecs @ rows[lo - row0: lo - row0 + item_chunk].t()
+                    counter.add(mask_chunk(scores, lo, counter.exclusions))
+            dist.all_reduce(counter.counts, group=self.group)
+            return
         # Column pieces: a score is a sum over processes, so partial scores are summed chunk by chunk (every
         # process walks the whole catalogue; costs [N, item_chunk] floats of traffic per chunk).
-        for lo in range(RESERVED_IDS, num_items, item_chunk):
+        for lo in range(0, num_items, item_chunk):
             hi = min(lo + item_chunk, num_items)
             scores = torch.zeros(vecs.shape[0], hi - lo, dtype=vecs.dtype, device=vecs.device)
             for row0, col0, rows in shards:
@@ -347,16 +345,7 @@ class ShardedItems:
                 if a < b:
                     scores[:, a - lo: b - lo] += vecs[:, col0: col0 + rows.shape[1]] @ rows[a - row0: b - row0].t()
             dist.all_reduce(scores, group=self.group)
-            counts += _count(scores, lo, target_scores, ex_row, ex_item)
-        return counts
-
-
-def _count(scores: Tensor, start: int, target_scores: Tensor, ex_row: Tensor, ex_item: Tensor) -> Tensor:
-    """Per row, how many of the items ``[start, start + scores.shape[1])`` that are eligible score at least
-    the target's score (``scores`` is overwritten)."""
-    inside = (ex_item >= start) & (ex_item < start + scores.shape[1])
-    scores[ex_row[inside], ex_item[inside] - start] = float("-inf")
-    return (scores >= target_scores).sum(1)
+            counter.add(mask_chunk(scores, lo, counter.exclusions))
 
 
 def _gather_rows(tensor: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, list[int]]:

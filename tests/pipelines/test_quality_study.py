@@ -54,10 +54,24 @@ def test_report_has_the_stop_reason_and_one_table_per_group_family(quality, tmp_
               "dist_1_64/hr@10": 0.3, "dist_1_64/hr@10_ci95": 0.03, "dist_1_64/targets": 6,
               "no_long_range/hr@10": 0.4, "no_long_range/hr@10_ci95": 0.04, "no_long_range/targets": 2}
     results = {"a": {"test": metrics | groups, "fit": {"epochs": 7, "stopped_by": "early_stopping"},
-                     "epochs": 7, "wall_s": 12.0}}
+                     "protocol": {"seen_items": "mask"}, "epochs": 7, "wall_s": 12.0}}
     report = quality.write_report(results, tmp_path)
     assert (tmp_path / "results.md").read_text() == report + "\n"
-    assert "| 10 | 7 | early_stopping | 12 |" in report
+    assert report.startswith("**Protocol:** seen items: mask\n")
+    assert "| mask | 10 | 7 | early_stopping | 12 |" in report
     hist = next(t for t in report.split("\n\n") if t.startswith("| run (hr@10) | hist_1_8 |"))
     assert "0.2000 ± 0.0200 (n=4)" in hist and "dist_" not in hist
     assert any(t.startswith("| run (hr@10) | dist_1_64 | no_long_range |") for t in report.split("\n\n"))
+
+
+def test_report_names_each_runs_seen_items_rule(quality, tmp_path):
+    """A run's rule comes from its metrics.json; one written before the setting existed had the old rule."""
+    test = {m: 0.1 for m in quality.METRICS} | {f"{m}_ci95": 0.01 for m in quality.METRICS} | {"targets": 10}
+    results = {"new": {"test": test, "protocol": {"seen_items": "keep"}, "wall_s": 1.0},
+               "old": {"test": test, "wall_s": 1.0}, "failed": {"wall_s": 1.0}}
+    report = quality.write_report(results, tmp_path)
+    assert report.startswith("**Protocol:** seen items: keep / target exempt (differs between runs")
+    rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| ")}
+    assert "| keep | 10 |" in rows["new"] and "| target exempt | 10 |" in rows["old"]
+    assert rows["failed"].endswith("| - | - | - | - | 1 |")  # no rule, targets, epochs, stop reason
+    assert len({line.count("|") for line in rows.values()}) == 1  # every row fills every column

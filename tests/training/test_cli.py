@@ -86,6 +86,7 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
     assert Path(results["checkpoint"]).is_file()
     assert results["test"]["targets"] == 40 and 0.0 <= results["test"]["ndcg@10"] <= 1.0
     assert results["fit"] == {"epochs": 3, "stopped_by": "max_epochs"}
+    assert results["protocol"] == {"seen_items": "mask"}  # what the results tables name
     # Test targets broken down by history length (events before each user's last one), bucket edges
     # (8, 16, 32, 64, 128, ...): the counts follow the users' lengths.
     lengths = cli.datamodule.data.lengths() - 1
@@ -114,7 +115,8 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
 def test_metrics_say_why_fit_stopped(tmp_path, monkeypatch, args, reason):
     monkeypatch.chdir(tmp_path)
     cli = run_lightning(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--trainer.max_epochs", "50",
-                         "--data.cache_dir", str(tmp_path / "cache"), *args])
+                         "--data.cache_dir", str(tmp_path / "cache"), "--model.eval.seen_items", "keep", *args])
     results = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert results["fit"]["stopped_by"] == reason and results["fit"]["epochs"] < 50
+    assert results["protocol"] == {"seen_items": "keep"}
     assert results["test"]["targets"] == 40

@@ -43,8 +43,8 @@ from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import DataSpec
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.losses import LossConfig
+from ksa_rec.models.ranking import UNRANKED, target_ranks
 from ksa_rec.modules.losses import sampled_softmax
-from ksa_rec.training.metrics import target_ranks
 from ksa_rec.training.module import OptimConfig, RecModule
 from ksa_rec.training.sharded_checkpoint import export_single_process, load_unsharded
 from ksa_rec.training.sharding import (EmbeddingOptimConfig, ShardingConfig, TorchRecStrategy,
@@ -89,12 +89,15 @@ def make_batch(seed: int, users: int) -> SequenceBatch:
 
 
 def make_eval_inputs(rank: int) -> tuple:
-    """Random states, targets and seen items for ``target_ranks`` (3 + rank rows)."""
+    """Random states, targets and seen items for ``target_ranks`` (3 + rank rows); the last row has seen
+    its own target (a re-consumed item: unranked under the seen-items mask)."""
     g = torch.Generator().manual_seed(100 + rank)
     n = 3 + rank
-    seen_lengths = torch.randint(0, 6, (n,), generator=g)
-    return (torch.randn(n, DIM, generator=g), torch.randint(2, NUM_ITEMS, (n,), generator=g),
-            torch.randint(2, NUM_ITEMS, (int(seen_lengths.sum()),), generator=g), lengths_to_offsets(seen_lengths))
+    seen_lengths = torch.randint(1, 6, (n,), generator=g)
+    targets = torch.randint(2, NUM_ITEMS, (n,), generator=g)
+    seen_values = torch.randint(2, NUM_ITEMS, (int(seen_lengths.sum()),), generator=g)
+    seen_values[-1] = targets[-1]
+    return torch.randn(n, DIM, generator=g), targets, seen_values, lengths_to_offsets(seen_lengths)
 
 
 def reference_loss(module: RecModule, batch: SequenceBatch, generator: torch.Generator) -> torch.Tensor:
@@ -256,6 +259,7 @@ def test_sharded_ranks_match_full_table(sharded_job):
         for kind, table in (("row_wise", after), ("column_wise", initial), ("table_wise", initial)):
             expected = target_ranks(vecs, table, targets, seen_values, seen_offsets, EVAL_CHUNK)
             assert torch.equal(job["ranks"][kind], expected), (kind, rank)
+            assert expected[-1] == UNRANKED and bool((expected[:-1] < NUM_ITEMS).all())
 
 
 def test_checkpoint_loads_on_one_process_and_exports(sharded_job, tmp_path):
