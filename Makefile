@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-gpu clean
+.PHONY: venv demo test test-fast lint test-gpu clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,16 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 demo: $(STAMP)
 	$(BIN)/python pipelines/demo.py
 
-test: $(STAMP)
+# The full tier (what CI runs): lint, then every CPU test.
+test: lint
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# The edit-run loop: everything but the tests that start processes or run long (marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu

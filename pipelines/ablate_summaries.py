@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import pytorch_lightning as pl
+
 from ksa_rec.training.cli import run_lightning
 from ksa_rec.training.module import RecModule
 
@@ -27,7 +28,8 @@ def evaluate(config: str, checkpoint: Path, max_summaries: int | None, cache: st
     cli = run_lightning(["--config", config, "--data.cache_dir", cache], run=False)
     module = RecModule.load_from_checkpoint(checkpoint, map_location="cpu")
     module.encoder_cfg.max_summaries = max_summaries
-    pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(module, datamodule=cli.datamodule)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, datamodule=cli.datamodule)
     return module.last_metrics["test"]
 
 

@@ -30,9 +30,9 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from ksa_rec.data.schema import DataSpec
+from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.losses import LossConfig
-from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.utils.jagged import lengths_to_offsets
 
 MODELS = {"hybrid-KSA": "ksa*3,full", "all-KSA": "ksa*4", "full": "full*4", "hybrid-MKA": "mka*3,full",

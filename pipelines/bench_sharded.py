@@ -45,13 +45,17 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from ksa_rec.data.batch import SequenceBatch, random_training_batch
-from ksa_rec.data.schema import DataSpec
+from ksa_rec.data.schema import ITEM, DataSpec
+from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.losses import LossConfig
-from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.data.schema import ITEM
-from ksa_rec.training.sharding import (SHARDING_TYPES, EmbeddingOptimConfig, ShardingConfig, shard_model,
-                                       sharded_parameter_ids)
+from ksa_rec.training.sharding import (
+    SHARDING_TYPES,
+    EmbeddingOptimConfig,
+    ShardingConfig,
+    shard_model,
+    sharded_parameter_ids,
+)
 
 
 @dataclass

@@ -32,9 +32,9 @@ import torch
 
 from ksa_rec.data.batch import random_training_batch
 from ksa_rec.data.schema import DataSpec
+from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.losses import LossConfig
-from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.mka import MkaConfig
 
 MODELS = {"full": "full*4", "hybrid-KSA": "ksa*3,full", "all-KSA": "ksa*4", "SCA": "sca*4", "SWA": "swa*4",

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     batch, row, target, distance = find_target(cli.datamodule.test_dataloader(), args.label, args.min_distance)
     user = one_user(batch, row)
     expl = explain_user(module.model, user)
-    n, k = int(user.offsets[-1]), module.model.encoder_cfg.chunk_size
+    k = module.model.encoder_cfg.chunk_size
     first, last = int(user.positions[0]), int(user.positions[-1])
     evidence = last + 1 - distance
     print(f"user row {int(user.user_index[0])}: events {first}-{last}, target item {target}, "

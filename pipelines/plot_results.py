@@ -148,7 +148,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     args = p.parse_args()
     if args.history:
-        studies = {title: json.loads(Path(path).read_text()) for title, _, path in (h.partition("=") for h in args.history)}
+        studies = {title: json.loads(Path(path).read_text())
+                   for title, _, path in (h.partition("=") for h in args.history)}
         print(quality_by_history(studies, args.out))
     if args.long_range:
         print(quality_by_distance(json.loads(args.long_range.read_text()), args.out))

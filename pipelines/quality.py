@@ -200,7 +200,8 @@ def table(results: dict[str, dict]) -> str:
         test = res.get("test") or {}
         stop = (res.get("fit") or {}).get("stopped_by", "-")
         if not test:
-            lines.append(f"| {name} | " + " | ".join("-" for _ in METRICS) + f" | - | - | - | {stop} | {res['wall_s']:.0f} |")
+            dashes = " | ".join("-" for _ in METRICS)
+            lines.append(f"| {name} | {dashes} | - | - | - | {stop} | {res['wall_s']:.0f} |")
             continue
         cells = [f"{test[m]:.4f} ± {test[m + '_ci95']:.4f}" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seen_items(res)} | {int(test['targets'])} | "
@@ -277,7 +278,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run names to keep")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--max-time", help="Lightning max_time per run, DD:HH:MM:SS (then the best checkpoint is tested)")
+    parser.add_argument("--max-time",
+                        help="Lightning max_time per run, DD:HH:MM:SS (then the best checkpoint is tested)")
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the seeded runs")
     parser.add_argument("extra", nargs="*", help="extra ksa-rec fit arguments for every run (after --)")
@@ -318,7 +320,8 @@ def main() -> int:
 def write_report(results: dict[str, dict], out: Path) -> str:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report = "\n\n".join(filter(None, [protocol_line(results), seed_table(results), table(results),
-                                        *(group_table(results, m, f) for f in ("hist", "dist") for m in ("hr@10", "ndcg@10"))]))
+                                        *(group_table(results, m, f) for f in ("hist", "dist")
+                                          for m in ("hr@10", "ndcg@10"))]))
     (out / "results.md").write_text(report + "\n")
     return report
 

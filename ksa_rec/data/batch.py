@@ -62,7 +62,8 @@ class SequenceBatch:
         The KeyedJaggedTensor's keys are ``[item_id] + sorted(features) + [time_gap]``.
         """
         keys = [ITEM, *sorted(features)] + ([TIME_GAP] if time_gaps is not None else [])
-        values = [items] + [features[name] for name in sorted(features)] + ([time_gaps] if time_gaps is not None else [])
+        values = [items, *(features[name] for name in sorted(features))]
+        values += [time_gaps] if time_gaps is not None else []
         key_lengths = torch.from_numpy(np.tile(lengths.astype(np.int64), len(keys)))
         kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
                                 lengths=key_lengths, offsets=lengths_to_offsets(key_lengths))

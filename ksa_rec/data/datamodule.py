@@ -16,11 +16,11 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from ksa_rec.data.etl import EtlConfig, InteractionData, load_interactions
-from ksa_rec.data.schema import LogSchema
+from ksa_rec.data.schema import DataSpec, LogSchema
 from ksa_rec.data.sequences import Collator, EpochSampler, EvalWindows, TrainWindows
 from ksa_rec.data.split import Splits, leave_one_out, tail_split, temporal_cutoffs, temporal_split
-from ksa_rec.data.synthetic import SyntheticConfig, write as write_synthetic
-from ksa_rec.data.schema import DataSpec
+from ksa_rec.data.synthetic import SyntheticConfig
+from ksa_rec.data.synthetic import write as write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class RecDataModule(pl.LightningDataModule):
 
     def __init__(self, path: str | None = None, format: str = "auto", features: list[str] | None = None,
                  labels: list[str] | None = None, synthetic: SyntheticConfig | None = None, split: str = "loo",
-                 tail_events: int = 32, max_len: int = 50, chunk_size: int = 8, time_gap_buckets: int = 0, train_window: str = "last",
+                 tail_events: int = 32, max_len: int = 50, chunk_size: int = 8, time_gap_buckets: int = 0,
+                 train_window: str = "last",
                  batch_size: int = 128, eval_batch_size: int = 256, num_workers: int = 0,
                  min_user_events: int = 1, on_duplicate: str = "error", cache_dir: str | None = ".cache/ksa_rec",
                  seed: int = 0):

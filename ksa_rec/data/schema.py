@@ -86,7 +86,8 @@ class DataSpec:
     """Rows of each side-feature table, by feature name."""
 
     def __post_init__(self) -> None:
-        require(self.num_items > RESERVED_IDS, "data_spec.num_items", f"needs at least one real item, got {self.num_items}")
+        require(self.num_items > RESERVED_IDS, "data_spec.num_items",
+                f"needs at least one real item, got {self.num_items}")
 
 
 def time_gap_bucket(gaps: Tensor, num_buckets: int) -> Tensor:

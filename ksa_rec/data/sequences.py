@@ -18,9 +18,9 @@ from torch.utils.data import Dataset, Sampler
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.etl import InteractionData
+from ksa_rec.data.schema import time_gap_bucket
 from ksa_rec.data.split import EvalTargets
 from ksa_rec.data.truncation import chunk_aligned_start
-from ksa_rec.data.schema import time_gap_bucket
 
 
 class TrainWindows(Dataset):
@@ -91,7 +91,8 @@ class EvalWindows(Dataset):
         self.targets = np.split(position, bounds[1:-1]) if len(user) else []
         self.end = np.array([t[-1] for t in self.targets], dtype=np.int64)
         self.start = chunk_aligned_start(self.end, max_len, chunk_size)
-        if len(user) and bool((np.concatenate(self.targets) <= np.repeat(self.start, [len(t) for t in self.targets])).any()):
+        starts = np.repeat(self.start, [len(t) for t in self.targets])
+        if len(user) and bool((np.concatenate(self.targets) <= starts).any()):
             raise ValueError("some targets are older than max_len allows for one pass per user; raise max_len")
 
     def __len__(self) -> int:

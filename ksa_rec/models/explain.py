@@ -60,8 +60,8 @@ def explain_user(model: SeqRecModel, batch: SequenceBatch) -> KsaExplanation:
     if not explained:
         raise ValueError(f"pattern {cfg.pattern!r} has no layer that reads summaries to explain")
     captured: dict[int, tuple] = {}
-    hooks = [model.encoder.blocks[i].attn.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, args))
-             for i in explained]
+    hooks = [model.encoder.blocks[i].attn.register_forward_hook(
+        lambda mod, args, out, i=i: captured.__setitem__(i, args)) for i in explained]
     try:
         model.eval()
         model.encode(batch)
@@ -117,8 +117,9 @@ def plot_explanation(expl: KsaExplanation, path: str | Path, layer: int = 0, top
     ax1.legend()
     best = expl.top_summaries(layer, top)
     for rank, (chunk, weight, events) in enumerate(best):
-        ax2.bar([rank * (k + 1) + j for j in range(k)], [w for _, _, w in events], label=f"chunk {chunk} ({weight:.2f})")
-        for j, (index, item, w) in enumerate(events):
+        ax2.bar([rank * (k + 1) + j for j in range(k)], [w for _, _, w in events],
+                label=f"chunk {chunk} ({weight:.2f})")
+        for j, (_, item, w) in enumerate(events):
             ax2.text(rank * (k + 1) + j, w, str(item), ha="center", va="bottom", fontsize=7, rotation=90)
     ax2.set(title=f"what its top {len(best)} summaries draw on (bars: events of the chunk, labels: item ids)",
             ylabel="summary attention weight", xticks=[])

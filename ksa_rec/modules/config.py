@@ -69,7 +69,8 @@ class EncoderConfig:
                 "no summary stream)")
         require(self.dim > 0 and self.num_heads > 0 and self.dim % self.num_heads == 0,
                 "encoder.dim", f"must be a positive multiple of num_heads ({self.num_heads}), got {self.dim}")
-        require((self.dim // self.num_heads) % 2 == 0, "encoder.dim", "dim / num_heads must be even (RoPE rotates pairs)")
+        require((self.dim // self.num_heads) % 2 == 0, "encoder.dim",
+                "dim / num_heads must be even (RoPE rotates pairs)")
         require(0.0 <= self.dropout < 1.0, "encoder.dropout", f"must be in [0, 1), got {self.dropout}")
         require(self.chunk_size >= 1, "encoder.chunk_size", f"must be >= 1, got {self.chunk_size}")
         require(self.window >= 0, "encoder.window", f"must be >= 0, got {self.window}")

@@ -1,6 +1,7 @@
 """The sequence encoder: pre-norm blocks [norm -> attention(kind) -> norm -> FFN], one kind per layer.
 
-With any layer that reads summaries (``ksa``) in the pattern, a summary stream runs beside the events (KSA.md section 4):
+With any layer that reads summaries (``ksa``) in the pattern, a summary stream runs beside the events
+(KSA.md section 4):
 ``S`` learned slot embeddings (plus the time part of the chunk's last event) enter after every complete
 chunk, share norms, output projections and FFNs with the events, and are dropped at the end.
 """
@@ -150,8 +151,9 @@ class SequenceEncoder(nn.Module):
             stream_positions = torch.cat([positions, summary_position(chunk, slot, k, S)])
             x = torch.cat([tokens, self.summary_inputs(chunk, slot, rows, time_part)])
         cos, sin = self.rope.tables(stream_positions, tokens.dtype)
-        step_tokens = StepTokens.build(offsets, positions, sum_offsets, sum_ids, event_count + offsets[1:] - offsets[:-1])
-        sl = StepLayout(step_tokens, cos, sin, self.with_summaries)
+        next_index = event_count + offsets[1:] - offsets[:-1]
+        sl = StepLayout(StepTokens.build(offsets, positions, sum_offsets, sum_ids, next_index), cos, sin,
+                        self.with_summaries)
         new_states = []
         for block, state in zip(self.blocks, states):
             x, state = block.step(x, sl, state)

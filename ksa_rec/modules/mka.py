@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ksa_rec.ops.rope import apply_rotary
 from ksa_rec.ops.mka.reference import (
     LEVELS,
     bank_attention,
@@ -45,6 +44,7 @@ from ksa_rec.ops.mka.streaming import (
     take_last,
     window_attention_cached,
 )
+from ksa_rec.ops.rope import apply_rotary
 from ksa_rec.ops.swa import BACKENDS as WINDOW_BACKENDS
 from ksa_rec.utils.jagged import (
     jagged_to_padded,
@@ -54,7 +54,6 @@ from ksa_rec.utils.jagged import (
     segment_ids,
     validate_offsets,
 )
-
 
 # ----------------------------------------------------------------------------------------------------
 # Config

@@ -33,8 +33,12 @@ class ServingModel:
         return self.model.item_weight.device
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ServingModel":
-        """Load a ``ksa-rec fit`` checkpoint; any unusable file is a one-line ``CheckpointError``."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu",
+             encoder_overrides: dict | None = None) -> "ServingModel":
+        """Load a ``ksa-rec fit`` checkpoint; any unusable file is a one-line ``CheckpointError``.
+
+        ``encoder_overrides``: encoder settings that change how the model runs, not what it computes
+        (``attention_backend``); the model id stays that of the checkpoint."""
         from ksa_rec.training.module import CHECKPOINT_VOCAB_KEY, RecModule
 
         path = Path(path)
@@ -51,7 +55,10 @@ class ServingModel:
         if not vocab:
             raise CheckpointError(f"{path}: the checkpoint carries no vocabularies ('{CHECKPOINT_VOCAB_KEY}')")
         try:
-            module = RecModule(**raw["hyper_parameters"])
+            hparams = raw["hyper_parameters"]
+            if encoder_overrides:
+                hparams = {**hparams, "encoder": {**hparams["encoder"], **encoder_overrides}}
+            module = RecModule(**hparams)
             module.load_state_dict(raw["state_dict"])
             items = Vocab.from_dict(vocab["items"], source=str(path))
             features = {k: Vocab.from_dict(v, source=str(path)) for k, v in vocab["features"].items()}

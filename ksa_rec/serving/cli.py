@@ -25,6 +25,7 @@ def score_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     p.add_argument("--devices", type=int, default=1,
                    help="processes (one per GPU); users are split between them and the parts merged")
+    _add_backend_option(p)
     return p
 
 
@@ -42,6 +43,7 @@ def stream_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=4096, help="events per micro-batch (one commit each)")
     p.add_argument("--item-chunk", type=int, default=65536)
     p.add_argument("--accelerator", default="auto")
+    _add_backend_option(p)
     return p
 
 
@@ -56,6 +58,12 @@ def _add_seen_items(p: argparse.ArgumentParser) -> None:
                    help="same as --seen-items keep (its older name; the last of the two flags wins)")
 
 
+def _add_backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model.encoder.attention_backend", dest="attention_backend", default=None,
+                   choices=["auto", "torch", "flex", "triton"],
+                   help="attention backend of the model's step (default: the checkpoint's setting)")
+
+
 def _engine(args):
     import torch
 
@@ -63,7 +71,10 @@ def _engine(args):
     from ksa_rec.serving.engine import StreamEngine
 
     use_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
-    serving = ServingModel.load(args.checkpoint, "cuda" if use_gpu else "cpu")
+    overrides = None
+    if args.attention_backend is not None:
+        overrides = {"attention_backend": None if args.attention_backend == "auto" else args.attention_backend}
+    serving = ServingModel.load(args.checkpoint, "cuda" if use_gpu else "cpu", overrides)
     return StreamEngine(serving, top_k=args.top_k, exclude_seen=args.seen_items == "mask", item_chunk=args.item_chunk)
 
 

@@ -12,9 +12,9 @@ import torch
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import ITEM, RESERVED_IDS, ROW, TIME, USER, LogSchema, time_gap_bucket
 from ksa_rec.errors import DataError
+from ksa_rec.models.ranking import topk_items
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.state import UserState
-from ksa_rec.models.ranking import topk_items
 from ksa_rec.utils.jagged import lengths_to_offsets
 
 
@@ -56,7 +56,8 @@ class StreamEngine:
         return UserState.empty(self.model.empty_states(1), self.model.encoder_cfg.dim, self.model.item_weight.dtype)
 
     @torch.no_grad()
-    def update(self, frame: pl.DataFrame, states: dict[str, UserState], file: str) -> tuple[dict[str, UserState], Recommendations]:
+    def update(self, frame: pl.DataFrame, states: dict[str, UserState],
+               file: str) -> tuple[dict[str, UserState], Recommendations]:
         """Apply one micro-batch. ``states`` holds every user of ``frame``; returns their new states and
         their fresh recommendations. Bad events raise ``DataError`` before anything changes."""
         users, order, lengths = _group_by_user(frame)
@@ -131,7 +132,8 @@ def _check_order_and_gaps(users, old: list[UserState], lengths, items, timestamp
     has_prev = ~first
     for b, state in enumerate(old):
         if lengths[b] and state.event_count:
-            prev_time[starts[b]], prev_item[starts[b]], has_prev[starts[b]] = state.last_timestamp, state.last_item, True
+            at = starts[b]
+            prev_time[at], prev_item[at], has_prev[at] = state.last_timestamp, state.last_item, True
     gaps = np.where(has_prev, timestamps - prev_time, -1)
     bad = np.flatnonzero(has_prev & (gaps < 0))
     if bad.size:

@@ -12,12 +12,12 @@ from torch import Tensor
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import DataSpec
-from ksa_rec.modules.config import EncoderConfig
-from ksa_rec.modules.losses import LossConfig
-from ksa_rec.utils.config import coerce
 from ksa_rec.models.ranking import SEEN_ITEMS, SeenItems, target_ranks
 from ksa_rec.models.seqrec import SeqRecModel
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
 from ksa_rec.training.metrics import RankingMetrics
+from ksa_rec.utils.config import coerce
 
 CHECKPOINT_VOCAB_KEY = "ksa_rec_vocab"
 EVIDENCE_LABEL = "evidence_distance"

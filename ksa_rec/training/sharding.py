@@ -48,15 +48,12 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import Awaitable, ShardedModule, ShardingEnv
 
 from ksa_rec.data.batch import SequenceBatch
-from ksa_rec.modules.losses import LossConfig
-from ksa_rec.utils.config import coerce
+from ksa_rec.data.schema import ITEM, RESERVED_IDS
 from ksa_rec.models.ranking import Exclusions, RankCounter, mask_chunk
 from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.data.schema import ITEM
-from ksa_rec.data.schema import RESERVED_IDS
-from ksa_rec.modules.losses import sampled_softmax
-from ksa_rec.training.sharded_checkpoint import (is_sharded_checkpoint, load_sharded_checkpoint,
-                                                 save_sharded_checkpoint)
+from ksa_rec.modules.losses import LossConfig, sampled_softmax
+from ksa_rec.training.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+from ksa_rec.utils.config import coerce
 from ksa_rec.utils.jagged import lengths_to_offsets
 
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "table_row_wise", "table_column_wise")

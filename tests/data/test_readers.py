@@ -92,7 +92,8 @@ def test_ml_100k_u_data(tmp_path):
 
 
 @pytest.mark.parametrize("body, expected", [
-    ("1\t2\t3\t4\n1\t2\t3\n", "row 2: expected 4 fields separated by '\\t' (user_id, item_id, rating, timestamp), found 3"),
+    ("1\t2\t3\t4\n1\t2\t3\n",
+     "row 2: expected 4 fields separated by '\\t' (user_id, item_id, rating, timestamp), found 3"),
     ("1\t2\t3\t4\n\n1\t2\t3\tlate\n", "row 3, column 'timestamp': not a number: 'late'"),
 ])
 def test_ml_100k_errors(tmp_path, body, expected):
@@ -108,8 +109,10 @@ def test_ml_dat_ratings(tmp_path):
 
 
 @pytest.mark.parametrize("body, expected", [
-    ("1::2::3::4\n1::2::3::4::5\n", "row 2: expected 4 fields separated by '::' (user_id, item_id, rating, timestamp), found 5"),
-    ("1::2::3::4\n1:2:3:4\n", "row 2: expected 4 fields separated by '::' (user_id, item_id, rating, timestamp), found 1"),
+    ("1::2::3::4\n1::2::3::4::5\n",
+     "row 2: expected 4 fields separated by '::' (user_id, item_id, rating, timestamp), found 5"),
+    ("1::2::3::4\n1:2:3:4\n",
+     "row 2: expected 4 fields separated by '::' (user_id, item_id, rating, timestamp), found 1"),
     ("1::2::3::4\n::2::3::4\n", "row 2, column 'user_id': empty value"),
 ])
 def test_ml_dat_errors(tmp_path, body, expected):
@@ -124,7 +127,8 @@ def test_ml_dat_refuses_unknown_feature(tmp_path):
 
 
 def test_ml_csv_ratings(tmp_path):
-    path = write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\r\n1,1,4.0,964982703\r\n1,3,4.5,964981247\r\n")
+    path = write(tmp_path, "ratings.csv",
+                 "userId,movieId,rating,timestamp\r\n1,1,4.0,964982703\r\n1,3,4.5,964981247\r\n")
     assert detect_format(path) == "ml-csv"
     frame = read_interactions(path, schema=LogSchema(features=("rating",)))
     assert frame.rows() == [(1, "1", "1", 964982703, "4.0"), (2, "1", "3", 964981247, "4.5")]

@@ -4,7 +4,6 @@ really there (and learnable in principle) at the distances it claims."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 

@@ -5,10 +5,10 @@ from torchrec import KeyedJaggedTensor
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import DataSpec
-from ksa_rec.modules.config import EncoderConfig
-from ksa_rec.modules.losses import LossConfig
 from ksa_rec.models.explain import explain_user, plot_explanation
 from ksa_rec.models.seqrec import SeqRecModel
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig
 
 
 def _batch(n):
@@ -33,6 +33,7 @@ def test_weights_are_distributions_over_what_the_rule_allows(tmp_path):
     assert float(expl.event_usage[0][:28].abs().sum()) == 0.0
     assert float(expl.summary_usage[0][7:].abs().sum()) == 0.0 and float(expl.summary_usage[0][:7].min()) > 0
     chunk, weight, events = expl.top_summaries(0, top=1)[0]
-    assert weight == float(expl.summary_usage[0].max()) and [e[0] for e in events] == list(range(4 * chunk, 4 * chunk + 4))
+    assert weight == float(expl.summary_usage[0].max())
+    assert [e[0] for e in events] == list(range(4 * chunk, 4 * chunk + 4))
     assert plot_explanation(expl, tmp_path / "why.png").stat().st_size > 10_000
     assert plot_explanation(expl, tmp_path / "marked.png", mark=5).stat().st_size > 10_000

@@ -3,8 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from ksa_rec.modules.losses import LossConfig
-from ksa_rec.modules.losses import full_cross_entropy, sampled_softmax
+from ksa_rec.modules.losses import LossConfig, full_cross_entropy, sampled_softmax
 
 
 def test_full_ce_excludes_reserved_ids():

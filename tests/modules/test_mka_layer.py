@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ksa_rec.modules.mka import FastMkaAttention, FastMkaState, MkaAttention, MkaConfig, MkaState
-from ksa_rec.ops.rope import RotaryEmbedding, apply_rotary
 from ksa_rec.ops.mka.recurrence import fastmka_sources_recurrence, mka_recurrence, window_attention_recurrence
+from ksa_rec.ops.rope import RotaryEmbedding, apply_rotary
 from ksa_rec.utils.jagged import lengths_to_offsets
 
 TIGHT = dict(atol=1e-11, rtol=1e-10)

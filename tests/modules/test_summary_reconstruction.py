@@ -9,9 +9,9 @@ from torchrec import KeyedJaggedTensor
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import DataSpec
+from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.losses import LossConfig
-from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.utils.jagged import lengths_to_offsets, positions_in_segment
 
 NUM_ITEMS = 40

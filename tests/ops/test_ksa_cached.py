@@ -61,7 +61,8 @@ def test_newest_tokens_against_dense(users, seed, window, S, M):
     s_rows, s_offs = _gather([list(range(int(s_off[b]), int(s_off[b + 1]))) for b in range(len(lengths))])
     k_index = torch.cat([torch.as_tensor(r) - int(offsets[b]) for b, r in enumerate(
         [k_rows[k_off[b]:k_off[b + 1]] for b in range(len(lengths))])])
-    s_index = s_rows - torch.cat([torch.full((int(s_off[b + 1] - s_off[b]),), int(s_off[b])) for b in range(len(lengths))])
+    s_index = s_rows - torch.cat([torch.full((int(s_off[b + 1] - s_off[b]),), int(s_off[b]))
+                                  for b in range(len(lengths))])
     got = ksa_cached_attention(qq, QueryRows(q_offsets, q_index, q_is_sum),
                                KeyRows(k_off, k_index, kk[k_rows], v[k_rows]),
                                KeyRows(s_offs, s_index, ks[s_rows], vs[s_rows]), KsaRule(k, window, S, M))

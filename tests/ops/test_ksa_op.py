@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ksa_rec.ops import ksa_attention
-from ksa_rec.ops import backend as backend_module
 from ksa_rec.errors import BackendError
+from ksa_rec.ops import backend as backend_module
+from ksa_rec.ops import ksa_attention
 from ksa_rec.ops.backend import resolve_backend
 from ksa_rec.ops.ksa import KsaRule
 from ksa_rec.ops.ksa.dense import ksa_dense, ksa_visibility
@@ -461,6 +461,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_long_user_training_memory_is_bounded():
     """fwd+bwd of one 16,384-event user (H=2, D=16, k=8, W=32, float32), peak RSS in a fresh process.
 

@@ -29,6 +29,8 @@ from ksa_rec.utils.jagged import lengths_to_offsets
 _CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if _CUDA else "cpu"
 
+pytestmark = pytest.mark.slow  # the kernels under the Triton interpreter take about a minute
+
 
 def _small_config(**overrides) -> "triton_op.KsaTritonConfig":
     base = dict(block_m=16, block_n=16, sum_block=16, dkdv_block_n=16, dkdv_block_m=16, dq_block_m=16,
@@ -80,7 +82,8 @@ def _backward(out, grads):
 def _check_fp32(lengths, *, chunk, window, sums, max_summaries=None, config=None, heads=2, kv_heads=None, dim=16,
                 seed=0, window_unit=None):
     tensors, offsets = _inputs(lengths, chunk, sums, heads, kv_heads, dim, seed)
-    kw = dict(chunk_size=chunk, window=window, summary_tokens=sums, max_summaries=max_summaries, window_unit=window_unit)
+    kw = dict(chunk_size=chunk, window=window, summary_tokens=sums, max_summaries=max_summaries,
+              window_unit=window_unit)
     gen = torch.Generator().manual_seed(seed + 1)
     grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(DEVICE) for t in (tensors[0], tensors[3])]
     want_out, want_grad = _oracle(tensors, offsets, grads, **kw)

@@ -41,7 +41,8 @@ def make_inputs(lengths, heads, kv_heads, dtype, seed, D=8):
 def forward_backward(fn, inputs, offsets, seed, **kwargs):
     out = fn(*inputs, offsets, **kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
-    cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)  # same draws for every dtype
+    # same draws for every dtype
+    cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     return out.detach(), torch.autograd.grad((out * cotangent).sum(), inputs)
 
 

@@ -32,8 +32,8 @@ def test_longest_buckets_merge_until_each_has_enough_users(plots):
     assert plots._merge_tail(list(counts), test, 40) == [["hist_1_8"], ["hist_8_16"],
                                                          ["hist_16_32", "hist_32_64", "hist_64_plus"]]
     # too few short histories as well: they join their neighbour
-    assert plots._merge_tail(["hist_1_8", "hist_8_16"], _test({"hist_1_8": 10, "hist_8_16": 50}, {"hist_1_8": 0, "hist_8_16": 0}),
-                             40) == [["hist_1_8", "hist_8_16"]]
+    counts = _test({"hist_1_8": 10, "hist_8_16": 50}, {"hist_1_8": 0, "hist_8_16": 0})
+    assert plots._merge_tail(["hist_1_8", "hist_8_16"], counts, 40) == [["hist_1_8", "hist_8_16"]]
 
 
 def test_merged_buckets_pool_users_not_bucket_means(plots):

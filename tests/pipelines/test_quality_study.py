@@ -19,7 +19,8 @@ def quality():
 
 
 def test_seeded_runs_repeat_per_seed_seed_major_with_the_seed_argument(quality):
-    runs = quality.expand([quality.Run("plain", "smoke", None), quality.Run("a", "smoke", None, ["--x", "1"], seeded=True),
+    runs = quality.expand([quality.Run("plain", "smoke", None),
+                           quality.Run("a", "smoke", None, ["--x", "1"], seeded=True),
                            quality.Run("b", "smoke", None, seeded=True)], [3, 7])
     assert [r.name for r in runs] == ["plain", "a-s3", "b-s3", "a-s7", "b-s7"]
     assert runs[1].overrides == ["--x", "1", "--seed_everything", "3"] and runs[0].overrides == []

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ksa_rec.cli import main as ksa_rec
+from ksa_rec.ops import backend as backend_module
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.faults import CRASH_ENV
 from ksa_rec.serving.state import UserState
@@ -60,6 +61,7 @@ def test_stream_then_topk_equals_score(trained, event_files, tmp_path):
     assert from_store["item_ids"].to_list() == scored.sort("user_id")["item_ids"].to_list()
 
 
+@pytest.mark.slow
 def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path):
     events, _ = event_files
     assert _stream(trained_mka, events, tmp_path / "s.db", "--chunk-rows", "29") == 0
@@ -71,6 +73,7 @@ def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path
         assert max(abs(a - b) for a, b in zip(streamed[row["user_id"]]["scores"], row["scores"])) < 1e-4
 
 
+@pytest.mark.slow
 def test_event_by_event_equals_big_batches(trained, event_files, tmp_path):
     checkpoint, _ = trained
     events, _ = event_files
@@ -100,6 +103,7 @@ def test_resume_after_a_completed_run_does_nothing(trained, event_files, tmp_pat
     assert (_store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()) == before
 
 
+@pytest.mark.slow
 def test_stdin_jsonl_and_parquet_sink(trained, event_files, tmp_path):
     checkpoint, _ = trained
     events, frame = event_files
@@ -269,6 +273,7 @@ def _assert_same_outputs(got: Path, want: Path) -> None:
         assert max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) < 1e-4
 
 
+@pytest.mark.slow
 def test_score_on_two_processes_equals_one(trained, event_files, tmp_path):
     """Users split across 2 processes (Lightning DDP on CPU, gloo), parts merged by rank 0: the same
     rows as one process, from events and from a state store, and no part file left behind."""
@@ -292,3 +297,20 @@ def test_score_on_two_processes_equals_one(trained, event_files, tmp_path):
         assert two["item_ids"].to_list() == one["item_ids"].to_list()
         assert two["event_count"].to_list() == one["event_count"].to_list()
         assert sorted(p.name for p in tmp_path.glob("scores-*")) == ["scores-1.parquet", "scores-2.parquet"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stream_runs_the_step_on_the_backend_asked_for(trained, event_files, tmp_path, caplog, backend):
+    """``--model.encoder.attention_backend`` reaches the streaming step (it used to run Triton on any CUDA
+    device whatever the setting). On this CPU the Triton kernel runs under the interpreter (conftest)."""
+    checkpoint, _ = trained
+    events, _ = event_files
+    backend_module._log_once.cache_clear()
+    with caplog.at_level("DEBUG", logger="ksa_rec.ops.backend"):
+        assert _stream(checkpoint, events, tmp_path / "s.db", "--chunk-rows", "200",
+                       "--model.encoder.attention_backend", backend) == 0
+    decisions = {r.getMessage() for r in caplog.records if r.name == "ksa_rec.ops.backend"}
+    assert decisions == {f"step attention on cpu: backend {backend} (requested {backend})"}
+    # the backend is how the model runs, not what it is: the store keeps the checkpoint's model id
+    _, meta = _store_dump(tmp_path / "s.db")
+    assert meta["model_id"] == ServingModel.load(checkpoint).model_id

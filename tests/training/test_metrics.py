@@ -7,9 +7,8 @@ import torch
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import DataSpec
+from ksa_rec.models.ranking import UNRANKED, target_ranks
 from ksa_rec.modules.config import EncoderConfig
-from ksa_rec.models.ranking import UNRANKED
-from ksa_rec.models.ranking import target_ranks
 from ksa_rec.training.metrics import RankingMetrics, rank_metrics
 from ksa_rec.training.module import EvalConfig, RecModule
 from ksa_rec.utils.jagged import lengths_to_offsets

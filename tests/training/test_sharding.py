@@ -41,15 +41,22 @@ from torchrec.optim import RowWiseAdagrad
 from ksa_rec.cli import main as cli_main
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import DataSpec
-from ksa_rec.modules.config import EncoderConfig
-from ksa_rec.modules.losses import LossConfig
 from ksa_rec.models.ranking import UNRANKED, target_ranks
-from ksa_rec.modules.losses import sampled_softmax
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.losses import LossConfig, sampled_softmax
 from ksa_rec.training.module import OptimConfig, RecModule
 from ksa_rec.training.sharded_checkpoint import export_single_process, load_unsharded
-from ksa_rec.training.sharding import (EmbeddingOptimConfig, ShardingConfig, TorchRecStrategy,
-                                       negatives_generator, shard_model, sharded_parameter_ids)
+from ksa_rec.training.sharding import (
+    EmbeddingOptimConfig,
+    ShardingConfig,
+    TorchRecStrategy,
+    negatives_generator,
+    shard_model,
+    sharded_parameter_ids,
+)
 from ksa_rec.utils.jagged import lengths_to_offsets, positions_in_segment
+
+pytestmark = pytest.mark.slow  # starts gloo processes
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2

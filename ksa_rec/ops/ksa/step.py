@@ -30,8 +30,15 @@ import torch
 from torch import Tensor
 
 from ksa_rec.ops.backend import resolve_backend
-from ksa_rec.ops.ksa.cached import (CachedPlan, KeyRows, QueryRows, Rows, attend_cached, ksa_cached_attention,
-                                    plan_cached_attention)
+from ksa_rec.ops.ksa.cached import (
+    CachedPlan,
+    KeyRows,
+    QueryRows,
+    Rows,
+    attend_cached,
+    ksa_cached_attention,
+    plan_cached_attention,
+)
 from ksa_rec.ops.ksa.rule import KsaRule
 from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids
 

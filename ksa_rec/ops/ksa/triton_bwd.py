@@ -23,7 +23,16 @@ import triton
 import triton.language as tl
 
 from ksa_rec.ops.ksa.triton_fwd import (
-    _kev_qev, _kev_qsum, _ksum_qev, _ksum_qsum, _ntiles, _qev_kev, _qev_ksum, _qsum_kev, _qsum_ksum, _split,
+    _kev_qev,
+    _kev_qsum,
+    _ksum_qev,
+    _ksum_qsum,
+    _ntiles,
+    _qev_kev,
+    _qev_ksum,
+    _qsum_kev,
+    _qsum_ksum,
+    _split,
     _walk_step,
 )
 

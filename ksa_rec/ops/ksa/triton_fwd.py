@@ -9,7 +9,8 @@ A program that owns rows ``first..last`` of one user therefore visits the key in
 ``[lo(first), hi(last))``; keys in ``[lo(last), hi(first))`` are visible to every row (no mask), the
 two ends need an element mask (``_split``).
 
-Conventions: ``CHUNK`` = k, ``SUMS`` = S, ``UNIT`` = u (the window's step, ``KsaRule.unit``) (constexpr); ``W`` = window, ``M`` = max_summaries as ints,
+Conventions: ``CHUNK`` = k, ``SUMS`` = S, ``UNIT`` = u (the window's step, ``KsaRule.unit``) (constexpr);
+``W`` = window, ``M`` = max_summaries as ints,
 ``None`` passed as a large value (``triton_op.UNBOUNDED``); chunk numbers are clamped before they are
 multiplied by k, so nothing overflows int32. Events of a user: ``n``, complete chunks ``C = n // k``,
 summaries ``NS = S * C``.
@@ -203,7 +204,8 @@ def ksa_fwd_kernel(
     stride_qst, stride_qsh, stride_kst, stride_ksh, stride_vst, stride_vsh, stride_ost, stride_osh,
     T, TS, n_ev_programs, qk_scale, W, M,
     H: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_BLOCK: tl.constexpr, HAS_SUM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_BLOCK: tl.constexpr,
+    HAS_SUM: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One program = one (query block, head). Programs ``[0, n_ev_programs)`` own BLOCK_M event
