@@ -1,21 +1,12 @@
 """The history-length plot's bucket handling (pipelines/plot_results.py)."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def plots():
-    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "pipelines" / "plot_results.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plot_results"] = module
-    spec.loader.exec_module(module)
-    return module
+def plots(load_pipeline):
+    return load_pipeline("plot_results")
 
 
 def _test(counts: dict[str, int], hr: dict[str, float]) -> dict:

@@ -1,21 +1,12 @@
 """The study runner's bookkeeping: seeded runs and the across-seed summary (pipelines/quality.py)."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "pipelines" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def quality(load_pipeline):
+    return load_pipeline("quality")
 
 
 def test_seeded_runs_repeat_per_seed_seed_major_with_the_seed_argument(quality):
