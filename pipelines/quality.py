@@ -125,6 +125,23 @@ STUDIES: dict[str, list[Run]] = {
         ("full", "full*4", []), ("sca", "sca*4", []), ("ksa", "ksa*4", []),
         ("ksa-aux", "ksa*4", ["--model.loss.summary_reconstruction", "1.0"]),
         ("ksa-aux0.3", "ksa*4", ["--model.loss.summary_reconstruction", "0.3"])]],
+    # Summaries that carry old history at two layers (issue 15): chunk-seeded summaries (summary_init: chunk)
+    # against the paper's slot-seeded ones, with and without the reconstruction loss, next to every
+    # baseline at the same raw span. Names say what each model computes: <pattern>[<summary_init>, rec W].
+    "long-range-cpu-summaries": [
+        Run(f"lr2-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra], seeded=True)
+        for name, p, extra in [
+            ("full,full", "full,full", []), ("sca,sca", "sca,sca", []), ("swa,swa", "swa,swa", []),
+            ("mka,mka", "mka,mka", []),
+            ("ksa,ksa[slot]", "ksa,ksa", []),
+            ("ksa,ksa[slot,rec0.3]", "ksa,ksa", ["--model.loss.summary_reconstruction", "0.3"]),
+            ("ksa,ksa[chunk]", "ksa,ksa", ["--model.encoder.summary_init", "chunk"]),
+            ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", ["--model.encoder.summary_init", "chunk",
+                                                  "--model.loss.summary_reconstruction", "0.3"]),
+            ("ksa,full[chunk]", "ksa,full", ["--model.encoder.summary_init", "chunk"]),
+            ("sca,ksa[chunk]", "sca,ksa", ["--model.encoder.summary_init", "chunk"]),
+            ("ksa,full[slot]", "ksa,full", []),
+        ]],
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [
@@ -255,12 +272,7 @@ FAMILIES = {"hist": ("hist_",), "dist": ("no_long_range", "dist_")}
 def group_table(results: dict[str, dict], metric: str, family: str) -> str:
     """``metric`` per group of one family of targets (``dist``: by distance of the long-range evidence;
     ``hist``: by history length), if logged."""
-    groups: list[str] = []
-    for res in results.values():
-        for key in res.get("test") or {}:
-            group = key.split("/")[0]
-            if key.endswith(f"/{metric}") and group.startswith(FAMILIES[family]) and group not in groups:
-                groups.append(group)
+    groups = group_names(results, metric, family)
     if not groups:
         return ""
     lines = [f"| run ({metric}) | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
@@ -269,6 +281,69 @@ def group_table(results: dict[str, dict], metric: str, family: str) -> str:
         cells = [f"{test[f'{g}/{metric}']:.4f} ± {test[f'{g}/{metric}_ci95']:.4f} (n={int(test[f'{g}/targets'])})"
                  if f"{g}/{metric}" in test else "-" for g in groups]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_names(results: dict[str, dict], metric: str, family: str) -> list[str]:
+    """Every group of one family that some run logged ``metric`` for, in the order first seen."""
+    groups: list[str] = []
+    for res in results.values():
+        for key in res.get("test") or {}:
+            group = key.split("/")[0]
+            if key.endswith(f"/{metric}") and group.startswith(FAMILIES[family]) and group not in groups:
+                groups.append(group)
+    return groups
+
+
+def paired_table(results: dict[str, dict], baseline: str, metric: str, family: str = "dist") -> str:
+    """``metric`` of every seeded model minus ``baseline``'s, paired by seed, overall and in every group of
+    ``family``: mean difference +- the 95% t half-width over seeds (an interval that excludes 0 is a
+    difference the seeds agree on). Models are listed with the seeds they share with the baseline."""
+    seeds: dict[str, dict[str, dict]] = {}
+    for name, res in results.items():
+        base, _, seed = name.rpartition("-s")
+        if base and seed.isdigit() and res.get("test"):
+            seeds.setdefault(base, {})[seed] = res["test"]
+    if baseline not in seeds:
+        return ""
+    groups = ["all", *group_names(results, metric, family)]
+    lines = [f"**Paired difference in {metric} against {baseline}** (same seeds; mean ± 95% t half-width)", "",
+             "| model | seeds | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 2)]
+    for model, tests in seeds.items():
+        if model == baseline:
+            continue
+        shared = sorted(set(tests) & set(seeds[baseline]))
+        cells = []
+        for group in groups:
+            key = metric if group == "all" else f"{group}/{metric}"
+            diffs = [tests[s][key] - seeds[baseline][s][key] for s in shared
+                     if key in tests[s] and key in seeds[baseline][s]]
+            if not diffs:
+                cells.append("-")
+                continue
+            mean, half = mean_ci(diffs)
+            cells.append(f"{mean:+.4f} ± {half:.4f}" if half is not None else f"{mean:+.4f}")
+        lines.append(f"| {model} | {len(shared)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_group_table(results: dict[str, dict], metric: str, family: str) -> str:
+    """``metric`` per group of ``family``, mean over each model's seeds +- the 95% t half-width."""
+    groups = group_names(results, metric, family)
+    models = seed_groups(results)
+    if not groups or not models:
+        return ""
+    lines = [f"| model ({metric}, mean over seeds) | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    for model, tests in models.items():
+        cells = []
+        for group in groups:
+            values = [t[f"{group}/{metric}"] for t in tests if f"{group}/{metric}" in t]
+            if not values:
+                cells.append("-")
+                continue
+            mean, half = mean_ci(values)
+            cells.append(f"{mean:.4f} ± {half:.4f}" if half is not None else f"{mean:.4f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -282,6 +357,8 @@ def main() -> int:
                         help="Lightning max_time per run, DD:HH:MM:SS (then the best checkpoint is tested)")
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the seeded runs")
+    parser.add_argument("--paired", nargs="*", default=[],
+                        help="models (seeded run names without -s<seed>) to pair every other model against")
     parser.add_argument("extra", nargs="*", help="extra ksa-rec fit arguments for every run (after --)")
     args = parser.parse_args()
     runs = [r for study in args.study for r in expand(STUDIES[study], args.seeds)
@@ -312,16 +389,18 @@ def main() -> int:
             results[run.name] = res
             print(f"{run.name}: exit {proc.returncode}, {res['wall_s']:.0f} s, "
                   f"test ndcg@10 {res.get('test', {}).get('ndcg@10', float('nan')):.4f}", flush=True)
-            report = write_report(results, args.out)
+            report = write_report(results, args.out, args.paired)
     print(report)
     return 0 if all(r["returncode"] == 0 for r in results.values()) else 1
 
 
-def write_report(results: dict[str, dict], out: Path) -> str:
+def write_report(results: dict[str, dict], out: Path, paired: list[str] = ()) -> str:
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    report = "\n\n".join(filter(None, [protocol_line(results), seed_table(results), table(results),
-                                        *(group_table(results, m, f) for f in ("hist", "dist")
-                                          for m in ("hr@10", "ndcg@10"))]))
+    report = "\n\n".join(filter(None, [
+        protocol_line(results), seed_table(results),
+        *(seed_group_table(results, "ndcg@10", f) for f in ("dist", "hist")),
+        *(paired_table(results, base, "ndcg@10") for base in paired),
+        table(results), *(group_table(results, m, f) for f in ("hist", "dist") for m in ("hr@10", "ndcg@10"))]))
     (out / "results.md").write_text(report + "\n")
     return report
 

@@ -28,9 +28,11 @@ class SeqRecModel(nn.Module):
         self.embedding = EventEmbedding(encoder.dim, data_spec.num_items, data_spec.feature_cardinalities,
                                         encoder.time_gap_buckets)
         self.encoder = SequenceEncoder(encoder)
-        if loss.summary_reconstruction > 0 and not any(block.attn.reads_summaries for block in self.encoder.blocks[1:]):
-            raise ValueError(f"loss.summary_reconstruction needs a ksa layer after the first (pattern "
-                             f"{encoder.pattern!r}): only those read summaries that carry chunk content")
+        content_readers = [i for i, block in enumerate(self.encoder.blocks)
+                           if block.attn.reads_summaries and (i > 0 or self.encoder.keeps_open_chunk)]
+        if loss.summary_reconstruction > 0 and not content_readers:
+            raise ValueError(f"loss.summary_reconstruction needs a layer that reads summaries carrying chunk content "
+                             f"(pattern {encoder.pattern!r}: a ksa layer after the first, or summary_init: chunk)")
         # Training frequency of each item, for the logQ correction; filled by the trainer from the data.
         self.register_buffer("item_prob", torch.full((data_spec.num_items,), 1.0 / data_spec.num_items))
         # Set when TorchRec shards the item table (ksa_rec.training.sharding.ShardedItems): item lookups

@@ -1,12 +1,17 @@
 """The sequence encoder: pre-norm blocks [norm -> attention(kind) -> norm -> FFN], one kind per layer.
 
 With any layer that reads summaries (``ksa``) in the pattern, a summary stream runs beside the events
-(KSA.md section 4):
-``S`` learned slot embeddings (plus the time part of the chunk's last event) enter after every complete
-chunk, share norms, output projections and FFNs with the events, and are dropped at the end.
+(KSA.md section 4): ``S`` summary tokens enter after every complete chunk, share norms, output projections
+and FFNs with the events, and are dropped at the end. A summary's input is its learned slot embedding
+plus the time part of the chunk's last event; with ``summary_init: chunk`` (KSA.md section 11) also a
+learned map of the mean of the event inputs of its slice of the chunk, so that the first layer's
+summaries already carry the chunk's content. Streaming keeps the open chunk's event inputs for that
+(``OpenChunk``), and builds the summary when its chunk completes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +21,7 @@ from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.ops.ksa.layout import summary_index, summary_position
 from ksa_rec.ops.ksa.step import StepTokens, share_layouts
 from ksa_rec.ops.rope import RotaryEmbedding
-from ksa_rec.utils.jagged import segment_ids, validate_offsets
+from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids, validate_offsets
 
 
 class FeedForward(nn.Sequential):
@@ -73,20 +78,39 @@ class SequenceEncoder(nn.Module):
         self.rope = RotaryEmbedding(cfg.dim // cfg.num_heads, cfg.rope_base)
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.final_norm = nn.RMSNorm(cfg.dim)
+        self.summary_pool = None
         if self.with_summaries:
             self.summary_embedding = nn.Parameter(torch.randn(cfg.summary_tokens, cfg.dim) * cfg.dim ** -0.5)
+            if cfg.summary_init == "chunk":
+                self.summary_pool = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def summary_inputs(self, chunk: Tensor, slot: Tensor, last_rows: Tensor, time_part: Tensor | None) -> Tensor:
-        """Summary-stream input tokens ``[Ts, dim]`` of slots ``slot`` of chunks ``chunk``: the slot's learned
-        embedding plus the time part of the chunk's last event (its row of ``time_part``: ``last_rows``)."""
+    @property
+    def keeps_open_chunk(self) -> bool:
+        """Whether streaming keeps the open chunk's event inputs (``summary_init: chunk``)."""
+        return self.summary_pool is not None
+
+    def summary_inputs(self, slot: Tensor, last_rows: Tensor, time_part: Tensor | None,
+                       slices: Tensor | None) -> Tensor:
+        """Summary-stream input tokens ``[Ts, dim]``: each slot's learned embedding, plus the time part of its
+        chunk's last event (row ``last_rows`` of ``time_part``), plus, with ``summary_init: chunk``, the
+        pooled event inputs of its slice ``slices [Ts, k // S, dim]``."""
         xs = self.summary_embedding[slot]
+        if self.summary_pool is not None:
+            xs = xs + self.summary_pool(slices.mean(1))
         return xs if time_part is None else xs + time_part[last_rows]
+
+    def slice_positions(self, chunk: Tensor, slot: Tensor) -> Tensor:
+        """Absolute event indices ``[Ts, k // S]`` of the slice of chunk ``chunk`` that summary slot ``slot``
+        reads (for S = 1 the whole chunk)."""
+        width = self.cfg.chunk_size // self.cfg.summary_tokens
+        first = chunk * self.cfg.chunk_size + slot * width
+        return first[:, None] + torch.arange(width, device=chunk.device)
 
     def forward(self, tokens: Tensor, offsets: Tensor, positions: Tensor, time_part: Tensor | None = None,
                 max_len: int | None = None, read_summaries: list[Tensor] | None = None) -> Tensor:
-        """``read_summaries``: if a list, it receives the summary states ``[Ts, dim]`` entering every ksa
-        layer but the first (the only ones whose keys carry chunk content: at the first layer a summary
-        is still its slot embedding), rows in ``summary_index`` order."""
+        """``read_summaries``: if a list, it receives the summary states ``[Ts, dim]`` entering every layer
+        that reads summaries and whose summary keys carry chunk content (under ``summary_init: slot`` not
+        the first layer: a summary enters it as its slot embedding), rows in ``summary_index`` order."""
         # The layout is checked once here; every layer's op then skips the checks that sync a GPU.
         validate_offsets(offsets, tokens.shape[0])
         if max_len is None:
@@ -97,26 +121,33 @@ class SequenceEncoder(nn.Module):
         if self.with_summaries:
             k, S = self.cfg.chunk_size, self.cfg.summary_tokens
             user, chunk, slot = summary_index(offsets, k, S)
-            xs = self.summary_inputs(chunk, slot, offsets[user] + chunk * k + k - 1, time_part)
+            # chunk numbers count from each user's first event in the batch (a chunk boundary)
+            slices = tokens[offsets[user][:, None] + self.slice_positions(chunk, slot)] if self.keeps_open_chunk else None
+            xs = self.summary_inputs(slot, offsets[user] + chunk * k + k - 1, time_part, slices)
             # A summary takes the position of an event of its chunk: the rotary tables are that event's.
             rows = offsets[user] + summary_position(chunk, slot, k, S)
             layout.sum_cos, layout.sum_sin = cos[rows], sin[rows]
             xs = self.input_dropout(xs)
         for i, block in enumerate(self.blocks):
-            if read_summaries is not None and i > 0 and block.attn.reads_summaries:
+            if read_summaries is not None and block.attn.reads_summaries and (i > 0 or self.keeps_open_chunk):
                 read_summaries.append(xs)
             x, xs = block(x, xs, layout)
         return self.final_norm(x)
 
     # ---- streaming -----------------------------------------------------------------------------------------
     def empty_states(self, batch: int, dtype: torch.dtype, device) -> list:
-        """One streaming state per block for ``batch`` users with no events."""
-        return share_layouts([block.attn.empty_state(batch, dtype, device) for block in self.blocks])
+        """The streaming state of ``batch`` users with no events: one per block, then ``OpenChunk`` when the
+        summaries pool their chunk (``keeps_open_chunk``)."""
+        states = share_layouts([block.attn.empty_state(batch, dtype, device) for block in self.blocks])
+        return states + ([OpenChunk.empty(batch, self.cfg.dim, dtype, device)] if self.keeps_open_chunk else [])
 
     def stack_states(self, users: list[list[dict[str, Tensor]]], device=None) -> list:
-        """Per-user state tensors (``users[u][layer]``) -> one batched state per block, on ``device`` (None:
-        where the tensors are). Layers that keep the same rows share their index tensors (``share_layouts``)."""
+        """Per-user state tensors (``users[u][i]``, ``state.user(b)`` of ``empty_states``' entries) -> the
+        batched state, on ``device`` (None: where the tensors are). Layers that keep the same rows share
+        their index tensors (``share_layouts``)."""
         states = share_layouts([block.attn.stack_states([u[i] for u in users]) for i, block in enumerate(self.blocks)])
+        if self.keeps_open_chunk:
+            states.append(OpenChunk.stack([u[len(self.blocks)] for u in users]))
         if device is None:
             return states
         moved = {}  # one dict for every state: tensors shared between layers stay shared
@@ -130,7 +161,7 @@ class SequenceEncoder(nn.Module):
             tokens: ``(sum_b t_b, dim)`` embeddings of the new events; offsets ``[B+1]`` (t_b may be 0).
             event_count: int64 ``[B]`` events each user had before (the new ones get indices from there).
             time_part: ``(sum_b t_b, dim)`` or None, as in ``forward``.
-            states: one state per block for these B users (``empty_states`` / ``stack_states``).
+            states: the B users' state (``empty_states`` / ``stack_states``).
         Returns:
             ``(states of the new events (sum_b t_b, dim) after the final norm, updated states)``.
         """
@@ -138,6 +169,9 @@ class SequenceEncoder(nn.Module):
         n = tokens.shape[0]
         seg = segment_ids(offsets, n)
         positions = event_count[seg] + torch.arange(n, device=tokens.device) - offsets[seg]
+        next_index = event_count + offsets[1:] - offsets[:-1]
+        block_states, open_chunk = states[:len(self.blocks)], states[len(self.blocks)] if self.keeps_open_chunk else None
+        inputs = open_chunk.with_new(tokens, offsets, event_count) if open_chunk is not None else None
         x, stream_positions = tokens, positions
         sum_ids, sum_offsets = positions[:0], torch.zeros_like(offsets)
         # Each new event that ends a chunk brings that chunk's S summary tokens into this step.
@@ -149,13 +183,85 @@ class SequenceEncoder(nn.Module):
             sum_ids = chunk * S + slot
             sum_offsets = torch.searchsorted(seg[rows], torch.arange(offsets.numel(), device=tokens.device))
             stream_positions = torch.cat([positions, summary_position(chunk, slot, k, S)])
-            x = torch.cat([tokens, self.summary_inputs(chunk, slot, rows, time_part)])
+            slices = inputs.take(seg[rows], self.slice_positions(chunk, slot)) if inputs is not None else None
+            x = torch.cat([tokens, self.summary_inputs(slot, rows, time_part, slices)])
         cos, sin = self.rope.tables(stream_positions, tokens.dtype)
-        next_index = event_count + offsets[1:] - offsets[:-1]
         sl = StepLayout(StepTokens.build(offsets, positions, sum_offsets, sum_ids, next_index), cos, sin,
                         self.with_summaries)
         new_states = []
-        for block, state in zip(self.blocks, states):
+        for block, state in zip(self.blocks, block_states):
             x, state = block.step(x, sl, state)
             new_states.append(state)
+        if inputs is not None:
+            new_states.append(inputs.open_chunk(next_index // k * k))
         return self.final_norm(x[:n]), new_states
+
+
+@dataclass
+class OpenChunk:
+    """The event inputs (layer-0 tokens) of each user's open chunk, kept by the streaming state when the
+    summaries pool their chunk (``summary_init: chunk``): ``x (sum_b m_b, dim)`` with ``offsets [B+1]``,
+    ``m_b = event_count_b % k`` rows, oldest first. At most ``k - 1`` rows a user."""
+
+    x: Tensor
+    offsets: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, dim: int, dtype: torch.dtype, device) -> OpenChunk:
+        return cls(torch.zeros(0, dim, dtype=dtype, device=device),
+                   torch.zeros(batch + 1, dtype=torch.int64, device=device))
+
+    def user(self, b: int) -> dict[str, Tensor]:
+        return {"x": self.x[int(self.offsets[b]):int(self.offsets[b + 1])]}
+
+    @classmethod
+    def stack(cls, users: list[dict[str, Tensor]]) -> OpenChunk:
+        x = torch.cat([u["x"] for u in users])
+        lengths = torch.tensor([u["x"].shape[0] for u in users], dtype=torch.int64)
+        return cls(x, lengths_to_offsets(lengths).to(x.device))
+
+    def to(self, device, moved: dict | None = None) -> OpenChunk:
+        return OpenChunk(self.x.to(device), self.offsets.to(device))
+
+    @property
+    def num_bytes(self) -> int:
+        return self.x.numel() * self.x.element_size()
+
+    def with_new(self, tokens: Tensor, offsets: Tensor, event_count: Tensor) -> _StepInputs:
+        """This state's rows, then each user's new events ``tokens`` (offsets ``[B+1]``) after them."""
+        return _StepInputs(torch.cat([self.x, tokens]), self.offsets, offsets, event_count)
+
+
+@dataclass
+class _StepInputs:
+    """During a step: each user's open-chunk inputs followed by its new event inputs, addressed by absolute
+    event index. Rows: ``table = cat([open rows, new rows])``; user b's open rows hold its events
+    ``event_count_b - m_b .. event_count_b - 1``, its new rows the events from ``event_count_b`` on."""
+
+    table: Tensor
+    open_offsets: Tensor
+    new_offsets: Tensor
+    event_count: Tensor
+
+    def rows(self, users: Tensor, positions: Tensor) -> Tensor:
+        """Rows of ``table`` holding users ``users [R]``' events ``positions [R, ...]`` (absolute indices)."""
+        shape = (-1,) + (1,) * (positions.dim() - 1)
+        count = self.event_count[users].view(shape)
+        open_end = self.open_offsets[users + 1].view(shape)
+        n_open = self.open_offsets[-1]
+        return torch.where(positions < count, open_end + positions - count,
+                           n_open + self.new_offsets[users].view(shape) + positions - count)
+
+    def take(self, users: Tensor, positions: Tensor) -> Tensor:
+        """Inputs of users ``users [R]``' events ``positions [R, w]`` -> ``[R, w, dim]``."""
+        return self.table[self.rows(users, positions)]
+
+    def open_chunk(self, chunk_start: Tensor) -> OpenChunk:
+        """The state after the step: each user's events from ``chunk_start [B]`` (its open chunk's first
+        event) up to its newest."""
+        next_index = self.event_count + self.new_offsets[1:] - self.new_offsets[:-1]
+        lengths = next_index - chunk_start
+        offsets = lengths_to_offsets(lengths)
+        users = segment_ids(offsets, int(offsets[-1]))
+        positions = chunk_start[users] + torch.arange(users.numel(), device=users.device) - offsets[users]
+        return OpenChunk(self.table[self.rows(users, positions)], offsets)

@@ -7,6 +7,7 @@ from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import KsaRule, ksa_attention
+from ksa_rec.ops.ksa.dense import ksa_dense
 
 PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "mka,full", "fastmka,mka"]
 LENGTHS = [37, 0, 1, 4, 13, 26]
@@ -105,3 +106,73 @@ def test_runs_under_bf16_autocast(pattern):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = enc(tokens.float(), offsets, positions)
     assert out.shape == tokens.shape and torch.isfinite(out).all()
+
+
+def _first_summary_inputs(enc, tokens, offsets, positions):
+    """The summary stream entering the first layer (what its summary keys are made from)."""
+    captured = {}
+    hook = enc.blocks[0].attn.register_forward_hook(lambda mod, args, out: captured.update(xs=args[1]))
+    try:
+        enc(tokens, offsets, positions)
+    finally:
+        hook.remove()
+    return captured["xs"]
+
+
+@pytest.mark.parametrize("summary_init", ["slot", "chunk"])
+def test_first_layer_summaries_carry_their_chunk_only_when_chunk_seeded(summary_init):
+    enc = _encoder("ksa,ksa", summary_init=summary_init)
+    tokens, offsets, positions = _inputs([21])  # chunks 0..4 complete (k = 4), event 20 open
+    base = _first_summary_inputs(enc, tokens, offsets, positions)
+    changed = tokens.clone()
+    changed[9] += 1.0  # an event of chunk 2
+    moved = _first_summary_inputs(enc, changed, offsets, positions)
+    differs = [not torch.equal(moved[c], base[c]) for c in range(5)]
+    assert differs == ([c == 2 for c in range(5)] if summary_init == "chunk" else [False] * 5)
+
+
+def _dense_ksa_attention(q, k, v, q_sum, k_sum, v_sum, offsets, rule, *, scale=None, backend=None, check_offsets=True):
+    """ksa_attention computed by the dense oracle (heads repeated for GQA)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v, k_sum, v_sum = (x.repeat_interleave(rep, dim=1) for x in (k, v, k_sum, v_sum))
+    return ksa_dense(q, k, v, q_sum, k_sum, v_sum, offsets, chunk_size=rule.chunk_size, window=rule.window,
+                     summary_tokens=rule.summary_tokens, max_summaries=rule.max_summaries,
+                     window_unit=rule.window_unit, scale=scale)
+
+
+def _outputs_and_grads(enc, tokens, offsets, positions):
+    out = enc(tokens, offsets, positions)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    params = [p for _, p in sorted(enc.named_parameters())]
+    return out.detach(), torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "flex"])
+@pytest.mark.parametrize("pattern", ["ksa,ksa", "swa,ksa", "full,ksa"])
+def test_chunk_seeded_summaries_match_the_dense_oracle_on_every_backend(pattern, backend, monkeypatch):
+    """Forward and every parameter's gradient (the pooling map's included) against the same encoder with
+    the attention computed by the dense oracle. Triton runs under the interpreter here; Flex has no CPU
+    backward, so it is checked forward only."""
+    tokens, offsets, positions = _inputs([23, 0, 9, 16])
+    enc = _encoder(pattern, summary_init="chunk", summary_tokens=2, attention_backend=backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64  # the kernels compute in fp32 at most
+    enc, tokens = enc.to(dtype), tokens.to(dtype)
+    if backend == "flex":
+        with torch.no_grad():
+            got = enc(tokens, offsets, positions)
+    else:
+        got, got_grads = _outputs_and_grads(enc, tokens, offsets, positions)
+    monkeypatch.setattr("ksa_rec.modules.attention.ksa_attention", _dense_ksa_attention)
+    want, want_grads = _outputs_and_grads(enc.double(), tokens.double(), offsets, positions)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got.double(), want, **tol)
+    if backend != "flex":
+        assert torch.count_nonzero(want_grads[[n for n, _ in sorted(enc.named_parameters())].index(
+            "summary_pool.weight")]) > 0
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g.double(), w, **tol)
+
+
+def test_chunk_seeding_needs_a_layer_that_reads_summaries():
+    with pytest.raises(ValueError, match="encoder.summary_init: chunk needs a layer that reads summaries"):
+        EncoderConfig(pattern="sca,full", summary_init="chunk")

@@ -14,6 +14,8 @@ from ksa_rec.utils.jagged import lengths_to_offsets
 
 PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "ksa,sca,swa,full",
             "mka,full", "fastmka,mka", "mka,swa,sca"]
+# Every pattern with summaries again with chunk-seeded summaries (KSA.md section 11).
+CHUNK_PATTERNS = ["ksa,ksa", "ksa*3,full", "swa,ksa", "ksa,sca,swa,full", "sca,ksa", "full,ksa"]
 
 
 def _encoder(pattern, **kw):
@@ -84,6 +86,25 @@ def test_random_pieces_equal_full_pass(pattern, seed):
     full = _full_pass(enc, tokens, times)
     streamed, _ = _streamed(enc, tokens, times, [_random_pieces(n, rnd) for n in lengths])
     torch.testing.assert_close(streamed, full, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("pattern", CHUNK_PATTERNS)
+def test_chunk_seeded_summaries_stream_like_the_full_pass(pattern, seed):
+    """With summary_init: chunk a summary pools its chunk's event inputs: the step keeps the open chunk's
+    inputs in the state, builds the summary when the chunk completes, and equals the full pass."""
+    rnd = random.Random(seed)
+    lengths = [rnd.randint(0, 40) for _ in range(4)]
+    enc = _encoder(pattern, summary_init="chunk", summary_tokens=rnd.choice([1, 2, 4]),
+                   max_summaries=rnd.choice([None, 1]))
+    tokens, times = _histories(lengths, seed)
+    full = _full_pass(enc, tokens, times)
+    streamed, states = _streamed(enc, tokens, times, [_random_pieces(n, rnd) for n in lengths])
+    torch.testing.assert_close(streamed, full, atol=1e-10, rtol=1e-10)
+    open_chunk = states[-1]  # the open chunk's inputs: n % k rows a user, the newest events' tokens
+    for b, n in enumerate(lengths):
+        kept = open_chunk.user(b)["x"]
+        assert kept.shape[0] == n % 4 and torch.equal(kept, tokens[b][n - n % 4:])
 
 
 def test_ksa_state_is_bounded_by_the_ring_and_the_summaries():

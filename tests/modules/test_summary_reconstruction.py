@@ -90,8 +90,24 @@ def test_no_complete_chunk_gives_zero():
 
 
 def test_refused_where_no_layer_reads_summary_content():
-    with pytest.raises(ValueError, match="loss.summary_reconstruction needs a ksa layer after the first"):
+    with pytest.raises(ValueError, match="loss.summary_reconstruction needs a layer that reads summaries carrying"):
         SeqRecModel(EncoderConfig(pattern="ksa,full", chunk_size=4, window=1),
                     LossConfig(summary_reconstruction=1.0), DataSpec(num_items=NUM_ITEMS))
+
+
+def test_chunk_seeded_first_layer_summaries_count_as_content():
+    """With summary_init: chunk the first ksa layer's summaries already pool their chunk: ksa,full may use the
+    loss, and ksa,ksa reconstructs from both layers' summary inputs."""
+    loss = LossConfig(summary_reconstruction=1.0)
+    SeqRecModel(EncoderConfig(pattern="ksa,full", chunk_size=4, window=1, summary_init="chunk"), loss,
+                DataSpec(num_items=NUM_ITEMS))
+    cfg = EncoderConfig(dim=16, num_heads=2, pattern="ksa,ksa", chunk_size=4, window=1, dropout=0.0,
+                        summary_init="chunk")
+    model = SeqRecModel(cfg, loss, DataSpec(num_items=NUM_ITEMS))
+    batch = _batch([9, 13], torch.Generator().manual_seed(5))
+    read = []
+    model.encode(batch, read)
+    assert len(read) == 2
+    assert float(model.summary_reconstruction_loss(batch, read).detach()) > 0.0
     with pytest.raises(ValueError, match="loss.summary_reconstruction"):
         LossConfig(summary_reconstruction=-1.0)

@@ -67,3 +67,20 @@ def test_report_names_each_runs_seen_items_rule(quality, tmp_path):
     assert "| keep | 10 |" in rows["new"] and "| target exempt | 10 |" in rows["old"]
     assert rows["failed"].endswith("| - | - | - | - | 1 |")  # no rule, targets, epochs, stop reason
     assert len({line.count("|") for line in rows.values()}) == 1  # every row fills every column
+
+
+def test_paired_table_reports_every_bucket_paired_by_seed(quality):
+    def test(all_, near, far):
+        return {"ndcg@10": all_, "dist_1_20/ndcg@10": near, "dist_150_plus/ndcg@10": far}
+
+    results = {"sca-s0": {"test": test(0.60, 0.70, 0.20)}, "sca-s1": {"test": test(0.62, 0.72, 0.22)},
+               "ksa-s0": {"test": test(0.61, 0.68, 0.30)}, "ksa-s1": {"test": test(0.63, 0.70, 0.34)},
+               "ksa-s2": {"test": test(0.99, 0.99, 0.99)}}  # no sca-s2: not paired
+    lines = quality.paired_table(results, "sca", "ndcg@10").splitlines()
+    assert lines[2] == "| model | seeds | all | dist_1_20 | dist_150_plus |"
+    # differences (0.01, 0.01), (-0.02, -0.02), (0.10, 0.12): means and t(1) half-widths 12.706 * sd / sqrt(2)
+    row = lines[4].split(" | ")
+    assert row[:2] == ["| ksa", "2"]
+    assert row[2] == "+0.0100 ± 0.0000" and row[3] == "-0.0200 ± 0.0000"
+    assert row[4].startswith("+0.1100 ± 0.127")
+    assert quality.paired_table(results, "nosuch", "ndcg@10") == ""

@@ -9,14 +9,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train(work: Path, pattern: str) -> Path:
+def _train(work: Path, pattern: str, *extra: str) -> Path:
     from ksa_rec.training.cli import run_lightning
 
     run_lightning(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--trainer.max_epochs", "1",
                    "--model.encoder.pattern", pattern, "--model.encoder.time_gap_buckets", "16",
                    "--model.encoder.mka", '{"local_window": 12, "block_size": 4, "max_blocks": 4, "fast_window": 10}',
                    "--trainer.default_root_dir", str(work), "--trainer.logger", "false",
-                   "--data.cache_dir", str(work / "cache")])
+                   "--data.cache_dir", str(work / "cache"), *extra])
     return next(work.rglob("last.ckpt"))
 
 
@@ -24,6 +24,13 @@ def _train(work: Path, pattern: str) -> Path:
 def trained_mka(tmp_path_factory):
     """A checkpoint whose layers are mka, fastmka and full."""
     return _train(tmp_path_factory.mktemp("trained_mka"), "mka,fastmka,full")
+
+
+@pytest.fixture(scope="session")
+def trained_chunk(tmp_path_factory):
+    """A checkpoint whose summaries pool their chunk (summary_init: chunk), two summary slots a chunk."""
+    return _train(tmp_path_factory.mktemp("trained_chunk"), "ksa,ksa", "--model.encoder.summary_init", "chunk",
+                  "--model.encoder.summary_tokens", "2")
 
 
 @pytest.fixture(scope="session")

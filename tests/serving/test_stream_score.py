@@ -74,6 +74,25 @@ def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path
 
 
 @pytest.mark.slow
+def test_chunk_seeded_summaries_stream_like_they_score(trained_chunk, event_files, tmp_path):
+    """The state keeps the open chunk's event inputs (one more entry per user) and builds each summary when
+    its chunk completes: streamed one event at a time, the top-K equals scoring the whole histories."""
+    events, _ = event_files
+    assert _stream(trained_chunk, events, tmp_path / "s.db", "--chunk-rows", "1") == 0
+    assert ksa_rec(["score", "--checkpoint", str(trained_chunk), "--events", str(events), "--output",
+                    str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
+    streamed = _last_records(tmp_path / "s.db.outputs.jsonl")
+    for row in pl.read_parquet(tmp_path / "scores.parquet").iter_rows(named=True):
+        assert streamed[row["user_id"]]["item_ids"] == row["item_ids"]
+        assert max(abs(a - b) for a, b in zip(streamed[row["user_id"]]["scores"], row["scores"])) < 1e-4
+    serving = ServingModel.load(trained_chunk)
+    states, _ = _store_dump(tmp_path / "s.db")
+    for user, blob in states.items():
+        state = UserState.from_bytes(blob, serving.model_id, user)
+        assert len(state.layers) == 3 and state.layers[2]["x"].shape[0] == state.event_count % 4  # k = 4 (smoke)
+
+
+@pytest.mark.slow
 def test_event_by_event_equals_big_batches(trained, event_files, tmp_path):
     checkpoint, _ = trained
     events, _ = event_files
