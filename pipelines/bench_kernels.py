@@ -576,11 +576,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="write OUT.md and OUT.json (e.g. docs/results/raw/kernels-h200-DATE)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:
-        args.lengths, args.total, args.heads, args.dim, args.window = [64, 128], 256, 2, 16, 2
-        args.warmup, args.rep, args.matmul_n, args.reference_max_l = 5, 20, 256, 128
-        if device.type == "cpu":
-            args.dtype = "fp32"
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        p.set_defaults(lengths=[64, 128], total=256, heads=2, dim=16, window=2, warmup=5, rep=20, matmul_n=256,
+                       reference_max_l=128, dtype="bf16" if device.type == "cuda" else "fp32")
+        args = p.parse_args(argv)
     args.command, args.machine, args.date = command(__file__, argv), machine(device), now()
     s = Setup(args.heads, args.dim, args.chunk, args.window, args.summary_tokens, DTYPES[args.dtype])
     report = Report(matmul=matmul_rate(args, s, device))
