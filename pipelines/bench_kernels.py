@@ -435,7 +435,8 @@ def summary_table(rows: list[Row], kind: str, matmul: dict, label: str, attr: st
     """Per L: the fastest dense, the fastest Flex-KSA and KSA Triton, with the ratios naming their baselines."""
     lines = [f"| L | users | dense fastest ms (which) | Flex-KSA fastest ms (which) | KSA Triton ms | "
              f"KSA Triton speed-up vs dense fastest | vs Flex-KSA fastest | KSA Triton TFLOP/s (KSA-needed) | "
-             f"share of {matmul.get('dtype')} matmul ({fmt(matmul.get('tflops'), 0)} TFLOP/s) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"share of {matmul.get('dtype')} matmul ({fmt(matmul.get('tflops'), 0)} TFLOP/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for L in dict.fromkeys(r.L for r in rows if r.kind == kind):
         same = [r for r in rows if r.kind == kind and r.L == L]
         dense, flex_best = fastest(same, "dense", attr), fastest(same, "flex-ksa", attr)
@@ -447,7 +448,8 @@ def summary_table(rows: list[Row], kind: str, matmul: dict, label: str, attr: st
         tf = None if ksa is None else ksa.tflops(attr, factor)
         lines.append(f"| {L} | {same[0].users} | {cell(dense)} | {cell(flex_best)} | "
                      f"{fmt(None if ksa is None else getattr(ksa, attr))} | "
-                     f"{'-' if ksa is None else _speedup(dense, ksa, attr)} ({'-' if dense is None else dense.label}) | "
+                     f"{'-' if ksa is None else _speedup(dense, ksa, attr)} "
+                     f"({'-' if dense is None else dense.label}) | "
                      f"{'-' if ksa is None else _speedup(flex_best, ksa, attr)} "
                      f"({'-' if flex_best is None else flex_best.label}) | {fmt(tf, 0)} | {_share(tf, matmul)} |")
     return [f"### {label}", "", *lines]
@@ -464,7 +466,8 @@ def full_table(rows: list[Row], kind: str, matmul: dict) -> list[str]:
         own = fmt(r.tflops("fwd_bwd_ms", FWD_BWD_FACTOR, own=True), 0) if r.group == "dense" else "-"
         lines.append(f"| {r.L} | {r.users} | {r.label} | {r.status} | {fmt(r.fwd_ms)} | {fmt(r.fwd_bwd_ms)} | "
                      f"{fmt(r.tflops('fwd_ms', 1.0), 0)} | {fmt(tf, 0)} | {_share(tf, matmul)} | {own} | "
-                     f"{fmt(r.peak_mib, 0)} | {_speedup(dense, r, 'fwd_bwd_ms')} | {_speedup(flex_best, r, 'fwd_bwd_ms')} |")
+                     f"{fmt(r.peak_mib, 0)} | {_speedup(dense, r, 'fwd_bwd_ms')} | "
+                     f"{_speedup(flex_best, r, 'fwd_bwd_ms')} |")
     return lines
 
 
@@ -526,7 +529,8 @@ def markdown(report: Report, s: Setup, args) -> str:
     if report.sweep:
         lines += ["## KSA Triton tile sweep (uniform; ms)", "", "| L | pass | config | ms | status |",
                   "|---|---|---|---|---|",
-                  *[f"| {r['L']} | {r['pass']} | {r['config']} | {fmt(r['ms'])} | {r['status']} |" for r in report.sweep],
+                  *[f"| {r['L']} | {r['pass']} | {r['config']} | {fmt(r['ms'])} | {r['status']} |"
+                    for r in report.sweep],
                   ""]
     if report.stages:
         lines += ["## Where KSA Triton's forward+backward time goes (torch.profiler, device ms per call)", "",

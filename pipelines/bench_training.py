@@ -174,8 +174,8 @@ def config_tables(rows: list[dict], config: str, labels: list[str]) -> list[str]
         out += ["", f"### peak GPU memory, GiB, label `{label}`", "",
                 "| L | " + " | ".join(f"`{p}`" for p in pats) + " |", "|---|" + "---|" * len(pats)]
         for length in lengths:
-            cells = [("-" if (r := get(label, length, p)) is None or r.get("peak_gib") is None else f"{r['peak_gib']:.2f}")
-                     for p in pats]
+            peaks = [(get(label, length, p) or {}).get("peak_gib") for p in pats]
+            cells = ["-" if peak is None else f"{peak:.2f}" for peak in peaks]
             out.append(f"| {length:,} | " + " | ".join(cells) + " |")
         out.append("")
     for label in labels[1:]:
