@@ -152,8 +152,9 @@ def flex(device: torch.device):
 
 @functools.cache
 def _compiled():
-    # Every (length, tile setting, grad mode) is its own static graph: allow more than the default 8.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Every (length, batch kind, tile setting, grad mode) is its own static graph (about 60 in a full run):
+    # allow more than the default 8 recompiles.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -14,15 +14,18 @@ How to run (repository root)::
 Batches: B * L = ``--total`` events (65,536): uniform (B users of L events) and jagged (a long-tailed mix
 of the same total: lengths log-uniform in [16, L], seeded). H = 8, D = 64, k = 8, W = 32, S = 1, bf16.
 
-Methods, all on the same batch and timed the same way (``triton.testing.do_bench`` median, forward under
-``no_grad`` and forward+backward; peak memory of one forward+backward above the inputs):
+Methods, all on the same batch and timed the same way (``triton.testing.do_bench`` median of the forward
+of a training step, autograd on, and of forward+backward; peak memory of one forward+backward above the
+inputs):
 
 - dense causal attention (``_dense_attention.py``): SDPA with its own backend choice, SDPA with each
   backend forced (cuDNN, flash, efficient; a refusal is reported as a row), varlen flash without padding,
   FlashAttention-4 where it imports. **"dense fastest"** = the fastest of these in this run.
 - Flex-KSA (``_flex_ksa.py``): per-user rows, arithmetic ``mask_mod``, block mask built once, compiled
-  flex, one row per tile setting (jagged batches: the first setting only); and the old setup (all users
-  and both streams packed into one sequence) as its own row. **"Flex-KSA fastest"** = the fastest row.
+  flex with static shapes. The first tile setting (Inductor's default) runs on every batch; every setting
+  of ``--flex-tiles`` on uniform batches at ``--flex-sweep-lengths`` (each setting and length is a compile
+  of its own, ~10 s). The old setup (all users and both streams packed into one sequence) is its own row
+  on uniform batches. **"Flex-KSA fastest"** = the fastest Flex row of the batch.
 - KSA Triton: ``ksa_rec.ops.ksa.ksa_attention(backend="triton")``; the torch reference up to
   ``--reference-max-l``.
 
@@ -184,32 +187,48 @@ def make_batch(kind: str, L: int, total: int, s: Setup, device: torch.device) ->
 # ---- the methods of one batch --------------------------------------------------------------------------
 
 def flex_calls(batch: Batch, s: Setup, settings: list, ksa_flops: float) -> list[Call]:
-    """Per-user Flex-KSA, one call per tile setting, and the old packed setup (``_flex_ksa.py``)."""
+    """Per-user Flex-KSA, one call per tile setting, and on uniform batches the old packed setup."""
     dev = batch.device
     backward = dev.type == "cuda"  # eager flex (CPU) has no backward and refuses inputs that require grad
     layout = PerUserLayout(tuple(batch.lengths), s.chunk, s.sums)
     packed = [pack_per_user(batch.inputs[i].detach(), batch.inputs[i + 3].detach(), layout).requires_grad_(backward)
               for i in range(3)]
     grad = pack_per_user(*batch.grads, layout)
-    masks: dict[int, object] = {}
+    masks: dict[int, tuple] = {}
     calls = []
     for setting in settings:
         if setting.mask_block not in masks:
-            masks[setting.mask_block] = per_user_block_mask(layout, s.window, setting.mask_block, dev)
-        mask, options = masks[setting.mask_block], setting.kernel_options or None
+            masks[setting.mask_block] = _built(lambda: per_user_block_mask(layout, s.window, setting.mask_block, dev))
+        (mask, why), options = masks[setting.mask_block], setting.kernel_options or None
         calls.append(Call("flex-ksa per-user", "flex-ksa",
                           lambda m=mask, o=options: (flex(dev)(*packed, block_mask=m, scale=s.dim ** -0.5,
                                                                kernel_options=o),),
-                          packed, [grad], ksa_flops, setting=setting.name, has_backward=backward))
-    old_mask, old_in, _ = packed_old_setup([t.detach() for t in batch.inputs[:3]],
-                                           [t.detach() for t in batch.inputs[3:]], batch.offsets, s.chunk,
-                                           s.window, s.sums)
+                          packed, [grad], ksa_flops, setting=setting.name, unavailable=why, has_backward=backward))
+    if batch.kind != "uniform":
+        return calls
+    old, why = _built(lambda: packed_old_setup([t.detach() for t in batch.inputs[:3]],
+                                               [t.detach() for t in batch.inputs[3:]], batch.offsets, s.chunk,
+                                               s.window, s.sums))
+    name = "flex-ksa packed (old setup: one sequence for all users and both streams)"
+    if old is None:
+        return [*calls, Call(name, "flex-ksa", None, [], [], ksa_flops, unavailable=why)]
+    old_mask, old_in, _ = old
     old_in = [t.requires_grad_(backward) for t in old_in]
     _, (old_grad,), _ = packed_old_setup([batch.grads[0]], [batch.grads[1]], batch.offsets, s.chunk, s.window, s.sums)
-    calls.append(Call("flex-ksa packed (old setup: one sequence for all users and both streams)", "flex-ksa",
-                      lambda: (flex(dev)(*old_in, block_mask=old_mask, scale=s.dim ** -0.5),), old_in, [old_grad],
-                      ksa_flops, has_backward=backward))
+    calls.append(Call(name, "flex-ksa", lambda: (flex(dev)(*old_in, block_mask=old_mask, scale=s.dim ** -0.5),),
+                      old_in, [old_grad], ksa_flops, has_backward=backward))
     return calls
+
+
+def _built(make):
+    """``(make(), None)``, or ``(None, why)`` when it raises: a block mask that cannot be built (out of
+    memory, a compile error) becomes a row saying so instead of ending the run."""
+    try:
+        return make(), None
+    except Exception as err:  # noqa: BLE001
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None, f"block mask not built ({type(err).__name__}: {_first_line(err)})"
 
 
 def ksa_calls(batch: Batch, s: Setup, ksa_flops: float, reference_max_l: int) -> list[Call]:
@@ -232,9 +251,8 @@ def measure(call: Call, batch: Batch, args, ksa_flops: float) -> Row:
         return row
     dev = batch.device
 
-    def forward():
-        with torch.no_grad():
-            call.fn()
+    def forward():  # a training forward: autograd records what the backward needs
+        call.fn()
 
     def forward_backward():
         torch.autograd.backward(call.fn(), call.grads)
@@ -272,22 +290,30 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:160]
 
 
-@torch.no_grad()
 def precheck(batch: Batch, s: Setup, flex_default: Call, max_error: float) -> str:
     """KSA Triton vs the torch reference (fp32, head 0) and vs per-user Flex (all heads); raises above
     ``max_error`` (then every timing would be meaningless)."""
-    ref = ksa_op([t[:, :1].float() for t in batch.inputs], batch.offsets, s, backend="torch")
-    triton_ok = batch.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    got = ksa_op(batch.inputs, batch.offsets, s) if triton_ok else None
-    flex_out = unpack_per_user(flex_default.fn()[0], PerUserLayout(tuple(batch.lengths), s.chunk, s.sums))
+    with torch.no_grad():
+        ref = ksa_op([t[:, :1].float() for t in batch.inputs], batch.offsets, s, backend="torch")
+        triton_ok = batch.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        got = ksa_op(batch.inputs, batch.offsets, s) if triton_ok else None
+    flex_out = None
+    if flex_default.unavailable is None:  # with autograd on, as timed: the same compiled graph, no extra compile
+        packed_out = flex_default.fn()[0].detach()
+        flex_out = unpack_per_user(packed_out, PerUserLayout(tuple(batch.lengths), s.chunk, s.sums))
 
     def err(a, b):
         return max(((x.float() - y.float()).abs().max().item() if x.numel() else 0.0) for x, y in zip(a, b))
 
-    errors = {"flex per-user vs torch ref (head 0)": err([f[:, :1] for f in flex_out], ref)}
+    errors = {}
+    if flex_out is not None:
+        errors["flex per-user vs torch ref (head 0)"] = err([f[:, :1] for f in flex_out], ref)
     if got is not None:
         errors["triton vs torch ref (head 0)"] = err([g[:, :1] for g in got], ref)
+    if got is not None and flex_out is not None:
         errors["triton vs flex per-user (all heads)"] = err(got, flex_out)
+    if not errors:
+        return f"{batch.kind} L={batch.L}: nothing to compare (neither KSA Triton nor per-user Flex ran)"
     line = f"{batch.kind} L={batch.L}: " + ", ".join(f"max |{k}| = {v:.2e}" for k, v in errors.items())
     if max(errors.values()) > max_error:
         raise SystemExit(f"correctness pre-check failed, timings would be meaningless: {line}")
@@ -308,12 +334,15 @@ def matmul_rate(args, s: Setup, device: torch.device) -> dict:
 def attention_suite(args, s: Setup, report: Report, device: torch.device) -> None:
     """Every method on every (kind, L) batch."""
     settings = [t for t in TILE_SETTINGS if t.name in args.flex_tiles]
+
+    def sweep(kind: str, L: int) -> bool:  # every tile setting, or the first (default) only
+        return kind == "uniform" and L in args.flex_sweep_lengths
     for kind in args.kinds:
         for L in args.lengths:
             batch = make_batch(kind, L, args.total, s, device)
             flops = 4.0 * ksa_pairs(batch.lengths, s.chunk, s.window, s.sums) * s.dim * s.heads
             calls = [*dense_calls(batch.inputs[:3], batch.offsets, batch.lengths, batch.grads[0], batch.gen),
-                     *flex_calls(batch, s, settings if kind == "uniform" else settings[:1], flops),
+                     *flex_calls(batch, s, settings if sweep(kind, L) else settings[:1], flops),
                      *ksa_calls(batch, s, flops, args.reference_max_l)]
             flex_default = next(c for c in calls if c.group == "flex-ksa")
             report.checks.append(precheck(batch, s, flex_default, args.max_error))
@@ -348,7 +377,6 @@ def sweep_suite(args, s: Setup, report: Report, device: torch.device) -> None:
             report.sweep.append({"L": L, "pass": which, "config": name, "status": row.status,
                                  "ms": row.fwd_ms if which == "fwd" else row.fwd_bwd_ms})
             print(report.sweep[-1], flush=True)
-        del batch
         save(report, s, args)
 
 
@@ -402,7 +430,6 @@ def stages_suite(args, s: Setup, report: Report, device: torch.device) -> None:
                 report.stages.append({"L": L, "variant": name, "kernel": kernel, "ms": ms, "share": ms / total,
                                       "tflops": rate})
                 print(report.stages[-1], flush=True)
-        del batch
         save(report, s, args)
 
 
@@ -513,9 +540,11 @@ def markdown(report: Report, s: Setup, args) -> str:
              "flash and FlashAttention-4 where it imports. Flex-KSA fastest: the fastest Flex row (per-user setups "
              "of each tile setting, and the old packed setup). Speed-up = baseline ms / this ms.",
              "- Flex-KSA per-user: one batch row per user, arithmetic mask_mod, block mask built once, "
-             "`torch.compile(flex_attention, dynamic=False)`; jagged batches are padded to their longest user and "
-             "use the first tile setting only. KSA Triton: `ksa_attention(backend='triton')` (deterministic "
-             "backward, the default).",
+             "`torch.compile(flex_attention, dynamic=False)`; jagged batches are padded to their longest user. "
+             f"Tile settings: the first ('{args.flex_tiles[0]}') everywhere, all of {args.flex_tiles} on uniform "
+             f"batches at L = {args.flex_sweep_lengths}; the old packed setup on uniform batches. KSA Triton: "
+             "`ksa_attention(backend='triton')` (deterministic backward, the default).",
+             "- fwd: the forward of a training step (autograd on); fwd+bwd: forward and backward.",
              *[f"- {n}" for n in report.notes], ""]
     for kind in dict.fromkeys(r.kind for r in report.rows):
         lines += [f"## {kind} batches", ""]
@@ -567,7 +596,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--summary-tokens", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--flex-tiles", nargs="+", choices=[t.name for t in TILE_SETTINGS],
-                   default=[t.name for t in TILE_SETTINGS], help="Flex tile settings to time (uniform batches)")
+                   default=[t.name for t in TILE_SETTINGS], help="Flex tile settings of the sweep; the first is "
+                   "timed at every batch")
+    p.add_argument("--flex-sweep-lengths", type=int, nargs="+", default=[16384],
+                   help="uniform L where every Flex tile setting is timed (each costs a compile of its own)")
     p.add_argument("--reference-max-l", type=int, default=4096, help="longest L the torch reference is timed at")
     p.add_argument("--matmul-n", type=int, default=8192, help="size of the n x n x n matmul that sets the rate")
     p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms")
@@ -582,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:  # smaller defaults; flags given explicitly still win
         p.set_defaults(lengths=[64, 128], total=256, heads=2, dim=16, window=2, warmup=5, rep=20, matmul_n=256,
-                       reference_max_l=128, dtype="bf16" if device.type == "cuda" else "fp32")
+                       reference_max_l=128, flex_sweep_lengths=[64], dtype="bf16" if device.type == "cuda" else "fp32")
         args = p.parse_args(argv)
     args.command, args.machine, args.date = command(__file__, argv), machine(device), now()
     s = Setup(args.heads, args.dim, args.chunk, args.window, args.summary_tokens, DTYPES[args.dtype])
