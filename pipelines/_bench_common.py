@@ -112,11 +112,13 @@ def package_commit() -> str | None:
 
     root = Path(ksa_rec.__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    # an exported tree inside another checkout (no .git of its own) must not report the outer one's commit
+    return lines[1] if len(lines) == 2 and Path(lines[0]).resolve() == root else None
 
 
 def now() -> str:

@@ -598,8 +598,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flex-tiles", nargs="+", choices=[t.name for t in TILE_SETTINGS],
                    default=[t.name for t in TILE_SETTINGS], help="Flex tile settings of the sweep; the first is "
                    "timed at every batch")
-    p.add_argument("--flex-sweep-lengths", type=int, nargs="+", default=[16384],
-                   help="uniform L where every Flex tile setting is timed (each costs a compile of its own)")
+    p.add_argument("--flex-sweep-lengths", type=int, nargs="*", default=[16384],
+                   help="uniform L where every Flex tile setting is timed (each costs a compile of its own); "
+                   "none: no sweep")
     p.add_argument("--reference-max-l", type=int, default=4096, help="longest L the torch reference is timed at")
     p.add_argument("--matmul-n", type=int, default=8192, help="size of the n x n x n matmul that sets the rate")
     p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms")
