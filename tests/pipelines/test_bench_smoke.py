@@ -82,3 +82,31 @@ def test_bench_training_smoke_merges_labels(tmp_path):
     assert all(r["events_per_s"] > 0 for r in report["rows"])
     md = (tmp_path / "training.md").read_text()
     assert "`new` / `old`: events/s ratio" in md and "HSTU" in md and "hybrid" not in md
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "pipelines" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratios_divide_by_the_fastest_baseline_and_name_it(kernels):
+    def row(method, group, ms, setting="", status="ok"):
+        return kernels.Row("uniform", 16384, 4, method, group, setting, status, fwd_ms=ms and ms / 3, fwd_bwd_ms=ms,
+                           ksa_flops_fwd=1e12 / 3.5)
+
+    rows = [row("sdpa default", "dense", 8.0), row("sdpa flash", "dense", 12.0),
+            row("sdpa cudnn", "dense", None, status="refused: no kernel"),
+            row("flex-ksa per-user", "flex-ksa", 5.0, "default"),
+            row("flex-ksa per-user", "flex-ksa", 4.0, "fwd 128x64"), row("ksa-triton", "ksa", 2.0)]
+    matmul = {"tflops": 1000.0, "dtype": "bfloat16", "n": 8192, "ms": 1.0}
+    goals = "\n".join(kernels.goal_checks(rows, matmul))
+    assert "4.00x dense fastest (sdpa default, 8.000 ms); goal >= 4.0x: met" in goals
+    assert "2.00x Flex-KSA fastest (flex-ksa per-user [fwd 128x64], 4.000 ms); goal >= 2.0x: met" in goals
+    assert "at 50% of the bf16 matmul rate" in goals  # 1e12 FLOPs in 2 ms = 500 TFLOP/s of 1000
+    summary = "\n".join(kernels.summary_table(rows, "uniform", matmul, "fwd+bwd", "fwd_bwd_ms", 3.5))
+    assert "| 16384 | 4 | 8.000 (sdpa default) | 4.000 (flex-ksa per-user [fwd 128x64]) | 2.000 | 4.00x" in summary
+    assert "refused: no kernel" in "\n".join(kernels.full_table(rows, "uniform", matmul))
