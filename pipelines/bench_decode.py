@@ -26,18 +26,20 @@ read + written) measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import triton
-from triton.testing import do_bench
 
-from ksa_rec.ops.ksa.cached import ksa_cached_attention
-from ksa_rec.ops.ksa.triton_cached import CachedTritonConfig, ksa_cached_attention_triton, plan_launch
-from ksa_rec.utils.jagged import lengths_to_offsets
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import command, header, kernel_ms, machine, now, write_outputs  # noqa: E402
+
+from ksa_rec.ops.ksa import KsaRule  # noqa: E402
+from ksa_rec.ops.ksa.cached import KeyRows, QueryRows, ksa_cached_attention  # noqa: E402
+from ksa_rec.ops.ksa.triton_cached import CachedTritonConfig, ksa_cached_attention_triton, plan_launch  # noqa: E402
+from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
 
 
 @dataclass
@@ -62,6 +64,12 @@ class Step:
         args = (q[:a], qo[:users + 1], qi[:a], qs[:a], k[:b], v[:b], ko[:users + 1], ki[:b], ks[:c], vs[:c],
                 so[:users + 1], si[:c])
         return Step(self.name, users, b + c, args, self.kwargs)
+
+
+def op_args(args: tuple, kwargs: dict) -> tuple:
+    """A step's flat tensors and rule keywords as the cached op's arguments."""
+    q, qo, qi, qs, k, v, ko, ki, ks, vs, so, si = args
+    return q, QueryRows(qo, qi, qs), KeyRows(ko, ki, k, v), KeyRows(so, si, ks, vs), KsaRule(**kwargs)
 
 
 def _jagged_arange(lengths: torch.Tensor) -> torch.Tensor:
@@ -106,14 +114,14 @@ def make_step(history: int, users: int, *, full: bool, k: int, W: int, S: int, H
 
 
 def time_ms(fn, warmup: int, rep: int) -> float:
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    return kernel_ms(fn, device=torch.device("cuda"), warmup_ms=warmup, rep_ms=rep)
 
 
 def copy_bandwidth(gib: float, warmup: int, rep: int) -> float:
     """GB/s of a device-to-device copy of ``gib`` GiB, bytes read + written."""
     x = torch.randn(int(gib * 2**30) // 2, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x), warmup, rep)
+    ms = time_ms(functools.partial(y.copy_, x), warmup, rep)
     nbytes = 2 * x.numel() * x.element_size()
     del x, y
     torch.cuda.empty_cache()
@@ -134,11 +142,11 @@ def graphed(fn):
 
 
 def triton_fn(step: Step, config: CachedTritonConfig | None = None):
-    return lambda: ksa_cached_attention_triton(*step.args, **step.kwargs, config=config)
+    return lambda: ksa_cached_attention_triton(*op_args(step.args, step.kwargs), config=config)
 
 
 def torch_fn(step: Step):
-    return lambda: ksa_cached_attention(*step.args, **step.kwargs, backend="torch")
+    return lambda: ksa_cached_attention(*op_args(step.args, step.kwargs), backend="torch")
 
 
 @torch.no_grad()
@@ -147,7 +155,7 @@ def precheck(step: Step, max_error: float) -> str:
     sub = step.prefix(min(32, step.users))
     got = triton_fn(sub)()
     up = [a.float() if a.is_floating_point() else a for a in sub.args]
-    want = ksa_cached_attention(*up, **sub.kwargs, backend="torch")
+    want = ksa_cached_attention(*op_args(tuple(up), sub.kwargs), backend="torch")
     err = (got.float() - want).abs().max().item()
     line = f"{step.name} history {int(step.args[2][0])}: max |triton bf16 - torch fp32| = {err:.2e} (32 users)"
     if not err <= max_error:
@@ -279,13 +287,8 @@ def goal_checks(rows: list[Row], copy_gbs: float, users: int) -> list[str]:
 
 
 def write_report(rows, checks, sweep, copy_gbs, args) -> Path:
-    args.out.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Decode step: cached KSA, Triton kernel vs torch path",
-        "",
-        f"- machine: {torch.cuda.get_device_name()} (torch {torch.__version__}, triton {triton.__version__})",
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+        *header("Decode step: cached KSA, Triton kernel vs torch path", args.command, args.machine, args.date),
         f"- setup: 1 new event per user, k = {args.chunk}, W = {args.window}, S = {args.summary_tokens}, "
         f"H = {args.heads}, Hkv = {args.kv_heads}, D = {args.dim}, bf16; median of triton.testing.do_bench",
         f"- device-to-device copy bandwidth (read + write, {args.copy_gib} GiB): {copy_gbs:.0f} GB/s",
@@ -306,9 +309,10 @@ def write_report(rows, checks, sweep, copy_gbs, args) -> Path:
     if sweep:
         lines += ["", "## Launch-config sweep (KSA state, all users)", "", "| history | config | ms | GB/s |",
                   "|---|---|---|---|", *sweep]
-    path = args.out / "decode.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    payload = {"command": args.command, "machine": args.machine, "date": args.date, "copy_gbs": copy_gbs,
+               "rows": [asdict(r) for r in rows], "checks": checks, "sweep": sweep}
+    md, _ = write_outputs(args.out / "decode", "\n".join(lines) + "\n", payload)
+    return md
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_decode.py needs a CUDA device")
     if args.quick:
         args.histories, args.users, args.warmup, args.rep, args.copy_gib = [1000, 10_000], 64, 5, 20, 1.0
+    args.command, args.machine, args.date = command(__file__, argv), machine(torch.device("cuda")), now()
     args.sweep_configs = [(128, 4, 2), (128, 4, 3), (128, 4, 4), (64, 4, 2), (64, 4, 3), (128, 8, 2)]
     rows, checks, sweep, copy_gbs = run(args)
     print("\n".join(["", f"copy bandwidth {copy_gbs:.0f} GB/s", *table(rows, copy_gbs), "",

@@ -1,63 +1,79 @@
-"""Attention kernel benchmark: KSA Triton vs SDPA (full causal) vs FlexAttention (KSA mask) vs the
-torch reference, forward and forward+backward (protocol: ../shared/design/BENCHMARKS.md section 4).
+"""Attention kernel benchmark: KSA Triton against dense causal attention and Flex-KSA, each at its best, in
+one run (protocol: ../shared/design/BENCHMARKS.md section 4; issue 16).
 
-How to run (GPU machine, repository root; torch >= 2.11, triton 3.6, no network needed)::
+How to run (repository root)::
 
-    python pipelines/bench_kernels.py                 # L = 1K, 4K, 16K, 64K; writes docs/results/kernels.{md,png}
-    python pipelines/bench_kernels.py --quick         # smoke run: small sizes, a few seconds after compiling
-    python pipelines/bench_kernels.py --sweep         # also times alternative KsaTritonConfig tiles
-    python pipelines/bench_kernels.py --lengths 16384 65536 --kinds uniform --out /tmp/res
-    python pipelines/bench_kernels.py --kinds uniform --suites attention stages   # + per-kernel profile
-    python pipelines/bench_kernels.py --plot-from a/kernels.md b/kernels.md --out docs/results  # CPU ok
+    # GPU machine (torch >= 2.11, triton 3.6): L = 1K, 4K, 16K, 64K; uniform and jagged batches
+    python pipelines/bench_kernels.py --out docs/results/raw/kernels-h200-DATE
+    python pipelines/bench_kernels.py --kinds uniform --lengths 16384 --flex-tiles default "fwd 128x64"
+    python pipelines/bench_kernels.py --kinds uniform --suites sweep stages   # KSA Triton tiles, per-kernel profile
+    # CPU smoke run (tiny sizes, fp32; the Triton kernels run in Triton's interpreter): seconds
+    TRITON_INTERPRET=1 python pipelines/bench_kernels.py --quick --out /tmp/kernels
+    # plot a run: python pipelines/plot_results.py --kernels PREFIX.json --out DIR
 
-Batches: B * L = ``--total`` events (65,536), either uniform (B users of L events) or a long-tailed
-jagged mix of the same total (lengths log-uniform in [16, L], seeded). H = 8 heads, D = 64, k = 8,
-W = 32, S = 1, bf16 by default. SDPA runs padded ``[B, H, L_max, D]``, ``is_causal=True``, flash
-backend. FlexAttention is ``ksa_rec.ops.ksa.flex.ksa_attention_flex`` (two-stream packing, compiled;
-its block mask is cached per layout, so only the first call pays for it); ``flex-ksa-kernel`` times its
-compiled kernel alone on pre-packed inputs, and the "vs Flex" ratios and goals use that one. The torch
-reference (``ksa_attention_torch``) is timed at L <= 4K only.
+Batches: B * L = ``--total`` events (65,536): uniform (B users of L events) and jagged (a long-tailed mix
+of the same total: lengths log-uniform in [16, L], seeded). H = 8, D = 64, k = 8, W = 32, S = 1, bf16.
 
-FLOP convention (the one of BENCHMARKS.md's SDPA figures, 445 / 440 TFLOP/s): forward = 4 * pairs * D
-* H, where pairs = (query, key) pairs the KSA mask allows, counted exactly from the lengths over both
-streams (event and summary queries); backward = 2.5 x forward, so forward+backward = 3.5 x forward.
-"Effective TFLOP/s" of every method divides these KSA-needed FLOPs by its time, so the column compares
-useful work per second; SDPA's own rate on the causal FLOPs it does (2 * B * H * L^2 * D forward) is
-printed beside it as a sanity check against the reference numbers.
+Methods, all on the same batch and timed the same way (``triton.testing.do_bench`` median of the forward
+of a training step, autograd on, and of forward+backward; peak memory of one forward+backward above the
+inputs):
 
-Before timing, each batch is checked: the Triton output against the torch reference at one head (fp32)
-and against Flex (all heads); an error above ``--max-error`` stops the run. Peak memory is
-``torch.cuda.max_memory_allocated`` during one call, minus what was allocated before it (the inputs).
-Results: a markdown report (machine, date, command, tables, goal checks) and a log-log plot of ms vs
-L in ``--out``; the same table is printed at the end.
+- dense causal attention (``_dense_attention.py``): SDPA with its own backend choice, SDPA with each
+  backend forced (cuDNN, flash, efficient; a refusal is reported as a row), varlen flash without padding,
+  FlashAttention-4 where it imports. **"dense fastest"** = the fastest of these in this run.
+- Flex-KSA (``_flex_ksa.py``): per-user rows, arithmetic ``mask_mod``, block mask built once, compiled
+  flex with static shapes. The first tile setting (Inductor's default) runs on every batch; every setting
+  of ``--flex-tiles`` on uniform batches at ``--flex-sweep-lengths`` (each setting and length is a compile
+  of its own, ~10 s). The old setup (all users and both streams packed into one sequence) is its own row
+  on uniform batches. **"Flex-KSA fastest"** = the fastest Flex row of the batch.
+- KSA Triton: ``ksa_rec.ops.ksa.ksa_attention(backend="triton")``; the torch reference up to
+  ``--reference-max-l``.
+
+FLOPs: forward = 4 * (query-key pairs the KSA mask allows, both streams, counted exactly) * D * H;
+backward = 2.5 x forward. Every "TFLOP/s" divides these KSA-needed FLOPs by the method's time, so it is
+useful work per second; "share of matmul" divides that by a bf16 ``n x n x n`` matmul measured in the same
+run. Dense methods also get "own" TFLOP/s on the causal work they do. Speed-ups are baseline ms / this ms
+and name their baseline. Before timing, each batch is checked: KSA Triton against the torch reference
+(fp32, head 0) and against per-user Flex (all heads); an error above ``--max-error`` stops the run.
+
+Output (``--out PREFIX``): ``PREFIX.md`` (command, machine, tables, goals) and ``PREFIX.json`` (every row as
+measured), rewritten after every batch so a timeout keeps what was measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
+import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
-from ksa_rec.ops.ksa.flex import _compiled_flex_attention, ksa_attention_flex, ksa_block_mask
-from ksa_rec.ops.ksa.layout import summary_offsets
-from ksa_rec.ops.ksa.reference import ksa_attention_torch
-from ksa_rec.ops.ksa.triton_op import KsaTritonConfig, default_config, ksa_attention_triton
-from ksa_rec.utils.jagged import lengths_to_offsets
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import command, fmt, header, kernel_ms, machine, now, peak_mib, sync, write_outputs  # noqa: E402
+from _dense_attention import Call, dense_calls  # noqa: E402
+from _flex_ksa import (  # noqa: E402
+    TILE_SETTINGS,
+    PerUserLayout,
+    flex,
+    pack_per_user,
+    packed_old_setup,
+    per_user_block_mask,
+    unpack_per_user,
+)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-BWD_FLOP_FACTOR = 2.5  # backward FLOPs / forward FLOPs (FlashAttention convention, BENCHMARKS.md)
-REFERENCE_MAX_L = 4096  # the torch reference is only timed up to here (it is slow)
+from ksa_rec.ops.ksa import KsaRule, ksa_attention  # noqa: E402
+from ksa_rec.ops.ksa.layout import summary_offsets  # noqa: E402
+from ksa_rec.ops.ksa.triton_op import KsaTritonConfig, default_config, ksa_attention_triton  # noqa: E402
+from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FWD_BWD_FACTOR = 3.5  # (forward + backward) / forward FLOPs: backward = 2.5 x forward (FlashAttention convention)
+PASSES = (("fwd+bwd", "fwd_bwd_ms", FWD_BWD_FACTOR), ("fwd", "fwd_ms", 1.0))
 
 
 @dataclass(frozen=True)
@@ -70,22 +86,39 @@ class Setup:
     dtype: torch.dtype
 
 
+def ksa_op(inputs: list[torch.Tensor], offsets: torch.Tensor, s: Setup, *, backend: str = "triton",
+           config: KsaTritonConfig | None = None, sums: int | None = None):
+    """The one place that calls the KSA op. ``config`` (tile experiments) reaches the Triton op itself: the
+    dispatcher takes no tiles."""
+    rule = KsaRule(s.chunk, s.window, s.sums if sums is None else sums)
+    if config is not None:
+        return ksa_attention_triton(*inputs, offsets, rule, config=config)
+    return ksa_attention(*inputs, offsets, rule, backend=backend, check_offsets=False)
+
+
 @dataclass
 class Row:
-    """One (batch, method) measurement; times in ms, None when the method was not run there."""
+    """One (batch, method) measurement as taken; ms None where not run (``status`` says why)."""
 
     kind: str
     L: int
     users: int
     method: str
+    group: str
+    setting: str = ""
+    status: str = "ok"
     fwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
     peak_mib: float | None = None
     ksa_flops_fwd: float = 0.0
-    own_flops_fwd: float = 0.0  # what the method computes itself (SDPA: causal), for its own TFLOP/s
-    note: str = ""
+    own_flops_fwd: float = 0.0
 
-    def tflops(self, ms: float | None, factor: float = 1.0, own: bool = False) -> float | None:
+    @property
+    def label(self) -> str:
+        return f"{self.method} [{self.setting}]" if self.setting else self.method
+
+    def tflops(self, attr: str, factor: float, own: bool = False) -> float | None:
+        ms = getattr(self, attr)
         flops = (self.own_flops_fwd if own else self.ksa_flops_fwd) * factor
         return None if ms is None else flops / (ms * 1e-3) / 1e12
 
@@ -94,8 +127,10 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
-    sweep: list[str] = field(default_factory=list)
-    stages: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    matmul: dict = field(default_factory=dict)
+    sweep: list[dict] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
 
 
 # ---- batches and exact FLOP counts ---------------------------------------------------------------------
@@ -114,18 +149,15 @@ def make_lengths(kind: str, L: int, total: int, seed: int = 0) -> list[int]:
     return lengths
 
 
-def ksa_pairs(lengths: list[int], chunk: int, window: int | None, sums: int, max_summaries: int | None = None) -> int:
+def ksa_pairs(lengths: list[int], chunk: int, window: int | None, sums: int) -> int:
     """Visible (query, key) pairs of the KSA rule (KSA.md section 3), both streams, exactly."""
     total = 0
     for n in lengths:
-        i = np.arange(n, dtype=np.int64)
-        c = i // chunk
+        c = np.arange(n, dtype=np.int64) // chunk
         lo = 0 if window is None else np.maximum(c - window, 0) * chunk
-        total += int((i + 1 - lo).sum())  # event -> event
+        total += int((np.arange(1, n + 1) - lo).sum())  # event -> event
         if window is not None and sums:
-            old = np.maximum(c - window, 0)
-            dropped = 0 if max_summaries is None else np.maximum(c - window - max_summaries, 0)
-            total += int(((old - dropped) * sums).sum())  # event -> summary
+            total += int((np.maximum(c - window, 0) * sums).sum())  # event -> summary
         n_chunks = n // chunk
         total += n_chunks * sums * chunk + n_chunks * sums * (sums + 1) // 2  # summary -> own chunk
     return total
@@ -139,11 +171,14 @@ class Batch:
     offsets: torch.Tensor
     inputs: list[torch.Tensor]  # q, k, v, q_sum, k_sum, v_sum (leaves, requires_grad)
     grads: list[torch.Tensor]  # d out, d out_sum
-    padded: list[torch.Tensor]  # SDPA q, k, v [B, H, L_max, D]
-    padded_grad: torch.Tensor
+    gen: torch.Generator
+
+    @property
+    def device(self) -> torch.device:
+        return self.offsets.device
 
 
-def make_batch(kind: str, L: int, total: int, s: Setup, device: str) -> Batch:
+def make_batch(kind: str, L: int, total: int, s: Setup, device: torch.device) -> Batch:
     lengths = make_lengths(kind, L, total)
     offsets = lengths_to_offsets(torch.tensor(lengths)).to(device)
     T, Ts = int(offsets[-1]), int(summary_offsets(offsets, s.chunk, s.sums)[-1])
@@ -153,173 +188,204 @@ def make_batch(kind: str, L: int, total: int, s: Setup, device: str) -> Batch:
         return torch.randn(*shape, generator=gen, device=device, dtype=s.dtype)
 
     inputs = [rand(rows, s.heads, s.dim).requires_grad_() for rows in (T, T, T, Ts, Ts, Ts)]
-    grads = [rand(T, s.heads, s.dim), rand(Ts, s.heads, s.dim)]
-    shape = (len(lengths), s.heads, max(lengths), s.dim)
-    padded = [rand(*shape).requires_grad_() for _ in range(3)]
-    return Batch(kind, L, lengths, offsets, inputs, grads, padded, rand(*shape))
+    return Batch(kind, L, lengths, offsets, inputs, [rand(T, s.heads, s.dim), rand(Ts, s.heads, s.dim)], gen)
 
 
-# ---- methods -------------------------------------------------------------------------------------------
+# ---- the methods of one batch --------------------------------------------------------------------------
 
-def ksa_kwargs(s: Setup) -> dict:
-    return dict(chunk_size=s.chunk, window=s.window, summary_tokens=s.sums)
-
-
-def method_fns(batch: Batch, s: Setup, config: KsaTritonConfig,
-               methods: list[str]) -> dict[str, tuple[Callable, list, list]]:
-    """name -> (call returning output tensors, leaves that get gradients, output gradients), for the
-    requested ``methods``."""
-    kw = ksa_kwargs(s)
-    ksa_in, pad_in = batch.inputs, batch.padded
-    atomic = replace(config, deterministic=False)
-
-    def sdpa():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return (F.scaled_dot_product_attention(*pad_in, is_causal=True),)
-
-    fns = {
-        "ksa-triton": (lambda: ksa_attention_triton(*ksa_in, batch.offsets, config=config, **kw), ksa_in, batch.grads),
-        "ksa-triton-atomic-dq": (lambda: ksa_attention_triton(*ksa_in, batch.offsets, config=atomic, **kw), ksa_in,
-                                 batch.grads),
-        "sdpa-causal": (sdpa, pad_in, [batch.padded_grad]),
-        "flex-ksa": (lambda: ksa_attention_flex(*ksa_in, batch.offsets, **kw), ksa_in, batch.grads),
-    }
-    if "flex-ksa-kernel" in methods:  # packs copies of the inputs: only when asked for
-        fns["flex-ksa-kernel"] = flex_kernel_fn(batch, s)
-    if batch.L <= REFERENCE_MAX_L:
-        fns["torch-ref"] = (lambda: ksa_attention_torch(*ksa_in, batch.offsets, **kw), ksa_in, batch.grads)
-    return {name: fn for name, fn in fns.items() if name in methods}
-
-
-def flex_kernel_fn(batch: Batch, s: Setup) -> tuple[Callable, list, list]:
-    """FlexAttention's compiled kernel alone, on the packed ``[1, H, T + Ts + pad, D]`` sequence with the
-    cached block mask: what ``ksa_attention_flex`` runs, without its per-call host work (offsets to
-    a tuple, cache lookup, packing and unpacking copies)."""
-    mask = ksa_block_mask(tuple(batch.offsets.tolist()), str(batch.offsets.device), s.chunk, s.window, s.sums,
-                          None)
-    rows = batch.inputs[0].shape[0] + batch.inputs[3].shape[0]
-
-    def pack(events: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        pad = events.new_zeros(mask.shape[-2] - rows, *events.shape[1:])
-        return torch.cat([events, summaries, pad]).transpose(0, 1).unsqueeze(0).detach().contiguous()
-
-    packed = [pack(batch.inputs[i], batch.inputs[i + 3]).requires_grad_() for i in range(3)]
-    grad = pack(*batch.grads)
-    flex = _compiled_flex_attention()
-    return (lambda: (flex(*packed, block_mask=mask, scale=s.dim ** -0.5),)), packed, [grad]
+def flex_calls(batch: Batch, s: Setup, settings: list, ksa_flops: float) -> list[Call]:
+    """Per-user Flex-KSA, one call per tile setting, and on uniform batches the old packed setup."""
+    dev = batch.device
+    backward = dev.type == "cuda"  # eager flex (CPU) has no backward and refuses inputs that require grad
+    layout = PerUserLayout(tuple(batch.lengths), s.chunk, s.sums)
+    packed = [pack_per_user(batch.inputs[i].detach(), batch.inputs[i + 3].detach(), layout).requires_grad_(backward)
+              for i in range(3)]
+    grad = pack_per_user(*batch.grads, layout)
+    masks: dict[int, tuple] = {}
+    calls = []
+    for setting in settings:
+        if setting.mask_block not in masks:
+            block = setting.mask_block
+            masks[block] = _built(lambda b=block: per_user_block_mask(layout, s.window, b, dev))
+        (mask, why), options = masks[setting.mask_block], setting.kernel_options or None
+        calls.append(Call("flex-ksa per-user", "flex-ksa",
+                          lambda m=mask, o=options: (flex(dev)(*packed, block_mask=m, scale=s.dim ** -0.5,
+                                                               kernel_options=o),),
+                          packed, [grad], ksa_flops, setting=setting.name, unavailable=why, has_backward=backward))
+    if batch.kind != "uniform":
+        return calls
+    old, why = _built(lambda: packed_old_setup([t.detach() for t in batch.inputs[:3]],
+                                               [t.detach() for t in batch.inputs[3:]], batch.offsets, s.chunk,
+                                               s.window, s.sums))
+    name = "flex-ksa packed (old setup: one sequence for all users and both streams)"
+    if old is None:
+        return [*calls, Call(name, "flex-ksa", None, [], [], ksa_flops, unavailable=why)]
+    old_mask, old_in, _ = old
+    old_in = [t.requires_grad_(backward) for t in old_in]
+    _, (old_grad,), _ = packed_old_setup([batch.grads[0]], [batch.grads[1]], batch.offsets, s.chunk, s.window, s.sums)
+    calls.append(Call(name, "flex-ksa", lambda: (flex(dev)(*old_in, block_mask=old_mask, scale=s.dim ** -0.5),),
+                      old_in, [old_grad], ksa_flops, has_backward=backward))
+    return calls
 
 
-def time_ms(fn: Callable, leaves: list, grads: list, backward: bool, warmup: int, rep: int) -> float:
-    if not backward:
-        def run():
-            with torch.no_grad():
-                fn()
-    else:
-        def run():
-            torch.autograd.backward(fn(), grads)
-    return do_bench(run, warmup=warmup, rep=rep, grad_to_none=leaves if backward else None, return_mode="median")
+def _built(make):
+    """``(make(), None)``, or ``(None, why)`` when it raises: a block mask that cannot be built (out of
+    memory, a compile error) becomes a row saying so instead of ending the run."""
+    try:
+        return make(), None
+    except Exception as err:  # noqa: BLE001
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None, f"block mask not built ({type(err).__name__}: {_first_line(err)})"
 
 
-def peak_mib(fn: Callable, leaves: list, grads: list) -> float:
-    """Peak memory above what was allocated before one forward+backward call (inputs and output
-    gradients; the input gradients left by the timing loops are dropped first)."""
-    for leaf in leaves:
+def ksa_calls(batch: Batch, s: Setup, ksa_flops: float, reference_max_l: int) -> list[Call]:
+    triton_ok = batch.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    calls = [Call("ksa-triton", "ksa", (lambda: ksa_op(batch.inputs, batch.offsets, s)) if triton_ok else None,
+                  batch.inputs, batch.grads, ksa_flops,
+                  unavailable=None if triton_ok else "needs CUDA (or TRITON_INTERPRET=1 on CPU)")]
+    if batch.L <= reference_max_l:
+        calls.append(Call("ksa torch reference", "ksa", lambda: ksa_op(batch.inputs, batch.offsets, s, backend="torch"),
+                          batch.inputs, batch.grads, ksa_flops))
+    return calls
+
+
+def measure(call: Call, batch: Batch, args, ksa_flops: float) -> Row:
+    """Forward, forward+backward and peak memory of one call; a refusal or failure becomes the status."""
+    row = Row(batch.kind, batch.L, len(batch.lengths), call.name, call.group, call.setting,
+              ksa_flops_fwd=ksa_flops, own_flops_fwd=call.own_flops_fwd)
+    if call.unavailable:
+        row.status = f"unavailable: {call.unavailable}"
+        return row
+    dev = batch.device
+
+    def forward():  # a training forward: autograd records what the backward needs
+        call.fn()
+
+    def forward_backward():
+        torch.autograd.backward(call.fn(), call.grads)
+
+    timing = dict(device=dev, warmup_ms=args.warmup, rep_ms=args.rep)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            row.fwd_ms = kernel_ms(forward, **timing)
+            if call.has_backward:
+                row.fwd_bwd_ms = kernel_ms(forward_backward, grad_to_none=call.leaves, **timing)
+                for leaf in call.leaves:
+                    leaf.grad = None
+                row.peak_mib = peak_mib(forward_backward, dev)
+            else:
+                row.status = "ok (forward only: no backward on this device)"
+        except torch.OutOfMemoryError:
+            row.status = "out of memory"
+        except (RuntimeError, NotImplementedError) as err:
+            reasons = [str(w.message).splitlines()[0] for w in caught if "not used because" in str(w.message)]
+            refused = isinstance(err, NotImplementedError) or any(
+                text in str(err) for text in ("No available kernel", "No viable backend"))
+            row.status = (f"refused: {'; '.join(dict.fromkeys(reasons)) or _first_line(err)}" if refused
+                          else f"failed: {type(err).__name__}: {_first_line(err)}")
+        except Exception as err:  # noqa: BLE001 -- a compile or launch failure of one method must not end the run
+            row.status = f"failed: {type(err).__name__}: {_first_line(err)}"
+    for leaf in call.leaves:
         leaf.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    torch.autograd.backward(fn(), grads)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
-# ---- correctness pre-check -------------------------------------------------------------------------------
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:160]
 
-@torch.no_grad()
-def precheck(batch: Batch, s: Setup, config: KsaTritonConfig, max_error: float) -> str:
-    """Triton vs the torch reference at head 0 (fp32) and vs Flex (all heads); raises above max_error."""
-    kw = ksa_kwargs(s)
-    got = ksa_attention_triton(*batch.inputs, batch.offsets, config=config, **kw)
-    head0 = [t[:, :1].float() for t in batch.inputs]
-    ref = ksa_attention_torch(*head0, batch.offsets, **kw)
-    flex = ksa_attention_flex(*batch.inputs, batch.offsets, **kw)
+
+def precheck(batch: Batch, s: Setup, flex_default: Call, max_error: float) -> str:
+    """KSA Triton vs the torch reference (fp32, head 0) and vs per-user Flex (all heads); raises above
+    ``max_error`` (then every timing would be meaningless)."""
+    with torch.no_grad():
+        ref = ksa_op([t[:, :1].float() for t in batch.inputs], batch.offsets, s, backend="torch")
+        triton_ok = batch.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        got = ksa_op(batch.inputs, batch.offsets, s) if triton_ok else None
+    flex_out = None
+    if flex_default.unavailable is None:  # with autograd on, as timed: the same compiled graph, no extra compile
+        packed_out = flex_default.fn()[0].detach()
+        flex_out = unpack_per_user(packed_out, PerUserLayout(tuple(batch.lengths), s.chunk, s.sums))
 
     def err(a, b):
         return max(((x.float() - y.float()).abs().max().item() if x.numel() else 0.0) for x, y in zip(a, b))
 
-    err_ref = err([g[:, :1] for g in got], ref)
-    err_flex = err(got, flex)
-    line = f"{batch.kind} L={batch.L}: max |triton - torch ref (fp32, head 0)| = {err_ref:.2e}, " \
-           f"max |triton - flex| = {err_flex:.2e}"
-    if max(err_ref, err_flex) > max_error:
+    errors = {}
+    if flex_out is not None:
+        errors["flex per-user vs torch ref (head 0)"] = err([f[:, :1] for f in flex_out], ref)
+    if got is not None:
+        errors["triton vs torch ref (head 0)"] = err([g[:, :1] for g in got], ref)
+    if got is not None and flex_out is not None:
+        errors["triton vs flex per-user (all heads)"] = err(got, flex_out)
+    if not errors:
+        return f"{batch.kind} L={batch.L}: nothing to compare (neither KSA Triton nor per-user Flex ran)"
+    line = f"{batch.kind} L={batch.L}: " + ", ".join(f"max |{k}| = {v:.2e}" for k, v in errors.items())
+    if max(errors.values()) > max_error:
         raise SystemExit(f"correctness pre-check failed, timings would be meaningless: {line}")
     return line
 
 
 # ---- suites --------------------------------------------------------------------------------------------
 
-def attention_suite(args, s: Setup, report: Report) -> None:
-    """Forward and forward+backward of every method on every (kind, L) batch."""
-    config = default_config(s.dim, s.dtype)
+def matmul_rate(args, s: Setup, device: torch.device) -> dict:
+    """The dense matmul rate of this device in this run: n x n x n in the benchmark's dtype."""
+    n = args.matmul_n
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen, device=device, dtype=s.dtype) for _ in range(2))
+    ms = kernel_ms(lambda: a @ b, device=device, warmup_ms=args.warmup, rep_ms=args.rep)
+    return {"n": n, "dtype": str(s.dtype).replace("torch.", ""), "ms": ms, "tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
+
+
+def attention_suite(args, s: Setup, report: Report, device: torch.device) -> None:
+    """Every method on every (kind, L) batch."""
+    settings = [t for t in TILE_SETTINGS if t.name in args.flex_tiles]
+
+    def sweep(kind: str, L: int) -> bool:  # every tile setting, or the first (default) only
+        return kind == "uniform" and L in args.flex_sweep_lengths
     for kind in args.kinds:
         for L in args.lengths:
-            batch = make_batch(kind, L, args.total, s, "cuda")
-            report.checks.append(precheck(batch, s, config, args.max_error))
+            batch = make_batch(kind, L, args.total, s, device)
+            flops = 4.0 * ksa_pairs(batch.lengths, s.chunk, s.window, s.sums) * s.dim * s.heads
+            calls = [*dense_calls(batch.inputs[:3], batch.offsets, batch.lengths, batch.grads[0], batch.gen),
+                     *flex_calls(batch, s, settings if sweep(kind, L) else settings[:1], flops),
+                     *ksa_calls(batch, s, flops, args.reference_max_l)]
+            flex_default = next(c for c in calls if c.group == "flex-ksa")
+            report.checks.append(precheck(batch, s, flex_default, args.max_error))
             print(report.checks[-1], flush=True)
-            ksa_fwd = 4.0 * ksa_pairs(batch.lengths, s.chunk, s.window, s.sums) * s.dim * s.heads
-            causal_fwd = 2.0 * len(batch.lengths) * s.heads * max(batch.lengths) ** 2 * s.dim
-            for name, (fn, leaves, grads) in method_fns(batch, s, config, args.methods).items():
-                row = Row(kind, L, len(batch.lengths), name, ksa_flops_fwd=ksa_fwd,
-                          own_flops_fwd=causal_fwd if name == "sdpa-causal" else ksa_fwd)
-                try:
-                    row.fwd_ms = time_ms(fn, leaves, grads, False, args.warmup, args.rep)
-                    row.fwd_bwd_ms = time_ms(fn, leaves, grads, True, args.warmup, args.rep)
-                    row.peak_mib = peak_mib(fn, leaves, grads)
-                except torch.cuda.OutOfMemoryError:
-                    row.note = "out of memory"
-                    torch.cuda.empty_cache()
-                report.rows.append(row)
-                print(format_row(row), flush=True)
-            del batch
-            torch.cuda.empty_cache()
-            write_report(report, s, args, args.out)  # after every batch: a timeout keeps what was measured
+            for call in calls:
+                report.rows.append(measure(call, batch, args, flops))
+                print(format_row(report.rows[-1], report.matmul), flush=True)
+            del batch, calls, flex_default
+            save(report, s, args)
 
 
-def sweep_suite(args, s: Setup, report: Report) -> None:
-    """Alternative tiles for the forward and the backward kernels (default first), uniform batches."""
+def sweep_suite(args, s: Setup, report: Report, device: torch.device) -> None:
+    """KSA Triton tiles (forward, then backward; the default first), uniform batches."""
     base = default_config(s.dim, s.dtype)
-    # (block_m, block_n, warps, stages); the first is the default, then the previous (128-row, 8-warp) one
+    # (block_m, block_n, warps, stages)
     fwd_tiles = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4)]
     # (dK/dV: keys, queries, warps, stages; dQ: queries, keys, warps, stages)
     bwd_tiles = [(64, 32, 4, 3, 64, 64, 4, 3), (128, 32, 8, 3, 128, 32, 8, 3), (64, 64, 4, 3, 64, 64, 4, 3),
                  (64, 32, 4, 3, 128, 32, 8, 3), (64, 32, 4, 4, 64, 64, 4, 4), (64, 32, 4, 3, 64, 32, 4, 3)]
-    kw = ksa_kwargs(s)
+    configs = [("fwd", f"block_m={bm} block_n={bn} warps={w} stages={st}",
+                replace(base, block_m=bm, block_n=bn, fwd_warps=w, fwd_stages=st)) for bm, bn, w, st in fwd_tiles]
+    configs += [("fwd+bwd", f"dkdv {kn}x{km} w{kw} s{ks}, dq {qm}x{qn} w{qw} s{qs}",
+                 replace(base, dkdv_block_n=kn, dkdv_block_m=km, dkdv_warps=kw, dkdv_stages=ks, dq_block_m=qm,
+                         dq_block_n=qn, dq_warps=qw, dq_stages=qs))
+                for kn, km, kw, ks, qm, qn, qw, qs in bwd_tiles]
     for L in args.lengths:
-        batch = make_batch("uniform", L, args.total, s, "cuda")
-        report.sweep.append(f"| uniform L={L} | | |")
-
-        def timed(cfg: KsaTritonConfig, backward: bool) -> str:
-            try:
-                ms = time_ms(lambda: ksa_attention_triton(*batch.inputs, batch.offsets, config=cfg, **kw),
-                             batch.inputs, batch.grads, backward, args.warmup, args.rep)
-            except triton.runtime.errors.OutOfResources as err:  # a tile that does not fit: skip, keep going
-                return f"does not fit ({err})"
-            return f"{ms:.3f}"
-
-        for bm, bn, warps, stages in fwd_tiles:
-            cfg = replace(base, block_m=bm, block_n=bn, fwd_warps=warps, fwd_stages=stages)
-            report.sweep.append(f"| fwd block_m={bm} block_n={bn} warps={warps} stages={stages} | "
-                                f"{timed(cfg, False)} | |")
+        batch = make_batch("uniform", L, args.total, s, device)
+        for which, name, cfg in configs:
+            call = Call("ksa-triton", "ksa", lambda c=cfg, b=batch: ksa_op(b.inputs, b.offsets, s, config=c),
+                        batch.inputs, batch.grads, 0.0)
+            row = measure(call, batch, args, 0.0)
+            report.sweep.append({"L": L, "pass": which, "config": name, "status": row.status,
+                                 "ms": row.fwd_ms if which == "fwd" else row.fwd_bwd_ms})
             print(report.sweep[-1], flush=True)
-        for kn, km, kwarps, kstages, qm, qn, qwarps, qstages in bwd_tiles:
-            cfg = replace(base, dkdv_block_n=kn, dkdv_block_m=km, dkdv_warps=kwarps, dkdv_stages=kstages,
-                          dq_block_m=qm, dq_block_n=qn, dq_warps=qwarps, dq_stages=qstages)
-            report.sweep.append(f"| fwd+bwd dkdv {kn}x{km} w{kwarps} s{kstages}, dq {qm}x{qn} w{qwarps} s{qstages} "
-                                f"| | {timed(cfg, True)} |")
-            print(report.sweep[-1], flush=True)
-        del batch
-        torch.cuda.empty_cache()
-        write_report(report, s, args, args.out)
+        save(report, s, args)
 
 
 # matmuls each Triton kernel runs per visible (query, key) tile pair: forward QK^T, PV; dK/dV: S^T,
@@ -327,16 +393,18 @@ def sweep_suite(args, s: Setup, report: Report) -> None:
 KERNEL_MATMULS = {"ksa_fwd_kernel": 2, "ksa_bwd_dkdv_kernel": 4, "ksa_bwd_dq_kernel": 3}
 
 
-def stages_suite(args, s: Setup, report: Report) -> None:
+def stages_suite(args, s: Setup, report: Report, device: torch.device) -> None:
     """Where forward+backward time goes: per-kernel device time (torch.profiler) of the Triton op on
-    uniform batches, deterministic vs atomic-dQ backward, and without the summary stream (S = 0: the
-    event band alone, so the summary part is the difference)."""
+    uniform batches, deterministic vs atomic-dQ backward, and without the summary stream (S = 0)."""
+    if device.type != "cuda":
+        report.notes.append("stages suite: skipped (needs CUDA for the profiler's kernel times)")
+        return
     from torch.profiler import ProfilerActivity, profile
 
     base = default_config(s.dim, s.dtype)
     iters = 10
     for L in args.lengths:
-        batch = make_batch("uniform", L, args.total, s, "cuda")
+        batch = make_batch("uniform", L, args.total, s, device)
         q, k, v, qs, ks, vs = batch.inputs
         no_sum = [t[:0].detach().requires_grad_() for t in (qs, ks, vs)]
         variants = [("deterministic", base, s.sums, batch.inputs, batch.grads),
@@ -344,37 +412,33 @@ def stages_suite(args, s: Setup, report: Report) -> None:
                     ("S=0 (event band only)", base, 0, [q, k, v, *no_sum], [batch.grads[0], batch.grads[1][:0]])]
         for name, cfg, sums, inputs, grads in variants:
             pairs = ksa_pairs(batch.lengths, s.chunk, s.window, sums)
-            kw = dict(chunk_size=s.chunk, window=s.window, summary_tokens=sums)
 
-            def step():
-                torch.autograd.backward(ksa_attention_triton(*inputs, batch.offsets, config=cfg, **kw), grads)
+            def step(inputs=inputs, offsets=batch.offsets, cfg=cfg, sums=sums, grads=grads):
+                torch.autograd.backward(ksa_op(inputs, offsets, s, config=cfg, sums=sums), grads)
                 for leaf in inputs:
                     leaf.grad = None
 
             for _ in range(3):
                 step()
-            torch.cuda.synchronize()
+            sync(device)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(iters):
                     step()
-                torch.cuda.synchronize()
+                sync(device)
             times: dict[str, float] = {}
             for evt in prof.key_averages():
                 if evt.self_device_time_total > 0:
                     key = evt.key if evt.key.startswith("ksa_") else "other (torch glue: tables, sort, fills, casts)"
                     times[key] = times.get(key, 0.0) + evt.self_device_time_total / 1e3 / iters
             total = sum(times.values())
-            for kernel, ms in sorted(times.items(), key=lambda kv: -kv[1]):
-                mm = KERNEL_MATMULS.get(kernel, 0) + (kernel == "ksa_bwd_dkdv_kernel" and not cfg.deterministic)
-                rate = f"{2 * mm * pairs * s.dim * s.heads / (ms * 1e-3) / 1e12:.0f}" if mm else "-"
-                report.stages.append(f"| {L} | {name} | {kernel} | {ms:.3f} | {ms / total:.0%} | {rate} |")
+            for kernel, ms in [*sorted(times.items(), key=lambda kv: -kv[1]), ("total (device time)", total)]:
+                mm = (FWD_BWD_FACTOR * 2 if kernel.startswith("total") else
+                      KERNEL_MATMULS.get(kernel, 0) + (kernel == "ksa_bwd_dkdv_kernel" and not cfg.deterministic))
+                rate = 2 * mm * pairs * s.dim * s.heads / (ms * 1e-3) / 1e12 if mm else None
+                report.stages.append({"L": L, "variant": name, "kernel": kernel, "ms": ms, "share": ms / total,
+                                      "tflops": rate})
                 print(report.stages[-1], flush=True)
-            report.stages.append(f"| {L} | {name} | total (device time) | {total:.3f} | 100% | "
-                                 f"{3.5 * 4 * pairs * s.dim * s.heads / (total * 1e-3) / 1e12:.0f} (KSA fwd+bwd) |")
-            print(report.stages[-1], flush=True)
-        del batch
-        torch.cuda.empty_cache()
-        write_report(report, s, args, args.out)
+        save(report, s, args)
 
 
 SUITES = {"attention": attention_suite, "sweep": sweep_suite, "stages": stages_suite}
@@ -382,156 +446,149 @@ SUITES = {"attention": attention_suite, "sweep": sweep_suite, "stages": stages_s
 
 # ---- report --------------------------------------------------------------------------------------------
 
-def _f(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+def fastest(rows: list[Row], group: str, attr: str) -> Row | None:
+    timed = [r for r in rows if r.group == group and getattr(r, attr) is not None]
+    return min(timed, key=lambda r: getattr(r, attr), default=None)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{b / a:.2f}x"
+def _speedup(baseline: Row | None, row: Row, attr: str) -> str:
+    base, ms = (None if baseline is None else getattr(baseline, attr)), getattr(row, attr)
+    return "-" if base is None or ms is None else f"{base / ms:.2f}x"
 
 
-def format_row(r: Row) -> str:
-    own = f" (own causal {_f(r.tflops(r.fwd_bwd_ms, 1 + BWD_FLOP_FACTOR, own=True), 0)})" \
-        if r.method == "sdpa-causal" else ""
-    return (f"{r.kind:8s} L={r.L:6d} {r.method:22s} fwd {_f(r.fwd_ms):>8s} ms  fwd+bwd {_f(r.fwd_bwd_ms):>8s} ms  "
-            f"{_f(r.tflops(r.fwd_bwd_ms, 1 + BWD_FLOP_FACTOR), 0):>5s} TFLOP/s{own}  {r.note}")
+def _share(tflops: float | None, matmul: dict) -> str:
+    return "-" if tflops is None or not matmul else f"{tflops / matmul['tflops']:.0%}"
 
 
-def table(rows: list[Row]) -> list[str]:
-    lines = ["| batch | L | users | method | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | peak MiB "
-             "(fwd+bwd) | speed-up vs SDPA fwd / fwd+bwd | vs Flex fwd / fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        same = [x for x in rows if x.kind == r.kind and x.L == r.L]
-        sdpa = next((x for x in same if x.method == "sdpa-causal"), None)
-        flex = _flex_row(same)
-        tf_fwd, tf_all = _f(r.tflops(r.fwd_ms), 0), _f(r.tflops(r.fwd_bwd_ms, 1 + BWD_FLOP_FACTOR), 0)
-        if r.method == "sdpa-causal":
-            tf_fwd += f" (own {_f(r.tflops(r.fwd_ms, own=True), 0)})"
-            tf_all += f" (own {_f(r.tflops(r.fwd_bwd_ms, 1 + BWD_FLOP_FACTOR, own=True), 0)})"
-        vs_sdpa = "-" if sdpa is None else f"{_ratio(r.fwd_ms, sdpa.fwd_ms)} / {_ratio(r.fwd_bwd_ms, sdpa.fwd_bwd_ms)}"
-        vs_flex = "-" if flex is None else f"{_ratio(r.fwd_ms, flex.fwd_ms)} / {_ratio(r.fwd_bwd_ms, flex.fwd_bwd_ms)}"
-        lines.append(f"| {r.kind} | {r.L} | {r.users} | {r.method}{' (' + r.note + ')' if r.note else ''} | "
-                     f"{_f(r.fwd_ms)} | {_f(r.fwd_bwd_ms)} | {tf_fwd} | {tf_all} | {_f(r.peak_mib, 0)} | "
-                     f"{vs_sdpa} | {vs_flex} |")
+def format_row(r: Row, matmul: dict) -> str:
+    tf = r.tflops("fwd_bwd_ms", FWD_BWD_FACTOR)
+    return (f"{r.kind:8s} L={r.L:6d} {r.label:58s} fwd {fmt(r.fwd_ms):>8s} ms  fwd+bwd {fmt(r.fwd_bwd_ms):>8s} ms  "
+            f"{fmt(tf, 0):>5s} TFLOP/s ({_share(tf, matmul)} of matmul)  {'' if r.status == 'ok' else r.status}")
+
+
+def summary_table(rows: list[Row], kind: str, matmul: dict, label: str, attr: str, factor: float) -> list[str]:
+    """Per L: the fastest dense, the fastest Flex-KSA and KSA Triton, with the ratios naming their baselines."""
+    lines = [f"| L | users | dense fastest ms (which) | Flex-KSA fastest ms (which) | KSA Triton ms | "
+             f"KSA Triton speed-up vs dense fastest | vs Flex-KSA fastest | KSA Triton TFLOP/s (KSA-needed) | "
+             f"share of {matmul.get('dtype')} matmul ({fmt(matmul.get('tflops'), 0)} TFLOP/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for L in dict.fromkeys(r.L for r in rows if r.kind == kind):
+        same = [r for r in rows if r.kind == kind and r.L == L]
+        dense, flex_best = fastest(same, "dense", attr), fastest(same, "flex-ksa", attr)
+        ksa = next((r for r in same if r.method == "ksa-triton"), None)
+
+        def cell(r: Row | None) -> str:
+            return "-" if r is None else f"{fmt(getattr(r, attr))} ({r.label})"
+
+        tf = None if ksa is None else ksa.tflops(attr, factor)
+        lines.append(f"| {L} | {same[0].users} | {cell(dense)} | {cell(flex_best)} | "
+                     f"{fmt(None if ksa is None else getattr(ksa, attr))} | "
+                     f"{'-' if ksa is None else _speedup(dense, ksa, attr)} "
+                     f"({'-' if dense is None else dense.label}) | "
+                     f"{'-' if ksa is None else _speedup(flex_best, ksa, attr)} "
+                     f"({'-' if flex_best is None else flex_best.label}) | {fmt(tf, 0)} | {_share(tf, matmul)} |")
+    return [f"### {label}", "", *lines]
+
+
+def full_table(rows: list[Row], kind: str, matmul: dict) -> list[str]:
+    lines = ["| L | users | method | status | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd share of "
+             "matmul | own fwd+bwd TFLOP/s (dense: causal work) | peak MiB (fwd+bwd) | fwd+bwd speed-up vs dense "
+             "fastest | vs Flex-KSA fastest |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r.kind == kind):
+        same = [x for x in rows if x.kind == kind and x.L == r.L]
+        dense, flex_best = fastest(same, "dense", "fwd_bwd_ms"), fastest(same, "flex-ksa", "fwd_bwd_ms")
+        tf = r.tflops("fwd_bwd_ms", FWD_BWD_FACTOR)
+        own = fmt(r.tflops("fwd_bwd_ms", FWD_BWD_FACTOR, own=True), 0) if r.group == "dense" else "-"
+        lines.append(f"| {r.L} | {r.users} | {r.label} | {r.status} | {fmt(r.fwd_ms)} | {fmt(r.fwd_bwd_ms)} | "
+                     f"{fmt(r.tflops('fwd_ms', 1.0), 0)} | {fmt(tf, 0)} | {_share(tf, matmul)} | {own} | "
+                     f"{fmt(r.peak_mib, 0)} | {_speedup(dense, r, 'fwd_bwd_ms')} | "
+                     f"{_speedup(flex_best, r, 'fwd_bwd_ms')} |")
     return lines
 
 
-def _flex_row(rows: list[Row]) -> Row | None:
-    """Flex's kernel alone when it was measured (the faster, conservative baseline), else the wrapper."""
-    by_method = {r.method: r for r in rows}
-    return by_method.get("flex-ksa-kernel") or by_method.get("flex-ksa")
-
-
-def goal_checks(rows: list[Row]) -> list[str]:
-    """The targets of the Triton issue, on uniform batches (fwd+bwd)."""
-    def get(L, method):
-        return next((r for r in rows if r.kind == "uniform" and r.L == L and r.method == method
-                     and r.fwd_bwd_ms is not None), None)
-
+def goal_checks(rows: list[Row], matmul: dict) -> list[str]:
+    """Issue 16's kernel goals, uniform batches, forward+backward, against this run's baselines."""
     out = []
-    for L, goal_sdpa, goal_flex in ((16384, 3.0, 1.3), (65536, 5.0, None)):
-        ksa, sdpa = get(L, "ksa-triton"), get(L, "sdpa-causal")
-        flex = get(L, "flex-ksa-kernel") or get(L, "flex-ksa")
-        if ksa and sdpa:
-            x = sdpa.fwd_bwd_ms / ksa.fwd_bwd_ms
-            out.append(f"- L={L}: fwd+bwd {x:.2f}x faster than SDPA causal (goal >= {goal_sdpa}x): "
-                       f"{'met' if x >= goal_sdpa else 'NOT met'}")
-            share = ksa.tflops(ksa.fwd_bwd_ms, 1 + BWD_FLOP_FACTOR) / sdpa.tflops(
-                sdpa.fwd_bwd_ms, 1 + BWD_FLOP_FACTOR, own=True)
-            out.append(f"- L={L}: effective fwd+bwd throughput {share:.0%} of SDPA's causal TFLOP/s (goal >= 60%): "
-                       f"{'met' if share >= 0.6 else 'NOT met'}")
-        if ksa and flex and goal_flex:
-            x = flex.fwd_bwd_ms / ksa.fwd_bwd_ms
-            out.append(f"- L={L}: fwd+bwd {x:.2f}x faster than {flex.method} (goal >= {goal_flex}x): "
-                       f"{'met' if x >= goal_flex else 'NOT met'}")
+    for L, vs_dense, vs_flex, share in ((1024, 1.0, None, None), (4096, 2.0, None, None), (16384, 4.0, 2.0, 0.35),
+                                        (65536, 6.0, None, 0.45)):
+        same = [r for r in rows if r.kind == "uniform" and r.L == L]
+        ksa = next((r for r in same if r.method == "ksa-triton" and r.fwd_bwd_ms is not None), None)
+        if ksa is None:
+            continue
+        checks = [("dense fastest", fastest(same, "dense", "fwd_bwd_ms"), vs_dense),
+                  ("Flex-KSA fastest", fastest(same, "flex-ksa", "fwd_bwd_ms"), vs_flex)]
+        for name, base, goal in checks:
+            if base is not None and goal is not None:
+                x = base.fwd_bwd_ms / ksa.fwd_bwd_ms
+                out.append(f"- L={L}: KSA Triton {x:.2f}x {name} ({base.label}, {base.fwd_bwd_ms:.3f} ms); goal >= "
+                           f"{goal}x: {'met' if x >= goal else 'NOT met'}")
+        if share is not None and matmul:
+            got = ksa.tflops("fwd_bwd_ms", FWD_BWD_FACTOR) / matmul["tflops"]
+            out.append(f"- L={L}: KSA Triton at {got:.0%} of the bf16 matmul rate on KSA-needed FLOPs; goal >= "
+                       f"{share:.0%}: {'met' if got >= share else 'NOT met'}")
     return out
 
 
-def write_report(report: Report, s: Setup, args, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Attention kernels: KSA Triton vs SDPA vs FlexAttention",
-        "",
-        f"- machine: {torch.cuda.get_device_name()} (torch {torch.__version__}, triton {triton.__version__})",
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"- setup: B*L = {args.total} events, H = {s.heads}, D = {s.dim}, k = {s.chunk}, W = {s.window}, "
-        f"S = {s.sums}, {str(s.dtype).replace('torch.', '')}; median of triton.testing.do_bench",
-        "- FLOPs: forward = 4 * (KSA-visible query-key pairs, both streams, exact) * D * H; backward = 2.5 x "
-        "forward. Every method's TFLOP/s uses these KSA-needed FLOPs; SDPA's rate on its own causal FLOPs "
-        "is given as '(own ...)'. Peak MiB: above the inputs, one forward+backward call.",
-        "- ksa-triton: deterministic backward (default); ksa-triton-atomic-dq: dQ accumulated with fp32 atomics.",
-        "",
-        "## Results",
-        "",
-        *table(report.rows),
-        "",
-        "## Goals (uniform batches)",
-        "",
-        *(goal_checks(report.rows) or ["- (not measured in this run)"]),
-        "",
-        "## Correctness pre-check (bf16 kernel)",
-        "",
-        *[f"- {c}" for c in report.checks],
-    ]
+def markdown(report: Report, s: Setup, args) -> str:
+    mm = report.matmul
+    lines = [*header("Attention kernels: KSA Triton vs dense causal attention vs Flex-KSA, one run", args.command,
+                     args.machine, args.date),
+             f"- setup: B*L = {args.total} events, H = {s.heads}, D = {s.dim}, k = {s.chunk}, W = {s.window}, "
+             f"S = {s.sums}, {str(s.dtype).replace('torch.', '')}; "
+             + (f"median of `triton.testing.do_bench` ({args.warmup} ms warm-up, {args.rep} ms repetitions)"
+                if args.machine.get("capability") else "CPU smoke run: one wall-clock call per timing, the numbers "
+                "only show that the code runs"),
+             f"- dense matmul in this run: {mm.get('n')}^3 {mm.get('dtype')}, {fmt(mm.get('ms'))} ms, "
+             f"{fmt(mm.get('tflops'), 0)} TFLOP/s",
+             "- FLOPs: forward = 4 x (KSA-visible query-key pairs, both streams, exact) x D x H; backward = 2.5 x "
+             "forward. TFLOP/s divide these KSA-needed FLOPs by each method's time; 'share of matmul' divides by "
+             "the matmul rate above; dense rows also show their own rate on the causal work "
+             "(2 x B x H x L_max^2 x D forward; varlen: 2 x H x D x sum n^2).",
+             "- dense fastest: the fastest of SDPA (default choice, and cuDNN / flash / efficient forced), varlen "
+             "flash and FlashAttention-4 where it imports. Flex-KSA fastest: the fastest Flex row (per-user setups "
+             "of each tile setting, and the old packed setup). Speed-up = baseline ms / this ms.",
+             "- Flex-KSA per-user: one batch row per user, arithmetic mask_mod, block mask built once, "
+             "`torch.compile(flex_attention, dynamic=False)`; jagged batches are padded to their longest user. "
+             f"Tile settings: the first ('{args.flex_tiles[0]}') everywhere, all of {args.flex_tiles} on uniform "
+             f"batches at L = {args.flex_sweep_lengths}; the old packed setup on uniform batches. KSA Triton: "
+             "`ksa_attention(backend='triton')` (deterministic backward, the default).",
+             "- fwd: the forward of a training step (autograd on); fwd+bwd: forward and backward.",
+             *[f"- {n}" for n in report.notes], ""]
+    for kind in dict.fromkeys(r.kind for r in report.rows):
+        lines += [f"## {kind} batches", ""]
+        for label, attr, factor in PASSES:
+            lines += [*summary_table(report.rows, kind, mm, label, attr, factor), ""]
+        lines += ["### every row", "", *full_table(report.rows, kind, mm), ""]
+    if report.rows:
+        lines += ["## Goals of issue 16 (uniform, forward+backward, this run's baselines)", "",
+                  *(goal_checks(report.rows, mm) or ["- (not measured in this run)"]), "",
+                  "## Correctness pre-check", "", *[f"- {c}" for c in report.checks], ""]
     if report.sweep:
-        lines += ["", "## Tile sweep (ms)", "", "| config | fwd | fwd+bwd |", "|---|---|---|", *report.sweep]
+        lines += ["## KSA Triton tile sweep (uniform; ms)", "", "| L | pass | config | ms | status |",
+                  "|---|---|---|---|---|",
+                  *[f"| {r['L']} | {r['pass']} | {r['config']} | {fmt(r['ms'])} | {r['status']} |"
+                    for r in report.sweep],
+                  ""]
     if report.stages:
-        lines += ["", "## Where forward+backward time goes (torch.profiler, device time per call)", "",
-                  "TFLOP/s: the kernel's own matmuls on the KSA-needed pairs (2 fwd; dK/dV 4, 5 with atomic dQ; "
-                  "dQ 3), i.e. its tensor-core rate without the masked-tile overhead.", "",
-                  "| L | variant | kernel | ms | share | TFLOP/s |", "|---|---|---|---|---|---|", *report.stages]
-    path = out / "kernels.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        lines += ["## Where KSA Triton's forward+backward time goes (torch.profiler, device ms per call)", "",
+                  "TFLOP/s: each kernel's own matmuls on the KSA-needed pairs (forward 2; dK/dV 4, 5 with atomic dQ; "
+                  "dQ 3); total: forward+backward KSA-needed FLOPs.", "",
+                  "| L | variant | kernel | ms | share | TFLOP/s |", "|---|---|---|---|---|---|",
+                  *[f"| {r['L']} | {r['variant']} | {r['kernel']} | {r['ms']:.3f} | {r['share']:.0%} | "
+                    f"{fmt(r['tflops'], 0)} |" for r in report.stages], ""]
+    return "\n".join(lines)
 
 
-def plot(rows: list[Row], out: Path) -> Path | None:
-    """ms vs L, log-log, one panel per batch kind (solid: forward+backward, dashed: forward)."""
-    if not rows:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", flush=True)
-        return None
-    kinds = sorted({r.kind for r in rows}, key=lambda kind: kind != "uniform")
-    methods = list(dict.fromkeys(r.method for r in rows))
-    colors = plt.get_cmap("tab10").colors  # one color per method, in both panels
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for i, method in enumerate(methods):
-            pts = sorted((r for r in rows if r.kind == kind and r.method == method), key=lambda r: r.L)
-            for attr, style in (("fwd_bwd_ms", "-o"), ("fwd_ms", "--x")):
-                xy = [(r.L, getattr(r, attr)) for r in pts if getattr(r, attr) is not None]
-                if xy:
-                    ax.plot(*zip(*xy), style, color=colors[i % len(colors)],
-                            label=f"{method} {'fwd+bwd' if attr == 'fwd_bwd_ms' else 'fwd'}")
-        ax.set(xscale="log", yscale="log", xlabel="L (events per user, B*L fixed)", ylabel="ms", title=kind)
-        ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0.17, 1, 1))  # room for the shared legend below the panels
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "kernels.png"
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def rows_from_report(path: Path) -> list[Row]:
-    """The Results table of a report written by this script (to plot several runs' pieces together)."""
-    rows = []
-    for line in path.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 6 or not cells[1].isdigit():
-            continue
-        ms = [None if c == "-" else float(c) for c in cells[4:6]]
-        rows.append(Row(cells[0], int(cells[1]), int(cells[2]), cells[3].split(" (")[0], *ms))
-    return rows
+def save(report: Report, s: Setup, args) -> None:
+    if args.out is None:
+        return
+    payload = {"command": args.command, "machine": args.machine, "date": args.date,
+               "setup": {"total": args.total, "heads": s.heads, "dim": s.dim, "chunk": s.chunk, "window": s.window,
+                         "summary_tokens": s.sums, "dtype": str(s.dtype).replace("torch.", ""),
+                         "warmup_ms": args.warmup, "rep_ms": args.rep, "fwd_bwd_flop_factor": FWD_BWD_FACTOR},
+               "matmul": report.matmul, "notes": report.notes, "checks": report.checks,
+               "rows": [asdict(r) for r in report.rows], "sweep": report.sweep, "stages": report.stages}
+    write_outputs(args.out, markdown(report, s, args), payload)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -539,9 +596,6 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--kinds", nargs="+", choices=["uniform", "jagged"], default=["uniform", "jagged"])
-    p.add_argument("--methods", nargs="+", default=["ksa-triton", "ksa-triton-atomic-dq", "sdpa-causal", "flex-ksa",
-                                                      "flex-ksa-kernel",
-                                                      "torch-ref"])
     p.add_argument("--total", type=int, default=65536, help="events per batch (B * L)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
@@ -549,32 +603,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--summary-tokens", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--flex-tiles", nargs="+", choices=[t.name for t in TILE_SETTINGS],
+                   default=[t.name for t in TILE_SETTINGS], help="Flex tile settings of the sweep; the first is "
+                   "timed at every batch")
+    p.add_argument("--flex-sweep-lengths", type=int, nargs="*", default=[16384],
+                   help="uniform L where every Flex tile setting is timed (each costs a compile of its own); "
+                   "none: no sweep")
+    p.add_argument("--reference-max-l", type=int, default=4096, help="longest L the torch reference is timed at")
+    p.add_argument("--matmul-n", type=int, default=8192, help="size of the n x n x n matmul that sets the rate")
+    p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=float, default=100, help="do_bench repetitions, ms")
     p.add_argument("--max-error", type=float, default=5e-2, help="pre-check threshold (bf16 outputs are O(1))")
     p.add_argument("--suites", nargs="+", choices=sorted(SUITES), default=["attention"],
-                   help="what to run (attention: the comparison table; stages: per-kernel profile; sweep: tiles)")
-    p.add_argument("--sweep", action="store_true", help="also time alternative tile configurations")
-    p.add_argument("--quick", action="store_true", help="smoke run: L = 256, 1024; 4,096 events; short timing")
-    p.add_argument("--plot-from", type=Path, nargs="+",
-                   help="only plot the Results tables of these reports (pieces run separately) into --out")
-    p.add_argument("--out", type=Path, default=Path("docs/results"))
+                   help="attention: the comparison; sweep: KSA Triton tiles; stages: per-kernel profile")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run at tiny sizes (CPU: fp32; set TRITON_INTERPRET=1 to include KSA Triton)")
+    p.add_argument("--out", type=Path, help="write OUT.md and OUT.json (e.g. docs/results/raw/kernels-h200-DATE)")
     args = p.parse_args(argv)
-    if args.plot_from:
-        print(f"plot: {plot([r for path in args.plot_from for r in rows_from_report(path)], args.out)}")
-        return
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_kernels.py needs a CUDA device (SDPA flash, compiled Flex, Triton kernels)")
-    if args.quick:
-        args.lengths, args.total, args.warmup, args.rep = [256, 1024], 4096, 5, 20
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        p.set_defaults(lengths=[64, 128], total=256, heads=2, dim=16, window=2, warmup=5, rep=20, matmul_n=256,
+                       reference_max_l=128, flex_sweep_lengths=[64], dtype="bf16" if device.type == "cuda" else "fp32")
+        args = p.parse_args(argv)
+    args.command, args.machine, args.date = command(__file__, argv), machine(device), now()
     s = Setup(args.heads, args.dim, args.chunk, args.window, args.summary_tokens, DTYPES[args.dtype])
-    report = Report()
-    for name in list(dict.fromkeys(args.suites + (["sweep"] if args.sweep else []))):
-        SUITES[name](args, s, report)
-    path = write_report(report, s, args, args.out)
-    png = plot(report.rows, args.out)
-    print("\n".join(["", *table(report.rows), "", *goal_checks(report.rows), "", f"report: {path}",
-                     f"plot: {png}" if png else "plot: -"]))
+    report = Report(matmul=matmul_rate(args, s, device))
+    print(f"matmul {report.matmul['n']}^3: {report.matmul['tflops']:.0f} TFLOP/s", flush=True)
+    for name in dict.fromkeys(args.suites):
+        SUITES[name](args, s, report, device)
+    save(report, s, args)
+    text = markdown(report, s, args)
+    print(text if args.out is None else f"report: {args.out}.md, rows: {args.out}.json")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ How to run (repository root):
     python pipelines/bench_serving.py --out docs/results/serving.md            # CPU here, or the GPU if present
     python pipelines/bench_serving.py --histories 1000 10000 --batch 64 --quick
 
-For each model (hybrid-KSA ``ksa*3,full``, all-KSA ``ksa*4``, full ``full*4``, and the MKA hybrids
-``mka*3,full`` / ``fastmka*3,full`` with MKA.md's defaults; dim 64, 4 heads, k = 8, W = 32 chunks, S = 1)
+For each pattern (``ksa*3,full``, ``ksa*4``, ``full*4``, ``mka*3,full`` and ``fastmka*3,full``, the last
+two with MKA.md's defaults; dim 64, 4 heads, k = 8, W = 32 chunks, S = 1)
 and history length n, each user's per-layer cache holds exactly what the streaming state keeps after n
 events (KSA.md section 7: the ring of the open chunk + W chunks and all n // k summaries for ksa layers;
 all n events for full layers; the fixed-size memories of mka/fastmka layers), filled with random values
@@ -19,24 +19,22 @@ versus a full KV cache (2 * n * dim * layers floats).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 from torchrec import KeyedJaggedTensor
 
-from ksa_rec.data.schema import DataSpec
-from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.modules.config import EncoderConfig
-from ksa_rec.modules.losses import LossConfig
-from ksa_rec.utils.jagged import lengths_to_offsets
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import command, header, machine, median_ms, now, write_outputs  # noqa: E402
 
-MODELS = {"hybrid-KSA": "ksa*3,full", "all-KSA": "ksa*4", "full": "full*4", "hybrid-MKA": "mka*3,full",
-          "hybrid-FastMKA": "fastmka*3,full"}
+from ksa_rec.data.schema import DataSpec  # noqa: E402
+from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
+from ksa_rec.modules.config import EncoderConfig  # noqa: E402
+from ksa_rec.modules.losses import LossConfig  # noqa: E402
+from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
+
+PATTERNS = ("ksa*3,full", "ksa*4", "full*4", "mka*3,full", "fastmka*3,full")  # named by what they compute
 
 
 def user_cache(block, kind: str, n: int, cfg: EncoderConfig, device, dtype) -> dict[str, torch.Tensor]:
@@ -44,7 +42,7 @@ def user_cache(block, kind: str, n: int, cfg: EncoderConfig, device, dtype) -> d
     buffers, sized by the config alone)."""
     k, W, H, Dh = cfg.chunk_size, cfg.window, cfg.num_heads, cfg.dim // cfg.num_heads
     if kind in ("mka", "fastmka"):
-        return block.attn.empty_cache(1, dtype, device).user(0)
+        return block.attn.empty_state(1, dtype, device).user(0)
     if kind == "full":
         idx, sidx = torch.arange(n), torch.zeros(0, dtype=torch.long)
     else:
@@ -69,21 +67,13 @@ def bench(pattern: str, n: int, users: int, repeats: int, device, dtype=torch.fl
     def step():
         tokens, time_part = model.embedding(features)
         model.encoder.step(tokens, offsets, count, time_part, caches)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     with torch.no_grad():
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), state_bytes
+        ms = median_ms(step, warmup=3, reps=repeats, device=device)
+    return ms / 1e3, state_bytes
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--histories", type=int, nargs="+", default=[1000, 10_000, 100_000])
     p.add_argument("--batch", type=int, default=256, help="users per update for the throughput column")
@@ -91,28 +81,25 @@ def main() -> None:
                    help="longest history timed with the full batch (longer: batch-1 only, for memory)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, default=None, help="FILE.md; FILE.json gets the rows")
+    args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     repeats = 3 if args.quick else args.repeats
     rows = []
     for n in args.histories:
-        for name, pattern in MODELS.items():
+        for pattern in PATTERNS:
             latency, state_bytes = bench(pattern, n, 1, repeats, device)
             throughput = None
             if n <= args.max_batch_history:
                 batch_time, _ = bench(pattern, n, args.batch, repeats, device)
                 throughput = args.batch / batch_time
             full_kv = 2 * n * 64 * 4 * 4
-            rows.append((n, name, latency, throughput, state_bytes, full_kv))
-            print(f"n={n:>7} {name:<10} latency {latency * 1e3:8.2f} ms  "
+            rows.append((n, pattern, latency, throughput, state_bytes, full_kv))
+            print(f"n={n:>7} {pattern:<14} latency {latency * 1e3:8.2f} ms  "
                   f"updates/s {throughput or float('nan'):10.0f}  state {state_bytes / 1e6:8.2f} MB "
                   f"(full KV {full_kv / 1e6:.2f} MB)", flush=True)
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    lines = [f"# Streaming state updates: {machine}", "",
-             f"Date: {datetime.date.today()}. Command: `python pipelines/bench_serving.py "
-             f"--histories {' '.join(map(str, args.histories))} --batch {args.batch}"
-             f"{' --quick' if args.quick else ''}`. torch {torch.__version__}, float32.", "",
+    info = machine(device)
+    lines = [*header("Streaming state updates", command(__file__, argv), info, now()), "- dtype: float32", "",
              "One update = one new event per user through embedding + all layers (``SequenceEncoder.step``), "
              "caches sized as a real state after n events (dim 64, 4 heads, 4 layers, k = 8, W = 32, S = 1).", "",
              f"| history n | model | batch-1 latency ms | updates/s (batch {args.batch}) | state bytes/user | "
@@ -124,12 +111,10 @@ def main() -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
         rows_json = [dict(history=n, model=name, latency_ms=latency * 1e3, updates_per_s=throughput,
-                          state_bytes=state_bytes, full_kv_bytes=full_kv, machine=machine)
+                          state_bytes=state_bytes, full_kv_bytes=full_kv, machine=info["device"])
                      for n, name, latency, throughput, state_bytes, full_kv in rows]
-        args.out.with_suffix(".json").write_text(json.dumps(rows_json, indent=2))
+        write_outputs(args.out.with_suffix(""), report, rows_json)
 
 
 if __name__ == "__main__":

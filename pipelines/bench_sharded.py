@@ -29,7 +29,6 @@ The script starts its own processes (torch.multiprocessing, NCCL on CUDA, gloo o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -44,12 +43,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from ksa_rec.data.batch import SequenceBatch, random_training_batch
-from ksa_rec.data.schema import ITEM, DataSpec
-from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.modules.config import EncoderConfig
-from ksa_rec.modules.losses import LossConfig
-from ksa_rec.training.sharding import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import command, header, machine, now, write_outputs  # noqa: E402
+
+from ksa_rec.data.batch import SequenceBatch, random_training_batch  # noqa: E402
+from ksa_rec.data.schema import ITEM, DataSpec  # noqa: E402
+from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
+from ksa_rec.modules.config import EncoderConfig  # noqa: E402
+from ksa_rec.modules.losses import LossConfig  # noqa: E402
+from ksa_rec.training.sharding import (  # noqa: E402
     SHARDING_TYPES,
     EmbeddingOptimConfig,
     ShardingConfig,
@@ -179,10 +181,9 @@ def run(cfg: BenchConfig, world: int, timeout_s: float) -> dict:
         return json.loads(out.read_text())
 
 
-def markdown(cfg: BenchConfig, rows: list[dict], command: str) -> str:
+def markdown(cfg: BenchConfig, rows: list[dict], cmd: str, info: dict, date: str) -> str:
     base = rows[0]["events_per_s"] if rows and rows[0]["processes"] == 1 else None
-    lines = [f"# Sharded training throughput ({datetime.date.today()})", "",
-             f"`{command}`", "",
+    lines = [*header("Sharded training throughput", cmd, info, date), "",
              f"Item table {cfg.num_items:,} x {cfg.dim} ({cfg.sharding}), fused row-wise Adagrad; encoder "
              f"`{cfg.pattern}`, dim {cfg.dim}; {cfg.users} users x {cfg.events} events per process per step, "
              f"{cfg.negatives} uniform negatives; {cfg.steps} timed steps after {cfg.warmup}.", "",
@@ -222,13 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     for world in args.nproc:
         rows.append(run(cfg, world, args.timeout))
         print(f"{world} process(es): {rows[-1]['events_per_s']:,.0f} events/s", flush=True)
-    report = markdown(cfg, rows, "python pipelines/bench_sharded.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                 else argv))
+    info = machine(torch.device("cuda" if cfg.device == "cuda" else "cpu"))
+    report = markdown(cfg, rows, command(__file__, argv), info, now())
     print(report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_sharded.md").write_text(report)
-        (args.out / "bench_sharded.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=2))
+        write_outputs(args.out / "bench_sharded", report, {"config": asdict(cfg), "machine": info, "rows": rows})
     return 0
 
 

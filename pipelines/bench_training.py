@@ -1,63 +1,98 @@
-"""Training throughput per attention kind and history length: events/s of a whole training step.
+"""Training throughput per attention pattern and history length: events/s and peak memory of a whole step.
 
-How to run (repository root):
+How to run (repository root)::
 
-    python pipelines/bench_training.py --out docs/results/raw/training-h100    # GPU: L = 1K, 4K, 16K, 64K
-    python pipelines/bench_training.py --quick                                  # CPU smoke run, seconds
+    python pipelines/bench_training.py --out docs/results/raw/training-h200-DATE   # GPU: dim 64 and dim 256, 1K-64K
+    python pipelines/bench_training.py --configs dim64 --lengths 1024 4096 --kinds full ksa 'ksa*3,full'
+    # old code beside new, in one JSON and one report: the same (new) script, two checkouts of the package
+    PYTHONPATH=/path/to/old-checkout python pipelines/bench_training.py --label old --out OUT
+    PYTHONPATH=$PWD                  python pipelines/bench_training.py --label new --out OUT
+    python pipelines/bench_training.py --quick --out /tmp/training                  # CPU smoke run, seconds
 
-Every model has the same size (dim 64, 4 heads, 4 layers) and sees the same raw span of recent events:
-KSA / SCA windows of W = 32 chunks of k = 8, SWA W*k = 256 events, MKA / FastMKA local windows of 256
-events with blocks of 8 (MKA.md's other defaults). One step = embedding lookup, encoder forward,
-sampled-softmax loss (1,024 uniform negatives, no in-batch ones: those cost tokens^2 and would
-hide the attention, over a 100K-item table), backward and AdamW,
-on a batch of ``--tokens`` events split into users of L events each (so every L does the same number of
-next-item predictions); bf16 autocast on CUDA, float32 on CPU. Timed: the median of ``--steps`` steps
-after ``--warmup``; peak memory is ``torch.cuda.max_memory_allocated``. A model that runs out of memory
-is reported as such. Prints a markdown table; ``--out DIR`` also writes ``training.{md,json}``.
+Configurations (``--configs``): ``dim64`` is today's model (dim 64, 4 heads of 16, 4 layers); ``dim256`` a
+realistic size (dim 256, 8 heads of 32, 8 layers: HSTU-large's width and heads on ML-20M at half its
+depth). Every layer kind sees the same raw span of recent events: KSA / SCA windows of W = 32 chunks of
+k = 8, SWA 256 events, MKA / FastMKA local windows of 256 with blocks of 8 (MKA.md's other defaults).
+Patterns are named by what they compute and repeated to the depth: ``full*4``, ``ksa*3,full``,
+``ksa*4``, ``sca*4``, ``swa*4``, ``mka*3,full``, ``fastmka*3,full`` at 4 layers (``ksa*3,full,ksa*3,full``
+and so on at 8).
+
+One step = TorchRec embedding lookup, encoder forward, sampled-softmax loss (1,024 uniform negatives over
+a 100K-item table, no in-batch ones: those cost tokens^2 and would hide the attention), backward and
+AdamW, on ``--tokens`` events (65,536) split into users of L events (every L makes the same number of
+next-item predictions); bf16 autocast on CUDA, float32 on CPU. Timed: the median wall-clock step of
+``--steps`` steps after ``--warmup`` (GPU synchronised per step); peak memory: the most allocated during the
+timed steps. A model that runs out of memory is a row saying so.
+
+``--out PREFIX`` writes ``PREFIX.json`` and ``PREFIX.md``. Rows carry ``--label`` (and the git commit of the
+imported ``ksa_rec``); a run with a new label adds its rows to an existing ``PREFIX.json`` (a run with the
+same label replaces that label's rows), and the report compares every label with the first one.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
-import statistics
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ksa_rec.data.batch import random_training_batch
-from ksa_rec.data.schema import DataSpec
-from ksa_rec.models.seqrec import SeqRecModel
-from ksa_rec.modules.config import EncoderConfig
-from ksa_rec.modules.losses import LossConfig
-from ksa_rec.modules.mka import MkaConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import command, header, machine, machine_line, median_ms, now, package_commit, sync, write_outputs  # noqa: E402
 
-MODELS = {"full": "full*4", "hybrid-KSA": "ksa*3,full", "all-KSA": "ksa*4", "SCA": "sca*4", "SWA": "swa*4",
-          "hybrid-MKA": "mka*3,full", "hybrid-FastMKA": "fastmka*3,full"}
+from ksa_rec.data.batch import random_training_batch  # noqa: E402
+from ksa_rec.data.schema import DataSpec  # noqa: E402
+from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
+from ksa_rec.modules.config import EncoderConfig  # noqa: E402
+from ksa_rec.modules.losses import LossConfig  # noqa: E402
+from ksa_rec.modules.mka import MkaConfig  # noqa: E402
+
 CHUNK, WINDOW = 8, 32
+NEGATIVES = 1024
+# the unit of each pattern; units with several layers are 4 layers deep and repeat to the depth
+KINDS = ("full", "ksa*3,full", "ksa", "sca", "swa", "mka*3,full", "fastmka*3,full")
 
 
-def model_config(pattern: str) -> EncoderConfig:
-    span = CHUNK * WINDOW
-    return EncoderConfig(dim=64, num_heads=4, pattern=pattern, dropout=0.0, chunk_size=CHUNK, window=WINDOW,
-                         mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK))
+@dataclass(frozen=True)
+class Size:
+    dim: int
+    heads: int
+    layers: int
 
 
-def bench(pattern: str, length: int, tokens: int, warmup: int, steps: int, device: torch.device) -> dict:
-    """One (model, L) measurement: median step seconds, events/s and peak GPU memory."""
+CONFIGS = {"dim64": Size(64, 4, 4), "dim256": Size(256, 8, 8)}
+
+HSTU_REFERENCE = """\
+Reference, not measured here: HSTU's published training shapes (the HSTU-large configs of
+facebookresearch/generative-recommenders, paper arXiv 2402.17152): ML-1M: 200 events x 128 users per step
+(25,600 events), 8 blocks, 2 heads, d 50 (dqk = dv = 25), 128 sampled negatives; ML-20M: 200 x 128,
+16 blocks, 8 heads, d 256 (dqk = dv = 32), 128 negatives; Amazon Books: 50 x 128, 16 blocks, 8 heads,
+d 64 (dqk = dv = 8), 512 negatives. The paper's efficiency comparison runs at sequence lengths up to 8,192
+(5.3-15.2x over FlashAttention2-based Transformers, BENCHMARKS.md section 4). `dim256` has ML-20M's width
+and heads at half its depth; its histories (1K-64K events) are 5-330x longer than those public shapes."""
+
+
+def pattern(unit: str, layers: int) -> str:
+    """``"ksa"`` -> ``"ksa*8"``; ``"ksa*3,full"`` (4 layers) -> repeated to ``layers``."""
+    return ",".join([unit] * (layers // 4)) if "," in unit else f"{unit}*{layers}"
+
+
+def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: int, num_items: int,
+          device: torch.device) -> dict:
+    """One (configuration, pattern, L) measurement."""
     torch.manual_seed(0)
-    model = SeqRecModel(model_config(pattern), LossConfig(kind="sampled", num_uniform_negatives=1024, in_batch_negatives=False),
-                        DataSpec(num_items=100_000)).to(device)
+    span = CHUNK * WINDOW
+    cfg = EncoderConfig(dim=size.dim, num_heads=size.heads, pattern=pat, dropout=0.0, chunk_size=CHUNK, window=WINDOW,
+                        mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK))
+    model = SeqRecModel(cfg, LossConfig(kind="sampled", num_uniform_negatives=NEGATIVES, in_batch_negatives=False),
+                        DataSpec(num_items=num_items)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batch = random_training_batch(max(1, tokens // length), length, 100_000,
-                                  torch.Generator().manual_seed(1)).to(device)
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    users = max(1, tokens // length)
+    batch = random_training_batch(users, length, num_items, torch.Generator().manual_seed(1)).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def step() -> None:
         with autocast:
@@ -65,76 +100,155 @@ def bench(pattern: str, length: int, tokens: int, warmup: int, steps: int, devic
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
 
     for _ in range(warmup):
         step()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    events = batch.offsets[-1].item()
-    return {"step_ms": 1e3 * seconds, "events_per_s": events / seconds,
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = median_ms(step, warmup=0, reps=steps, device=device)
+    events = users * length
+    return {"users": users, "events": events, "step_ms": ms, "events_per_s": events / (ms * 1e-3),
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def run(args, device: torch.device, label: str, commit: str | None) -> list[dict]:
+    rows = []
+    for name in args.configs:
+        size = CONFIGS[name]
+        for length in args.lengths:
+            for unit in args.kinds:
+                pat = pattern(unit, size.layers)
+                row = {"label": label, "commit": commit, "config": name, "dim": size.dim, "heads": size.heads,
+                       "layers": size.layers, "pattern": pat, "length": length, "status": "ok"}
+                try:
+                    row |= bench(size, pat, length, args.tokens, args.warmup, args.steps, args.num_items, device)
+                except torch.OutOfMemoryError:
+                    row["status"] = "out of memory"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+def _rate(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if r.get("events_per_s") is None:
+        return r["status"]
+    rate = r["events_per_s"]
+    return f"{rate / 1e6:.2f} M/s" if rate >= 1e5 else f"{rate:,.0f} /s"
+
+
+def config_tables(rows: list[dict], config: str, labels: list[str]) -> list[str]:
+    mine = [r for r in rows if r["config"] == config]
+    pats = list(dict.fromkeys(r["pattern"] for r in mine))
+    lengths = list(dict.fromkeys(r["length"] for r in mine))
+    first = mine[0]
+    full = pattern("full", first["layers"])
+    out = [f"## {config}: dim {first['dim']}, {first['heads']} heads, {first['layers']} layers", ""]
+
+    def get(label, length, pat):
+        return next((r for r in mine if r["label"] == label and r["length"] == length and r["pattern"] == pat), None)
+
+    labels = [label for label in labels if any(r["label"] == label for r in mine)]
+
+    for label in labels:
+        out += [f"### events/s, label `{label}` (in brackets: / `{full}` at the same L, same label; for `{full}`: "
+                "the step ms)", "", "| L (events per user) | " + " | ".join(f"`{p}`" for p in pats) + " |",
+                "|---|" + "---|" * len(pats)]
+        for length in lengths:
+            base = get(label, length, full)
+            cells = []
+            for p in pats:
+                r = get(label, length, p)
+                extra = ""
+                if r is not None and r.get("events_per_s"):
+                    extra = (f" ({r['step_ms']:.1f} ms)" if p == full else
+                             f" ({r['events_per_s'] / base['events_per_s']:.2f}x)" if base and base.get("events_per_s")
+                             else "")
+                cells.append(_rate(r) + extra)
+            out.append(f"| {length:,} | " + " | ".join(cells) + " |")
+        out += ["", f"### peak GPU memory, GiB, label `{label}`", "",
+                "| L | " + " | ".join(f"`{p}`" for p in pats) + " |", "|---|" + "---|" * len(pats)]
+        for length in lengths:
+            peaks = [(get(label, length, p) or {}).get("peak_gib") for p in pats]
+            cells = ["-" if peak is None else f"{peak:.2f}" for peak in peaks]
+            out.append(f"| {length:,} | " + " | ".join(cells) + " |")
+        out.append("")
+    for label in labels[1:]:
+        out += [f"### `{label}` / `{labels[0]}`: events/s ratio (same configuration, pattern and L)", "",
+                "| L | " + " | ".join(f"`{p}`" for p in pats) + " |", "|---|" + "---|" * len(pats)]
+        for length in lengths:
+            cells = []
+            for p in pats:
+                new, old = get(label, length, p), get(labels[0], length, p)
+                ok = new and old and new.get("events_per_s") and old.get("events_per_s")
+                cells.append(f"{new['events_per_s'] / old['events_per_s']:.2f}x" if ok else "-")
+            out.append(f"| {length:,} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def markdown(payload: dict) -> str:
+    rows, runs = payload["rows"], payload["runs"]
+    labels = list(runs)
+    last = runs[labels[-1]]
+    lines = header("Training throughput by attention pattern and history length", last["command"],
+                   last["machine"], last["date"])
+    for label, run_info in runs.items():
+        lines.append(f"- label `{label}`: ksa_rec commit {run_info['commit'] or 'unknown'}; "
+                     f"`{run_info['command']}` on {machine_line(run_info['machine'])}, {run_info['date']}")
+    lines += [f"- one step: embedding lookup, encoder, sampled softmax ({NEGATIVES} uniform negatives), backward, "
+              f"AdamW; {last['tokens']:,} events per step split into users of L events; k = {CHUNK}, "
+              f"W = {WINDOW} chunks (a raw span of {CHUNK * WINDOW} events for every bounded kind); median of "
+              f"{last['steps']} steps after {last['warmup']}", "", HSTU_REFERENCE, ""]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        lines += config_tables(rows, config, labels)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="pattern units, repeated to each configuration's depth")
     parser.add_argument("--tokens", type=int, default=65_536, help="events per step")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized: L = 256, 512, 2,048 events per step")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--num-items", type=int, default=100_000)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--label", default="this", help="names this run's rows (old code beside new)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: L = 64, 128; 256 events per step; 1 step")
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md (rows of other labels are kept)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.lengths, args.tokens, args.warmup, args.steps = [256, 512], 2048, 1, 3
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(lengths=[64, 128], tokens=256, warmup=1, steps=1, num_items=1000)
+        args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
-    for length in args.lengths:
-        for name in args.models:
-            try:
-                row = bench(MODELS[name], length, args.tokens, args.warmup, args.steps, device)
-            except torch.OutOfMemoryError:
-                row = {"step_ms": None, "events_per_s": None, "peak_gb": None, "oom": True}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows.append({"model": name, "pattern": MODELS[name], "length": length, **row})
-            print(json.dumps(rows[-1]), flush=True)
-    machine = (torch.cuda.get_device_name() if device.type == "cuda"
-               else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
-    command = "python pipelines/bench_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = markdown(rows, machine, command, args.tokens)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "training.md").write_text(report)
-        (args.out / "training.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens,
-                                                            "torch": torch.__version__, "rows": rows}, indent=2))
+    commit = package_commit()
+    run_info = {"command": command(__file__, argv), "machine": machine(device), "date": now(), "commit": commit,
+                "tokens": args.tokens, "warmup": args.warmup, "steps": args.steps}
+    payload = {"runs": {}, "rows": []}
+    if args.out is not None and (path := args.out.with_name(args.out.name + ".json")).exists():
+        payload = json.loads(path.read_text())  # keep the other labels' rows
+        others = {k: v for k, v in payload["runs"].items() if k != args.label}
+        if any(v["tokens"] != args.tokens for v in others.values()):
+            parser.error(f"{path} holds runs with another --tokens: labels are compared at the same step size")
+    rows = run(args, device, args.label, commit)
+    payload["runs"] = {**{k: v for k, v in payload["runs"].items() if k != args.label}, args.label: run_info}
+    payload["rows"] = [r for r in payload["rows"] if r["label"] != args.label] + rows
+    report = markdown(payload)
+    if args.out is None:
+        print(report)
+    else:
+        md, js = write_outputs(args.out, report, payload)
+        print(f"report: {md}, rows: {js}")
     return 0
-
-
-def markdown(rows: list[dict], machine: str, command: str, tokens: int) -> str:
-    base = {r["length"]: r["events_per_s"] for r in rows if r["model"] == "full" and r["events_per_s"]}
-    lines = [f"# Training throughput: {machine} ({datetime.date.today()})", "", f"`{command}`", "",
-             f"{tokens:,} events per step; dim 64, 4 heads, 4 layers; k = {CHUNK}, W = {WINDOW} chunks "
-             f"(span {CHUNK * WINDOW} events for every bounded kind); torch {torch.__version__}.", "",
-             "| L (events per user) | model | step ms | events/s | vs full | peak GPU GB |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("oom"):
-            lines.append(f"| {r['length']:,} | {r['model']} | out of memory | - | - | - |")
-            continue
-        ratio = f"{r['events_per_s'] / base[r['length']]:.2f}x" if r["length"] in base else "-"
-        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
-        lines.append(f"| {r['length']:,} | {r['model']} | {r['step_ms']:.1f} | {r['events_per_s']:,.0f} | "
-                     f"{ratio} | {peak} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

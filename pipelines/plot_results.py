@@ -12,8 +12,9 @@ How to run (repository root):
 
 Writes ``quality-by-distance.png`` (HR@10 per model by distance of the long-range evidence),
 ``quality-by-history.png`` (HR@10 per attention kind by the user's history length, mean over seeds),
-``state-bytes.png`` (bytes of streaming state per user vs history length, per model) and
-``training-speed.png`` (training events/s vs history length, per model).
+``state-bytes.png`` (bytes of streaming state per user vs history length, per model),
+``training-speed.png`` (training events/s vs history length, per pattern; ``bench_training.py`` JSON) and
+``kernels.png`` (attention ms vs L per method; ``--kernels`` takes one or more ``bench_kernels.py`` JSON).
 """
 
 from __future__ import annotations
@@ -123,16 +124,58 @@ def state_bytes(rows: list[dict], out: Path) -> Path:
 
 
 def training_speed(report: dict, out: Path) -> Path:
-    """Events/s of a whole training step vs events per user, per model (``bench_training.py`` JSON)."""
+    """Events/s of a whole training step vs events per user, one panel per configuration and label, one
+    line per pattern (``bench_training.py`` JSON; the older one-configuration JSON too)."""
     rows = [r for r in report["rows"] if r.get("events_per_s")]
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["length"])
-        ax.loglog([r["length"] for r in mine], [r["events_per_s"] for r in mine], marker="o", label=model)
-    ax.set(xlabel="history length per user (events)", ylabel="training events / s",
-           title=f"Training throughput, {report['machine']} ({report['tokens']:,} events per step)")
-    ax.legend(fontsize=8)
+    panels = list(dict.fromkeys((r.get("config", "dim64"), r.get("label", "")) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), constrained_layout=True, squeeze=False)
+    for ax, (config, label) in zip(axes[0], panels):
+        mine = [r for r in rows if r.get("config", "dim64") == config and r.get("label", "") == label]
+        for name in dict.fromkeys(r.get("pattern", r.get("model")) for r in mine):
+            line = sorted((r for r in mine if r.get("pattern", r.get("model")) == name), key=lambda r: r["length"])
+            ax.loglog([r["length"] for r in line], [r["events_per_s"] for r in line], marker="o", label=name)
+        ax.set(xlabel="history length per user (events)", ylabel="training events / s",
+               title=f"{config}{' ' + label if label else ''}: {_training_machine(report, label)}")
+        ax.legend(fontsize=8)
     path = out / "training-speed.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _training_machine(report: dict, label: str) -> str:
+    if "runs" in report:
+        run = report["runs"][label]
+        return f"{run['machine']['device']}, {run['tokens']:,} events per step"
+    return f"{report['machine']}, {report['tokens']:,} events per step"
+
+
+def kernels(reports: list[dict], out: Path) -> Path:
+    """ms vs L, log-log, one panel per batch kind (solid: forward+backward, dashed: forward), from one or
+    more ``bench_kernels.py`` JSON files (runs made in pieces plot together)."""
+    rows = [r for report in reports for r in report["rows"] if r["fwd_ms"] is not None or r["fwd_bwd_ms"] is not None]
+    kinds = sorted({r["kind"] for r in rows}, key=lambda kind: kind != "uniform")
+
+    def name(r: dict) -> str:
+        return f"{r['method']} [{r['setting']}]" if r["setting"] else r["method"]
+
+    methods = list(dict.fromkeys(name(r) for r in rows))
+    colors = plt.get_cmap("tab20").colors  # one color per method, in every panel
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for i, method in enumerate(methods):
+            pts = sorted((r for r in rows if r["kind"] == kind and name(r) == method), key=lambda r: r["L"])
+            for key, style in (("fwd_bwd_ms", "-o"), ("fwd_ms", "--x")):
+                xy = [(r["L"], r[key]) for r in pts if r[key] is not None]
+                if xy:
+                    ax.plot(*zip(*xy), style, color=colors[i % len(colors)],
+                            label=f"{method} {'fwd+bwd' if key == 'fwd_bwd_ms' else 'fwd'}")
+        ax.set(xscale="log", yscale="log", xlabel="L (events per user, B*L fixed)", ylabel="ms", title=kind)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.3, 1, 1))  # room for the shared legend below the panels
+    path = out / "kernels.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -143,10 +186,12 @@ def main() -> None:
     p.add_argument("--long-range", type=Path)
     p.add_argument("--serving", type=Path)
     p.add_argument("--training", type=Path)
+    p.add_argument("--kernels", type=Path, nargs="+", help="bench_kernels.py JSON file(s), plotted together")
     p.add_argument("--history", nargs="+", metavar="TITLE=RESULTS_JSON",
                    help="kinds-study results (quality.py) to plot by history length, one panel each")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.history:
         studies = {title: json.loads(Path(path).read_text())
                    for title, _, path in (h.partition("=") for h in args.history)}
@@ -157,6 +202,8 @@ def main() -> None:
         print(state_bytes(json.loads(args.serving.read_text()), args.out))
     if args.training:
         print(training_speed(json.loads(args.training.read_text()), args.out))
+    if args.kernels:
+        print(kernels([json.loads(path.read_text()) for path in args.kernels], args.out))
 
 
 if __name__ == "__main__":

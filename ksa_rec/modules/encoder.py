@@ -122,7 +122,9 @@ class SequenceEncoder(nn.Module):
             k, S = self.cfg.chunk_size, self.cfg.summary_tokens
             user, chunk, slot = summary_index(offsets, k, S)
             # chunk numbers count from each user's first event in the batch (a chunk boundary)
-            slices = tokens[offsets[user][:, None] + self.slice_positions(chunk, slot)] if self.keeps_open_chunk else None
+            slices = None
+            if self.keeps_open_chunk:
+                slices = tokens[offsets[user][:, None] + self.slice_positions(chunk, slot)]
             xs = self.summary_inputs(slot, offsets[user] + chunk * k + k - 1, time_part, slices)
             # A summary takes the position of an event of its chunk: the rotary tables are that event's.
             rows = offsets[user] + summary_position(chunk, slot, k, S)
@@ -170,7 +172,8 @@ class SequenceEncoder(nn.Module):
         seg = segment_ids(offsets, n)
         positions = event_count[seg] + torch.arange(n, device=tokens.device) - offsets[seg]
         next_index = event_count + offsets[1:] - offsets[:-1]
-        block_states, open_chunk = states[:len(self.blocks)], states[len(self.blocks)] if self.keeps_open_chunk else None
+        block_states = states[:len(self.blocks)]
+        open_chunk = states[len(self.blocks)] if self.keeps_open_chunk else None
         inputs = open_chunk.with_new(tokens, offsets, event_count) if open_chunk is not None else None
         x, stream_positions = tokens, positions
         sum_ids, sum_offsets = positions[:0], torch.zeros_like(offsets)

@@ -66,7 +66,7 @@ class KsaTritonConfig:
 
 def default_config(head_dim: int, dtype: torch.dtype) -> KsaTritonConfig:
     """Tiles per head dim and dtype (TRITON.md section 6). D <= 64, fp16/bf16: the fastest of the
-    ``pipelines/bench_kernels.py --sweep`` on an H100 (64-row tiles, 4 warps: 2-3 programs per SM).
+    ``pipelines/bench_kernels.py --suites sweep`` on an H100 (64-row tiles, 4 warps: 2-3 programs per SM).
     D = 128: 128-row tiles with 32-key steps (64-row tiles spill in dK/dV there). fp32 (tests,
     debugging) runs its matmuls as 3xTF32 with small tiles so that the fp32 tiles fit in shared memory."""
     if dtype == torch.float32:

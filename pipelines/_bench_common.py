@@ -1,0 +1,144 @@
+"""What every benchmark script shares: timing, the machine, the command line, writing ``.md`` + ``.json``.
+
+How to run: this is not a script. ``pipelines/bench_*.py`` import it (``from _bench_common import ...``;
+running ``python pipelines/bench_x.py`` puts ``pipelines/`` on ``sys.path``).
+
+Timing has two tools because two kinds of thing are timed:
+
+- ``median_ms``: wall-clock median of whole calls after warm-up calls, synchronising the GPU after each
+  call. For steps whose host work is part of the cost (a training step, a streaming update).
+- ``kernel_ms``: device time of one op. On CUDA it is ``triton.testing.do_bench`` (median, L2 flushed
+  between calls, ``grad_to_none`` leaves reset); elsewhere (CPU smoke runs) it is one wall-clock
+  call, which only shows that the code runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], *, warmup: int, reps: int, device: torch.device) -> float:
+    """Median wall-clock ms of ``reps`` calls of ``fn`` after ``warmup`` calls (GPU synchronised per call)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def kernel_ms(fn: Callable[[], object], *, device: torch.device, warmup_ms: float, rep_ms: float,
+              grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median device ms of ``fn`` (``do_bench`` on CUDA; one wall-clock call elsewhere)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+
+    def call():
+        for leaf in grad_to_none or ():
+            leaf.grad = None
+        fn()
+
+    return median_ms(call, warmup=0, reps=1, device=device)
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory of one call of ``fn`` above what was allocated before it (CUDA only, else None)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def machine(device: torch.device) -> dict:
+    """What ran the benchmark: device name and the versions that decide kernel choices."""
+    info = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    if device.type == "cuda":
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def machine_line(info: dict) -> str:
+    extra = ", ".join(f"{key} {info[key]}" for key in ("torch", "cuda", "cudnn", "triton", "python") if info.get(key))
+    return f"{info['device']} ({extra})"
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that reproduces this run, from the repository root."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", f"pipelines/{Path(script).name}", *args])
+
+
+def package_commit() -> str | None:
+    """Git commit of the ``ksa_rec`` checkout that was imported (None outside a git checkout): which code
+    a row measured when two checkouts are run side by side."""
+    import ksa_rec
+
+    root = Path(ksa_rec.__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    # an exported tree inside another checkout (no .git of its own) must not report the outer one's commit
+    return lines[1] if len(lines) == 2 and Path(lines[0]).resolve() == root else None
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="minutes")
+
+
+def header(title: str, cmd: str, info: dict, date: str) -> list[str]:
+    return [f"# {title}", "", f"- command: `{cmd}`", f"- machine: {machine_line(info)}", f"- date: {date}"]
+
+
+def write_outputs(prefix: Path, markdown: str, payload: dict) -> tuple[Path, Path]:
+    """``prefix.md`` (the report) and ``prefix.json`` (every row as measured); folders are created."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    md, js = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".json")
+    md.write_text(markdown)
+    tmp = js.with_name(js.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(js)  # a run killed mid-write leaves the previous JSON whole
+    return md, js
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"

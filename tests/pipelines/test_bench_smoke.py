@@ -1,0 +1,103 @@
+"""The benchmark scripts' smoke modes run on CPU and write their reports (pipelines/bench_*.py), and the
+per-user Flex-KSA mask the kernel benchmark times computes the KSA rule."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str, env: dict | None = None) -> None:
+    subprocess.run([sys.executable, str(ROOT / "pipelines" / script), *args], cwd=ROOT, check=True, timeout=600,
+                   env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def flex_ksa(load_pipeline):
+    return load_pipeline("_flex_ksa")
+
+
+@pytest.mark.parametrize("lengths,window,sums", [((24, 24, 24), 1, 1), ((19, 3, 40, 8), 2, 2), ((17,), None, 1)])
+def test_per_user_flex_mask_is_the_ksa_rule(flex_ksa, lengths, window, sums):
+    from ksa_rec.ops.ksa.dense import ksa_dense
+    from ksa_rec.ops.ksa.layout import summary_offsets
+    from ksa_rec.utils.jagged import lengths_to_offsets
+
+    gen = torch.Generator().manual_seed(0)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    T, Ts = int(offsets[-1]), int(summary_offsets(offsets, 4, sums)[-1])
+    ev = [torch.randn(T, 2, 8, generator=gen) for _ in range(3)]
+    sm = [torch.randn(Ts, 2, 8, generator=gen) for _ in range(3)]
+    want = ksa_dense(*ev, *sm, offsets, chunk_size=4, window=window, summary_tokens=sums)  # the oracle
+    layout = flex_ksa.PerUserLayout(tuple(lengths), 4, sums)
+    for block in (128, 64):
+        mask = flex_ksa.per_user_block_mask(layout, window, block, torch.device("cpu"))
+        packed = [flex_ksa.pack_per_user(e, s, layout) for e, s in zip(ev, sm)]
+        out = flex_ksa.flex(torch.device("cpu"))(*packed, block_mask=mask, scale=8 ** -0.5)
+        for got, ref in zip(flex_ksa.unpack_per_user(out, layout), want):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_kernels_smoke(tmp_path):
+    _run("bench_kernels.py", "--quick", "--lengths", "64", "--flex-tiles", "default", "mask 64, fwd 64x64, bwd 64x64",
+         "--out", str(tmp_path / "kernels"), env={"TRITON_INTERPRET": "1"})
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    rows = {(r["kind"], r["method"], r["setting"]): r for r in report["rows"]}
+    assert {kind for kind, _, _ in rows} == {"uniform", "jagged"}
+    assert rows[("uniform", "ksa-triton", "")]["fwd_bwd_ms"] > 0
+    assert rows[("uniform", "sdpa default", "")]["fwd_bwd_ms"] > 0
+    assert rows[("uniform", "flex-ksa per-user", "mask 64, fwd 64x64, bwd 64x64")]["fwd_ms"] > 0
+    assert rows[("jagged", "ksa torch reference", "")]["fwd_ms"] > 0
+    # on CPU the cuDNN backend refuses: a row that says so, not a missing row
+    assert rows[("uniform", "sdpa cudnn", "")]["status"].startswith("refused")
+    assert report["matmul"]["tflops"] > 0 and report["command"].startswith("python pipelines/bench_kernels.py")
+    md = (tmp_path / "kernels.md").read_text()
+    assert "KSA Triton speed-up vs dense fastest" in md and "## Correctness pre-check" in md
+    _run("plot_results.py", "--kernels", str(tmp_path / "kernels.json"), "--out", str(tmp_path))
+    assert (tmp_path / "kernels.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_training_smoke_merges_labels(tmp_path):
+    out = str(tmp_path / "training")
+    common = ["--quick", "--configs", "dim64", "--lengths", "64", "--kinds", "full", "ksa*3,full", "--out", out]
+    _run("bench_training.py", *common, "--label", "old")
+    _run("bench_training.py", *common, "--label", "new")
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert list(report["runs"]) == ["old", "new"]
+    assert sorted((r["label"], r["pattern"]) for r in report["rows"]) == [
+        ("new", "full*4"), ("new", "ksa*3,full"), ("old", "full*4"), ("old", "ksa*3,full")]
+    assert all(r["events_per_s"] > 0 for r in report["rows"])
+    md = (tmp_path / "training.md").read_text()
+    assert "`new` / `old`: events/s ratio" in md and "HSTU" in md and "hybrid" not in md
+
+
+@pytest.fixture(scope="module")
+def kernels(load_pipeline):
+    return load_pipeline("bench_kernels")
+
+
+def test_ratios_divide_by_the_fastest_baseline_and_name_it(kernels):
+    def row(method, group, ms, setting="", status="ok"):
+        return kernels.Row("uniform", 16384, 4, method, group, setting, status, fwd_ms=ms and ms / 3, fwd_bwd_ms=ms,
+                           ksa_flops_fwd=1e12 / 3.5)
+
+    rows = [row("sdpa default", "dense", 8.0), row("sdpa flash", "dense", 12.0),
+            row("sdpa cudnn", "dense", None, status="refused: no kernel"),
+            row("flex-ksa per-user", "flex-ksa", 5.0, "default"),
+            row("flex-ksa per-user", "flex-ksa", 4.0, "fwd 128x64"), row("ksa-triton", "ksa", 2.0)]
+    matmul = {"tflops": 1000.0, "dtype": "bfloat16", "n": 8192, "ms": 1.0}
+    goals = "\n".join(kernels.goal_checks(rows, matmul))
+    assert "4.00x dense fastest (sdpa default, 8.000 ms); goal >= 4.0x: met" in goals
+    assert "2.00x Flex-KSA fastest (flex-ksa per-user [fwd 128x64], 4.000 ms); goal >= 2.0x: met" in goals
+    assert "at 50% of the bf16 matmul rate" in goals  # 1e12 FLOPs in 2 ms = 500 TFLOP/s of 1000
+    summary = "\n".join(kernels.summary_table(rows, "uniform", matmul, "fwd+bwd", "fwd_bwd_ms", 3.5))
+    assert "| 16384 | 4 | 8.000 (sdpa default) | 4.000 (flex-ksa per-user [fwd 128x64]) | 2.000 | 4.00x" in summary
+    assert "refused: no kernel" in "\n".join(kernels.full_table(rows, "uniform", matmul))
