@@ -86,7 +86,7 @@ def per_user_mask_mod(layout: PerUserLayout, window: int | None, device: torch.d
     """``mask_mod(b, h, q, kv)``: the package's ``KsaRule`` on the per-user layout. A row's stream and
     identity (event index, or summary id) follow from its index, so no per-token metadata is gathered."""
     L = layout.max_len
-    rule = KsaRule(layout.chunk, window, layout.sums)
+    rule = KsaRule(layout.chunk, window, layout.sums).with_tensor_numbers(device)
     lengths = None if layout.uniform else torch.tensor(layout.lengths, device=device)
 
     def mask_mod(b, h, q, kv):

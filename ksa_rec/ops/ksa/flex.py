@@ -106,6 +106,7 @@ def token_metadata(offsets: Tensor, chunk_size: int, summary_tokens: int,
 def ksa_mask_mod(tokens: Tokens, rule: KsaRule):
     """``mask_mod(b, h, q_idx, kv_idx) -> bool``: ``rule`` on two packed tokens of the same user."""
     user, kind, ident = tokens.user, tokens.kind, tokens.ident
+    rule = rule.with_tensor_numbers(ident.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (user[q_idx] == user[kv_idx]) & rule.visible(ident[q_idx], kind[q_idx], ident[kv_idx], kind[kv_idx])

@@ -58,6 +58,21 @@ class KsaRule:
         if self.unit != self.chunk_size and self.max_summaries != 0:
             raise ValueError(f"{op}: a window of window_unit={self.unit} events does not end at chunk "
                              "boundaries, so its events cannot see summaries: set max_summaries=0")
+        object.__setattr__(self, "_n", _Numbers(self.chunk_size, self.window, self.summary_tokens,
+                                                max(self.summary_tokens, 1), self.max_summaries, self.unit))
+
+    def with_tensor_numbers(self, device) -> KsaRule:
+        """The same rule computing with its integers as 0-d int tensors on ``device``: for mask functions
+        that a compiler traces (FlexAttention's block mask), where Python integers may turn symbolic and a
+        vmapped floor division by a symbolic integer fails. Structure (None windows) stays Python."""
+        twin = KsaRule(self.chunk_size, self.window, self.summary_tokens, self.max_summaries, self.window_unit)
+        n = self._n
+
+        def tensor(value):
+            return None if value is None else torch.tensor(value, dtype=torch.int32, device=device)
+
+        object.__setattr__(twin, "_n", _Numbers(*(tensor(v) for v in (n.k, n.W, n.S, n.S1, n.M, n.u))))
+        return twin
 
     @property
     def unit(self) -> int:
@@ -77,26 +92,28 @@ class KsaRule:
         """Event keys seen by event query ``i``: its window, causally."""
         if self.window is None:
             return _zeros_like(i), i + 1
-        u = self.unit
-        return _clamp0(i // u - self.window) * u, i + 1
+        n = self._n
+        return _clamp0(i // n.u - n.W) * n.u, i + 1
 
     def event_query_summaries(self, i: Index) -> tuple[Index, Index]:
         """Summary ids seen by event query ``i``: chunks ``c(i)-W-M <= c < c(i)-W``."""
         if not self.events_see_summaries:
             return _zeros_like(i), _zeros_like(i)
-        c, S = i // self.chunk_size, self.summary_tokens
-        lo = 0 if self.max_summaries is None else _clamp0(c - self.window - self.max_summaries) * S
-        return lo + _zeros_like(i), _clamp0(c - self.window) * S
+        n = self._n
+        c = i // n.k
+        lo = 0 if self.max_summaries is None else _clamp0(c - n.W - n.M) * n.S
+        return lo + _zeros_like(i), _clamp0(c - n.W) * n.S
 
     def summary_query_events(self, r: Index) -> tuple[Index, Index]:
         """Event keys seen by summary query ``r``: the k events of its chunk."""
-        first = r // max(self.summary_tokens, 1) * self.chunk_size
-        return first, first + self.chunk_size
+        n = self._n
+        first = r // n.S1 * n.k
+        return first, first + n.k
 
     def summary_query_summaries(self, r: Index) -> tuple[Index, Index]:
         """Summary ids seen by summary query ``r = (c, j)``: slots ``j' <= j`` of chunk c."""
-        S = max(self.summary_tokens, 1)
-        return r // S * S, r + 1
+        n = self._n
+        return r // n.S1 * n.S1, r + 1
 
     def visible(self, q_index: Tensor, q_is_summary: Tensor, k_index: Tensor, k_is_summary: Tensor) -> Tensor:
         """Element-wise (broadcast): whether the query ``(q_index, q_is_summary)`` sees the key
@@ -127,6 +144,19 @@ class KsaRule:
             return None
         lo, _ = self.event_query_summaries(n)
         return lo
+
+
+@dataclass(frozen=True)
+class _Numbers:
+    """The integers the intervals compute with: Python ints, or 0-d tensors (``with_tensor_numbers``)."""
+
+    k: Index
+    W: Index | None
+    S: Index
+    S1: Index
+    """``max(S, 1)``: a summary query's chunk is its id divided by this."""
+    M: Index | None
+    u: Index
 
 
 def _clamp0(x: Index) -> Index:
