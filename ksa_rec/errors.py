@@ -38,3 +38,8 @@ class StateError(KsaRecError, ValueError):
 
 class CheckpointError(KsaRecError, ValueError):
     """A checkpoint that cannot be used (corrupt, missing keys, incompatible version)."""
+
+
+class ConfigError(KsaRecError, ValueError):
+    """A configuration value or command-line option that cannot be used (unknown key, wrong type, out of
+    range, missing file). ``ksa-rec`` exits with status 2 on it, like a usage error."""
