@@ -167,11 +167,11 @@ class RecCLI(LightningCLI):
         """metrics.json: every metric of the last validation/test pass with 95% CIs and target counts, which
         checkpoint was scored (or why none), and after fit how many epochs ran and why training stopped;
         then the summary on the console."""
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics.json"  # collective: all ranks
         if not self.trainer.is_global_zero:
             return  # several processes (sharded training) hold the same synced metrics: one writes them
         results = {"checkpoint": checkpoint, **({"checkpoint_reason": NO_BEST_CHECKPOINT[reason]} if reason else {}),
                    **({"fit": fit} if fit else {}), **self.model.last_metrics}
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print_results(self.subcommand, results, out, buckets=self.config[self.subcommand]["print_buckets"])
