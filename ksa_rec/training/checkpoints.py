@@ -41,7 +41,7 @@ def read_checkpoint(location: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         what = "an empty file" if path.stat().st_size == 0 else "not a torch.save archive"
-        raise CheckpointError(f"{path}: not a checkpoint ({what})")
+        raise CheckpointError(f"{path}: not a readable checkpoint ({what})")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:

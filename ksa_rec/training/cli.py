@@ -63,6 +63,8 @@ TRAINER_DEFAULTS = {"default_root_dir": DEFAULT_ROOT_DIR, "callbacks": [DropSani
 
 
 class RecCLI(LightningCLI):
+    """LightningCLI for :class:`RecModule` and :class:`RecDataModule` with ksa_rec's defaults, checks and summary."""
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # Not options: every checkpoint load is weights-only, and print_results replaces Lightning's table.

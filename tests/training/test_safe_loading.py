@@ -110,7 +110,7 @@ def test_an_empty_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, events, 
     path.write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert main(_command(command, str(path), tmp_path, events)) == 1
-    assert _one_error_line(capsys, command).endswith(f"{path}: not a checkpoint (an empty file)")
+    assert _one_error_line(capsys, command).endswith(f"{path}: not a readable checkpoint (an empty file)")
 
 
 @pytest.fixture(scope="module")
