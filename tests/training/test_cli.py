@@ -138,8 +138,8 @@ def _fit(tmp_path: Path, *args: str) -> list[str]:
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--data.format", "xlsx"], "data.format: expected one of auto, parquet, csv, jsonl, ml-100k, ml-dat, ml-csv, "
-                                "sasrec, got 'xlsx'"),
+    (["--data.format", "xlsx"], ("data.format: expected one of auto, parquet, csv, jsonl, ml-100k, ml-dat, ml-csv, "
+                                 "sasrec, got 'xlsx'")),
     (["--model.encoder.pattern", "full,bogus"], "pattern 'full,bogus': unknown attention kind 'bogus'"),
     (["--data.synthetic", "null"], "data: set data.path (an interaction log) or data.synthetic (the generator)"),
     (["--data.max_len", "abc"], "data.max_len: expected int, got 'abc'"),
@@ -258,7 +258,7 @@ def test_fit_ends_with_a_headline_table(fitted):
 
 @pytest.mark.slow
 def test_test_rescores_a_fit_checkpoint_and_prints_buckets_on_request(fitted, capsys):
-    work, root, _, results = fitted
+    work, _, _, results = fitted
     with contextlib.chdir(work):
         assert main(["test", "--config", SMOKE, "--data.cache_dir", str(work / "cache"), "--ckpt_path",
                      results["checkpoint"], "--trainer.default_root_dir", str(work / "again"),

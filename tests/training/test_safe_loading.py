@@ -45,7 +45,7 @@ def served(payload):
     requests: list[str] = []
 
     class Handler(SimpleHTTPRequestHandler):
-        def log_message(self, format, *args):  # noqa: A002 - the name http.server uses
+        def log_message(self, format, *args):
             requests.append(self.path)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(path.parent)))
@@ -121,7 +121,7 @@ def incompatible(tmp_path_factory) -> tuple[Path, str]:
     run_lightning(["fit", "--config", SMOKE, "--trainer.max_epochs", "1", "--trainer.logger", "false",
                    "--trainer.default_root_dir", str(work), "--data.cache_dir", str(work / "cache")])
     checkpoint = torch.load(next(work.rglob("last.ckpt")), weights_only=True)
-    renamed = sorted(checkpoint["state_dict"])[0]
+    renamed = min(checkpoint["state_dict"])
     checkpoint["state_dict"]["model.renamed.weight"] = checkpoint["state_dict"].pop(renamed)
     path = work / "incompatible.ckpt"
     torch.save(checkpoint, path)
