@@ -5,22 +5,36 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+# PyTorch's index of CPU-only wheels (about 190 MB for torch, against several GB for PyPI's CUDA build on
+# Linux). Where it cannot be reached (an offline mirror, an air-gapped CI box), torch comes from pip's
+# configured index instead; `make venv TORCH_INDEX=` always does that.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv demo test test-fast lint test-gpu clean
+.PHONY: venv torch-cpu demo test test-fast lint test-gpu clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU torch wheel first: a bare "torch" would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(MAKE) --no-print-directory torch-cpu
 	$(BIN)/pip install -q -r requirements/cpu.txt
 	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu by name.
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -m ksa_rec.env_check
 	touch $(STAMP)
+
+# The CPU torch wheel first, so that nothing installed later pulls the CUDA build in as a dependency.
+torch-cpu:
+	@if [ -n "$(TORCH_INDEX)" ] && $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)" "$(TORCH_INDEX)/torch/" 2>/dev/null; then \
+		echo "torch==$(TORCH_VERSION), CPU build, from $(TORCH_INDEX)"; \
+		$(BIN)/pip install -q --index-url "$(TORCH_INDEX)" torch==$(TORCH_VERSION); \
+	else \
+		echo "TORCH_INDEX ($(TORCH_INDEX)) cannot be reached: torch==$(TORCH_VERSION) from pip's configured index"; \
+		$(BIN)/pip install -q torch==$(TORCH_VERSION); \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python pipelines/demo.py

@@ -4,20 +4,27 @@
     ksa-rec score --checkpoint CKPT --events FILE --output OUT.parquet [--top-k K]
     ksa-rec stream --checkpoint CKPT --events FILE|- --state STATE_DB [--output OUT] [--top-k K]
 
-Each subcommand has --help. Bad input exits with status 1 and one line naming the file, row and column.
+Each subcommand has --help. A bad option or value exits with status 2, bad input (data, checkpoint,
+state) with status 1, each with one line ``ksa-rec COMMAND: error: ...`` on stderr naming the option or
+the file, row and column. ``--debug`` (any command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+DEBUG_FLAG = "--debug"
+LIGHTNING_LOGGERS = ("lightning_fabric", "pytorch_lightning")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ksa_rec.errors import KsaRecError
+    from ksa_rec.errors import ConfigError, KsaRecError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
@@ -26,18 +33,39 @@ def main(argv: list[str] | None = None) -> int:
         if command in LIGHTNING_COMMANDS:
             from ksa_rec.training.cli import run_lightning
 
+            _lightning_notes_to_stdout()
             run_lightning(argv)
         elif command in ("score", "stream"):
             from ksa_rec.serving import cli
 
             getattr(cli, command)(rest)
         else:
-            print(f"ksa-rec: unknown command {command!r}; see ksa-rec --help", file=sys.stderr)
+            print_error(f"ksa-rec: unknown command {command!r}; see ksa-rec --help")
             return 2
     except KsaRecError as err:
-        print(f"ksa-rec {command}: error: {err}", file=sys.stderr)
-        return 1
+        if debug:
+            raise
+        print_error(f"ksa-rec {command}: error: {err}")
+        return 2 if isinstance(err, ConfigError) else 1
     return 0
+
+
+def print_error(line: str) -> None:
+    """``line`` on stderr, on a line of its own: a progress bar the failed run left open is cleared first
+    (``tqdm.write``), so the error never ends up after the bar's text."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _lightning_notes_to_stdout() -> None:
+    """Lightning's log records (notes at INFO: seed, devices, restored checkpoint) go to stderr; on stdout
+    they join the rest of a run's output, and a run that fails on a bad option prints exactly its one
+    error line on stderr (Lightning's warnings go through ``warnings``, still on stderr)."""
+    for name in LIGHTNING_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,8 @@ class CheckpointError(KsaRecError, ValueError):
 
 class BackendError(KsaRecError, ValueError):
     """An attention backend that was asked for explicitly but cannot run here (device, dtype, import)."""
+
+
+class ConfigError(KsaRecError, ValueError):
+    """A configuration value or command-line option that cannot be used (unknown key, wrong type, out of
+    range, missing file). ``ksa-rec`` exits with status 2 on it, like a usage error."""

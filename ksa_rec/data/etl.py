@@ -42,20 +42,22 @@ DuplicatePolicy = Literal["error", "drop", "keep"]
 
 @dataclass
 class EtlConfig:
-    """Where the log is and how to turn it into ``InteractionData`` (YAML mirrors these fields).
-
-    ``on_duplicate`` decides what happens to exact duplicate (user, item, timestamp) rows: ``error``
-    (``DataError`` naming both rows), ``drop`` (keep the first) or ``keep``. ``cache_dir`` (relative to
-    the working directory; ``None`` disables caching) holds processed copies keyed by the file's
-    absolute path, size, mtime and every field here that changes the output.
-    """
+    """Where the log is and how to turn it into ``InteractionData`` (YAML mirrors these fields)."""
 
     path: str
+    """The interaction log (parquet / csv / jsonl, MovieLens u.data / ratings.dat / ratings.csv, SASRec .txt)."""
     format: Format = "auto"
+    """How to read ``path``; auto decides from the file name and header."""
     schema: LogSchema = field(default_factory=LogSchema)
+    """Column names, and which side features and labels to keep."""
     min_user_events: int = 1
+    """Users with fewer events are dropped."""
     on_duplicate: DuplicatePolicy = "error"
+    """Exact duplicate (user, item, timestamp) rows: error (``DataError`` naming both), drop (keep the first)
+    or keep."""
     cache_dir: str | None = ".cache/ksa_rec"
+    """Processed copies, keyed by the file's absolute path, size, mtime and every setting here that changes
+    the output (relative to the working directory); None: no cache."""
 
     def __post_init__(self) -> None:
         if isinstance(self.schema, dict):  # a plain dict from YAML or json

@@ -108,10 +108,15 @@ class SyntheticConfig:
     """
 
     num_users: int = 2000
+    """Users to generate."""
     num_items: int = 5000
+    """Catalogue size: background items plus the planted series, hub and niche items."""
     num_categories: int = 50
+    """Item categories (the ``category`` side feature), niche categories included."""
     min_length: int = 200
+    """Shortest user history, in events."""
     max_length: int = 4000
+    """Longest user history, in events (the Pareto tail is clipped here)."""
     length_tail: float = 1.5
     """Pareto shape of user lengths (scale ``min_length``, clipped to ``max_length``); smaller = heavier."""
     zipf_exponent: float = 1.1
@@ -127,7 +132,9 @@ class SyntheticConfig:
 
     # Long-range A: series resumption.
     num_series: int = 60
+    """Series in the catalogue, each with its own hub (cue) item."""
     episodes_per_series: int = 40
+    """Ordered episodes of each series."""
     max_binge: int = 3
     """Episodes watched per installment, uniform on 1..max_binge."""
     max_resumptions: int = 3
@@ -137,8 +144,11 @@ class SyntheticConfig:
     num_niche_categories: int = 10
     """Categories reserved for niche items (out of num_categories); the rest hold background and series."""
     niche_items_per_category: int = 60
+    """Candidate favourite items in each niche category."""
     niche_interests_per_user: int = 3
+    """Niche categories each user returns to."""
     favourites_per_interest: int = 4
+    """A user's personal favourite items in each of their niche interests."""
 
     # Mix and distances.
     long_range_fraction: float = 0.05
@@ -146,15 +156,21 @@ class SyntheticConfig:
     recurrence_share: float = 0.3
     """Part of the long-range targets that are interest recurrences; the rest are series resumptions."""
     short_gap_fraction: float = 0.2
+    """Share of a thread's gaps drawn from the short range (the rest from the long range)."""
     short_gap_min: int = 16
+    """Shortest short-range gap between a thread's sessions, in events (uniform up to short_gap_max)."""
     short_gap_max: int = 192
+    """Longest short-range gap, in events."""
     long_gap_min: int = 300
+    """Shortest long-range gap, in events (log-uniform up to long_gap_max)."""
     long_gap_max: int = 3000
+    """Longest long-range gap, in events (cut to what the user's length leaves room for)."""
 
     # Time.
     start_time: int = 1_577_836_800
     """Earliest user start, unix seconds (2020-01-01 UTC); each user starts up to start_spread_s later."""
     start_spread_s: int = 365 * 86_400
+    """Users start uniformly within this many seconds after start_time."""
     session_timeout_s: int = 1_800
     """Gaps inside a session are < this; gaps between sessions are >= this."""
     within_session_gap_s: float = 60.0
@@ -163,6 +179,7 @@ class SyntheticConfig:
     """Mean extra gap between sessions, on top of session_timeout_s (seconds)."""
 
     seed: int = 0
+    """Seed of every random draw (each part of the generator has its own stream of it)."""
 
     def __post_init__(self) -> None:
         self._check_types()

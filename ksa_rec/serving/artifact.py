@@ -39,18 +39,10 @@ class ServingModel:
 
         ``encoder_overrides``: encoder settings that change how the model runs, not what it computes
         (``attention_backend``); the model id stays that of the checkpoint."""
+        from ksa_rec.training.checkpoints import check_weights, read_checkpoint
         from ksa_rec.training.module import CHECKPOINT_VOCAB_KEY, RecModule
 
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: checkpoint not found")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for a corrupt file; report any of them in one line
-            raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0][:200]})") from None
-        if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
-            raise CheckpointError(f"{path}: not a ksa-rec checkpoint (no state_dict/hyper_parameters)")
+        raw = read_checkpoint(path)
         vocab = raw.get(CHECKPOINT_VOCAB_KEY)
         if not vocab:
             raise CheckpointError(f"{path}: the checkpoint carries no vocabularies ('{CHECKPOINT_VOCAB_KEY}')")
@@ -59,10 +51,13 @@ class ServingModel:
             if encoder_overrides:
                 hparams = {**hparams, "encoder": {**hparams["encoder"], **encoder_overrides}}
             module = RecModule(**hparams)
+            check_weights(path, module.state_dict(), raw["state_dict"])
             module.load_state_dict(raw["state_dict"])
             items = Vocab.from_dict(vocab["items"], source=str(path))
             features = {k: Vocab.from_dict(v, source=str(path)) for k, v in vocab["features"].items()}
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: incompatible checkpoint: {str(err).splitlines()[0][:300]}") from None
         model = module.model.to(device).eval()
         return cls(model=model, items=items, features=features,

@@ -25,12 +25,18 @@ EVIDENCE_LABEL = "evidence_distance"
 
 @dataclass
 class OptimConfig:
+    """AdamW on the dense weights (and the embeddings, unless sharded tables bring their own optimizer)."""
+
     lr: float = 1e-3
+    """Peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, on weight matrices only (not on biases, norms or other 1-d weights)."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW's moment decay rates (beta1, beta2)."""
     warmup_steps: int = 0
-    """Linear warm-up, then constant (cosine decay to 10% when ``cosine_steps`` > 0)."""
+    """Optimizer steps of linear warm-up from lr / warmup_steps to lr (0: none); then constant, or cosine."""
     cosine_steps: int = 0
+    """Optimizer steps of cosine decay from lr to lr / 10 after the warm-up (0: constant lr)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.cosine_steps < 0:

@@ -81,7 +81,9 @@ class EmbeddingOptimConfig:
     """One of FUSED_OPTIMIZERS: sgd, adagrad, rowwise_adagrad (CPU and GPU); adam, partial_rowwise_adam,
     lamb (GPU only)."""
     lr: float = 0.01
+    """Learning rate of the tables (constant)."""
     eps: float = 1e-8
+    """Added to the denominator of the adaptive optimizers, for stability."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam/LAMB moments."""
 
@@ -109,7 +111,9 @@ class ShardingConfig:
     """Table name (``item_id``, a side feature, ``time_gap``) -> forced sharding type; tables not listed
     get the planner's choice among SHARDING_TYPES."""
     compute_kernel: str = "fused"
+    """One of COMPUTE_KERNELS: fused (tables in device memory), fused_uvm / fused_uvm_caching (GPU only)."""
     embedding_optimizer: EmbeddingOptimConfig = field(default_factory=EmbeddingOptimConfig)
+    """The tables' fused optimizer."""
     min_column_shard: int | None = None
     """Narrowest column-wise shard (TorchRec's ``min_partition``; None keeps its default, 128 columns)."""
 
@@ -369,7 +373,8 @@ class TorchRecStrategy(DDPStrategy):
         compute_kernel: "fused" (tables in device memory), "fused_uvm"/"fused_uvm_caching" (GPU only).
         min_column_shard: narrowest column-wise shard (None: TorchRec's default, 128).
         process_group_backend: None picks gloo on CPU, nccl on CUDA.
-        find_unused_parameters, start_method: as for ``DDPStrategy``.
+        find_unused_parameters: as for ``DDPStrategy``.
+        start_method: as for ``DDPStrategy``.
     """
 
     def __init__(self, sharding_types: dict[str, str] | None = None,

@@ -1,14 +1,25 @@
-"""LightningCLI wiring: every shipped config instantiates; a fast_dev_run fit and a short fit end to end."""
+"""LightningCLI wiring: every shipped config instantiates; a fast_dev_run fit and a short fit end to end; what
+the command prints (one-line errors, the closing summary, --help) and where it writes (metrics.json)."""
 
+import contextlib
+import io
 import json
+import os
+import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
+from tqdm import tqdm
 
+from ksa_rec.cli import main
 from ksa_rec.training.cli import run_lightning
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SMOKE = str(ROOT / "configs/smoke.yaml")
 
 # A tiny file in the format each config expects: 6 users x 12 events, 20 items.
 USERS, EVENTS = 6, 12
@@ -65,7 +76,7 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
         extra = []
     cli = run_lightning(["--config", str(config), *_data_args(config, tmp_path), *extra], run=False)
     assert cli.model.data_spec.num_items == cli.datamodule.data.num_items
-    assert cli.datamodule.config.chunk_size == cli.model.encoder_cfg.chunk_size
+    assert cli.datamodule.hparams.chunk_size == cli.model.encoder_cfg.chunk_size
     assert sum(p.numel() for p in cli.model.parameters()) > 0
 
 
@@ -82,6 +93,7 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
     cli = run_lightning(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--trainer.max_epochs", "3",
                          "--data.cache_dir", str(tmp_path / "cache")])
     metrics_file = Path(cli.trainer.log_dir) / "metrics.json"
+    assert metrics_file.resolve() == tmp_path / "runs/csv/version_0/metrics.json"  # the default root: runs/
     results = json.loads(metrics_file.read_text())
     assert Path(results["checkpoint"]).is_file()
     assert results["test"]["targets"] == 40 and 0.0 <= results["test"]["ndcg@10"] <= 1.0
@@ -120,3 +132,220 @@ def test_metrics_say_why_fit_stopped(tmp_path, monkeypatch, args, reason):
     assert results["fit"]["stopped_by"] == reason and results["fit"]["epochs"] < 50
     assert results["protocol"] == {"seen_items": "keep"}
     assert results["test"]["targets"] == 40
+
+
+# ---- one-line errors -------------------------------------------------------------------------------------
+def _fit(tmp_path: Path, *args: str) -> list[str]:
+    return ["fit", "--config", SMOKE, "--data.cache_dir", str(tmp_path / "cache"), *args]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--data.format", "xlsx"], ("data.format: expected one of auto, parquet, csv, jsonl, ml-100k, ml-dat, ml-csv, "
+                                 "sasrec, got 'xlsx'")),
+    (["--model.encoder.pattern", "full,bogus"], "pattern 'full,bogus': unknown attention kind 'bogus'"),
+    (["--data.synthetic", "null"], "data: set data.path (an interaction log) or data.synthetic (the generator)"),
+    (["--data.max_len", "abc"], "data.max_len: expected int, got 'abc'"),
+    (["--data.max_len", "2"], "data.max_len (2) must be >= data.chunk_size (4)"),
+    (["--model.optim.lr", "-1"], "optim: lr must be > 0"),
+    (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or null, got 'x'"),
+    (["--data.synthetic.num_users", "-1"], "SyntheticConfig.num_users=-1: must be >= 1"),
+    (["--data.nosuch", "1"], "unrecognized arguments: --data.nosuch 1"),
+    (["--config", "nosuch.yaml"], "config: File does not exist"),
+], ids=["format", "pattern", "no-data", "not-a-number", "max-len", "lr", "union", "dataclass", "unknown-key",
+        "config-file"])
+def test_config_errors_are_one_line(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit(tmp_path, *args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ksa-rec fit: error: ") and err.count("\n") == 1 and expected in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,expected", [
+    (["--data.nosuch", "1"], "unrecognized arguments"),  # refused by the parser
+    (["--data.synthetic", "null"], "set data.path"),      # refused by RecDataModule, after the seed is set
+])
+def test_config_error_stderr_is_exactly_one_line(tmp_path, args, expected):
+    command = [sys.executable, "-m", "ksa_rec.cli", *_fit(tmp_path, *args)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ksa-rec fit: error: ") and expected in lines[0], done.stderr
+    # --debug keeps the traceback.
+    debug = subprocess.run([*command, "--debug"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    assert "ConfigError" in debug.stderr.splitlines()[-1]
+
+
+def test_no_warning_about_args_next_to_sys_argv(tmp_path, monkeypatch):
+    """Lightning warns when ``args`` and sys.argv both hold arguments, which is always the case when the
+    console script passes on its own arguments."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ksa-rec", "--config", SMOKE])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_lightning(["--config", SMOKE, "--data.cache_dir", str(tmp_path / "cache")], run=False)
+    assert not [w for w in caught if "args" in str(w.message) and "sys.argv" in str(w.message)]
+
+
+def _screen(text: str) -> list[str]:
+    """The rows a terminal shows for ``text``: '\\r' returns to column 0, later characters overwrite."""
+    rows = []
+    for line in text.split("\n"):
+        row: list[str] = []
+        column = 0
+        for char in line:
+            if char == "\r":
+                column = 0
+                continue
+            row[column:column + 1] = [char]
+            column += 1
+        rows.append("".join(row).rstrip())
+    return rows
+
+
+def test_an_error_never_shares_a_line_with_a_progress_bar(tmp_path, monkeypatch):
+    terminal = io.StringIO()  # stdout and stderr on one terminal
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = tqdm(total=10, desc="Predicting", file=sys.stdout)  # as a failed run leaves Lightning's bar
+    try:
+        bar.update(3)
+        missing = tmp_path / "missing.ckpt"
+        assert main(["score", "--checkpoint", str(missing), "--events", str(tmp_path / "e.jsonl"),
+                     "--output", str(tmp_path / "o.parquet")]) == 1
+    finally:
+        bar.close()
+    errors = [row for row in _screen(terminal.getvalue()) if "error:" in row]
+    assert len(errors) == 1 and errors[0].startswith("ksa-rec score: error: "), terminal.getvalue()
+
+
+# ---- what a fit leaves: the console summary, metrics.json, everything under default_root_dir -------------
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One short fit through the command, with a ``--trainer.default_root_dir`` of its own:
+    (working directory, root dir, console output, metrics.json)."""
+    work = tmp_path_factory.mktemp("fitted")
+    root, console = work / "elsewhere", io.StringIO()
+    with contextlib.chdir(work), contextlib.redirect_stdout(console):
+        assert main(_fit(work, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root))) == 0
+    return work, root, console.getvalue(), json.loads((root / "csv/version_0/metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_default_root_dir_holds_logs_checkpoints_and_metrics(fitted):
+    work, root, _, results = fitted
+    assert Path(results["checkpoint"]).is_file() and Path(results["checkpoint"]).is_relative_to(root)
+    assert (root / "csv/version_0/metrics.csv").is_file() and (root / "csv/version_0/checkpoints/last.ckpt").is_file()
+    assert list((root / "tensorboard/version_0").glob("events.out.tfevents.*"))
+    assert not (work / "runs").exists() and not (work / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_fit_ends_with_a_headline_table(fitted):
+    _, root, console, results = fitted
+    assert results["val"]["targets"] == results["test"]["targets"] == 40
+    rows = {line.split()[1]: line for line in console.splitlines() if re.match(r"[│|] (validation|test) ", line)}
+    assert set(rows) == {"validation", "test"}
+    for split, row in (("val", rows["validation"]), ("test", rows["test"])):
+        for metric in ("hr@10", "ndcg@10"):
+            assert f"{results[split][metric]:.4f} ± {results[split][metric + '_ci95']:.4f}" in row
+    assert "HR@10" in console and "NDCG@10" in console
+    assert "training: 2 epoch(s); it stopped because it reached trainer.max_epochs" in console
+    assert f"every metric, per bucket, with 95% intervals: {root / 'csv/version_0/metrics.json'}" in console
+    # The bucket rows (and Lightning's own table of every logged metric) stay off the console by default.
+    assert "history length" not in console and "hist_" not in console and "Test metric" not in console
+
+
+@pytest.mark.slow
+def test_test_rescores_a_fit_checkpoint_and_prints_buckets_on_request(fitted, capsys):
+    work, _, _, results = fitted
+    with contextlib.chdir(work):
+        assert main(["test", "--config", SMOKE, "--data.cache_dir", str(work / "cache"), "--ckpt_path",
+                     results["checkpoint"], "--trainer.default_root_dir", str(work / "again"),
+                     "--print_buckets", "true"]) == 0
+    again = json.loads((work / "again/csv/version_0/metrics.json").read_text())
+    assert again["checkpoint"] == results["checkpoint"] and "checkpoint_reason" not in again
+    assert again["test"] == pytest.approx(results["test"])  # the checkpoint loads (weights-only) and scores the same
+    console = capsys.readouterr().out
+    lengths = [key.split("/")[0] for key in results["test"] if key.startswith("hist_") and key.endswith("/targets")]
+    for bucket in lengths:
+        lo, hi = bucket.split("_")[1:]
+        label = f"history length >= {lo}" if hi == "plus" else f"history length [{lo}, {hi})"
+        row = next(line for line in console.splitlines() if label in line)
+        assert f"{int(results['test'][bucket + '/targets'])}" in row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--trainer.limit_val_batches", "0"], ["--trainer.check_val_every_n_epoch", "2"]],
+                         ids=["no-validation-batches", "too-short-to-validate"])
+def test_metrics_say_when_no_validation_ran(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    cli = run_lightning(_fit(tmp_path, "--trainer.max_epochs", "1", *args))
+    results = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert "val" not in results  # the sanity check scored the untrained model: not a validation result
+    assert results["checkpoint"] is None and results["checkpoint_reason"].startswith("no validation ran")
+    assert results["fit"] == {"epochs": 1, "stopped_by": "max_epochs"} and results["test"]["targets"] == 40
+
+
+# ---- --help explains every option --------------------------------------------------------------------------
+def _option_help(text: str) -> dict[str, str]:
+    """``--option`` -> its description in jsonargparse's help (without the "(type: ..., default: ...)" it
+    adds to every option)."""
+    options = {}
+    for block in re.split(r"\n(?=  --)", text):
+        first, *rest = block.split("\n")
+        name = re.match(r"  (--[\w.]+)", first)
+        if not name:
+            continue
+        head = re.split(r"\s{2,}", first.strip(), maxsplit=1)
+        more = [line.strip() for line in rest[:next((i for i, line in enumerate(rest) if not line.startswith(" ")),
+                                                    len(rest))]]
+        text_ = " ".join(head[1:] + more)
+        options[name.group(1)] = re.sub(r"\(type: .*\)$", "", text_).strip()
+    return options
+
+
+def _help(capsys, *args: str) -> dict[str, str]:
+    with pytest.raises(SystemExit) as done:
+        run_lightning(["fit", *args])
+    assert done.value.code == 0
+    return _option_help(capsys.readouterr().out)
+
+
+def test_help_explains_every_data_optim_synthetic_and_sharding_option(capsys):
+    import inspect
+    from dataclasses import fields
+
+    from ksa_rec.data.datamodule import RecDataModule
+    from ksa_rec.data.synthetic import SyntheticConfig
+    from ksa_rec.training.module import OptimConfig
+    from ksa_rec.training.sharding import TorchRecStrategy
+
+    fit = _help(capsys, "--help")
+    linked = {"chunk_size", "time_gap_buckets"}  # set from model.encoder by the CLI: not options of their own
+    expected = {f"--data.{name}" for name in inspect.signature(RecDataModule).parameters if name not in linked}
+    expected |= {f"--model.optim.{f.name}" for f in fields(OptimConfig)}
+    synthetic = _help(capsys, "--data.synthetic.help", "SyntheticConfig")
+    strategy = _help(capsys, "--trainer.strategy.help", "ksa_rec.training.sharding.TorchRecStrategy")
+    shown = {**fit, **synthetic, **strategy}
+    expected |= {f"--data.synthetic.{f.name}" for f in fields(SyntheticConfig)}
+    expected |= {f"--trainer.strategy.{name}" for name in inspect.signature(TorchRecStrategy).parameters}
+    assert expected <= shown.keys()
+    assert sorted(name for name in expected if not shown[name]) == []
+
+
+def test_every_etl_and_sharding_config_field_has_a_docstring():
+    """Those reach the command line through RecDataModule / TorchRecStrategy; their own fields are
+    documented where they are defined (read as jsonargparse reads them)."""
+    from dataclasses import fields
+
+    from docstring_parser import parse_from_object
+
+    from ksa_rec.data.etl import EtlConfig
+    from ksa_rec.training.sharding import EmbeddingOptimConfig, ShardingConfig
+
+    for config in (EtlConfig, EmbeddingOptimConfig, ShardingConfig):
+        documented = {param.arg_name: param.description for param in parse_from_object(config).params}
+        assert sorted(f.name for f in fields(config) if not documented.get(f.name)) == [], config.__name__
