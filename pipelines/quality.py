@@ -51,12 +51,17 @@ def _pattern(p: str) -> list[str]:
     return ["--model.encoder.pattern", p]
 
 
+# The long-range studies before chunk-seeded summaries ran the paper's slot summaries; configs/synthetic-long-cpu
+# now ships summary_init: chunk, so their commands pin slot to stay what their result files report.
+SLOT = ["--model.encoder.summary_init", "slot"]
+
+
 # Equal size (the dataset config's width and depth, 2 layers); only the attention kinds differ. Every
 # bounded kind sees the same raw span: KSA/SCA W chunks of k, SWA W*k events, MKA/FastMKA windows of W*k
 # events with blocks of k.
-TWO_LAYER_KINDS = [("full", "full,full"), ("hybrid-ksa", "ksa,full"), ("ksa", "ksa,ksa"), ("sca", "sca,sca"),
-                   ("swa", "swa,swa"), ("hybrid-mka", "mka,full"), ("mka", "mka,mka"),
-                   ("hybrid-fastmka", "fastmka,full"), ("fastmka", "fastmka,fastmka")]
+# Run names are the patterns (what each model computes), never "hybrid".
+TWO_LAYER_KINDS = [(p, p) for p in ("full,full", "ksa,full", "ksa,ksa", "sca,sca", "swa,swa", "mka,full",
+                                    "mka,mka", "fastmka,full", "fastmka,fastmka")]
 
 
 def _spans(chunk: int, window: int) -> list[str]:
@@ -75,17 +80,17 @@ STUDIES: dict[str, list[Run]] = {
     "real": [
         # The settings configs/beauty.yaml ships (dim 64, 1 head, dropout 0.5, lr 5e-4, batch 256) ...
         Run("beauty-full", "beauty", BEAUTY),
-        Run("beauty-hybrid-ksa", "beauty", BEAUTY, BEAUTY_KSA),
+        Run("beauty-ksa*3,full", "beauty", BEAUTY, BEAUTY_KSA),
         # ... and the wider variants tried on the way there (same data, same protocol).
         Run("beauty-full-128", "beauty", BEAUTY, ["--model.encoder.dim", "128", "--model.encoder.num_heads", "2",
                                                  "--data.batch_size", "512", "--model.optim.lr", "0.001"]),
-        Run("beauty-hybrid-ksa-128", "beauty", BEAUTY, [*BEAUTY_KSA, "--model.encoder.dim", "128",
+        Run("beauty-ksa*3,full-128", "beauty", BEAUTY, [*BEAUTY_KSA, "--model.encoder.dim", "128",
                                                         "--model.encoder.num_heads", "2", "--data.batch_size", "512",
                                                         "--model.optim.lr", "0.001"]),
         Run("ml-100k-full", "ml-100k", "ml-100k/u.data"),
-        Run("ml-100k-hybrid-ksa", "ml-100k", "ml-100k/u.data", ML_KSA),
+        Run("ml-100k-ksa*3,full", "ml-100k", "ml-100k/u.data", ML_KSA),
         Run("ml-latest-small-full", "ml-latest-small", "ml-latest-small/ratings.csv"),
-        Run("ml-latest-small-hybrid-ksa", "ml-latest-small", "ml-latest-small/ratings.csv", ML_KSA),
+        Run("ml-latest-small-ksa*3,full", "ml-latest-small", "ml-latest-small/ratings.csv", ML_KSA),
     ],
     # Every attention kind at equal size, several seeds (lr 1e-3 on Beauty: an equal, shorter budget
     # than the shipped config's 160 epochs at 5e-4).
@@ -97,30 +102,25 @@ STUDIES: dict[str, list[Run]] = {
     "ml-20m-kinds": _kinds("ml-20m", "ml-20m", "ml-20m/ratings.csv", 8, 4, []),
     # Equal size (dim 64, 4 layers, 4 heads); only the attention kinds differ (KSA.md section 10).
     "long-range": [
-        Run("full", "synthetic-long", None, _pattern("full*4")),
-        Run("hybrid-ksa", "synthetic-long", None, _pattern("ksa*3,full")),
-        Run("ksa", "synthetic-long", None, _pattern("ksa*4")),
-        Run("sca", "synthetic-long", None, _pattern("sca*4")),
-        Run("swa", "synthetic-long", None, _pattern("swa*4")),
-        Run("hybrid-mka", "synthetic-long", None, _pattern("mka*3,full")),
-        Run("hybrid-fastmka", "synthetic-long", None, _pattern("fastmka*3,full")),
+        Run(p, "synthetic-long", None, _pattern(p))
+        for p in ("full*4", "ksa*3,full", "ksa*4", "sca*4", "swa*4", "mka*3,full", "fastmka*3,full")
     ],
     # The same comparison sized for a 2-core CPU (chunks of 4, window 4 chunks; evidence 30-300 back).
-    "long-range-cpu": [Run(name, "synthetic-long-cpu", None, _pattern(p)) for name, p in [
-        ("full", "full*2"), ("hybrid-ksa", "ksa,full"), ("ksa", "ksa*2"), ("sca", "sca*2"), ("swa", "swa*2"),
-        ("hybrid-mka", "mka,full"), ("hybrid-fastmka", "fastmka,full")]],
+    "long-range-cpu": [Run(p, "synthetic-long-cpu", None, [*_pattern(p), *SLOT]) for p in
+                       ("full*2", "ksa,full", "ksa*2", "sca*2", "swa*2", "mka,full", "fastmka,full")],
     # All nine kinds on the CPU-sized long-range data, several seeds (fits one GPU: pass
     # `-- --trainer.accelerator gpu`; the seed-0 CPU runs above are the same models but for MKA's block size).
-    "long-range-cpu-kinds": _kinds("lr", "synthetic-long-cpu", None, 4, 4, []),
+    "long-range-cpu-kinds": _kinds("lr", "synthetic-long-cpu", None, 4, 4, SLOT),
     # The proposed fix for that finding: all-KSA (the same runs as lr-ksa-s* above) plus an auxiliary loss
     # asking the summaries that layer 1 reads to name their chunk's items (loss.summary_reconstruction).
     "long-range-cpu-summary-aux": [
         Run("lr-ksa-aux", "synthetic-long-cpu", None,
-            [*_pattern("ksa,ksa"), *_spans(4, 4), "--model.loss.summary_reconstruction", "1.0"], seeded=True),
+            [*_pattern("ksa,ksa"), *_spans(4, 4), *SLOT, "--model.loss.summary_reconstruction", "1.0"],
+            seeded=True),
     ],
     # Depth: in a 2-layer stack only the second layer reads summaries that carry chunk content (at the
     # first KSA layer a summary is still its slot embedding). Four layers give three such reads.
-    "long-range-cpu-depth": [Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra],
+    "long-range-cpu-depth": [Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *SLOT, *extra],
                                  seeded=True) for name, p, extra in [
         ("full", "full*4", []), ("sca", "sca*4", []), ("ksa", "ksa*4", []),
         ("ksa-aux", "ksa*4", ["--model.loss.summary_reconstruction", "1.0"]),
@@ -133,19 +133,21 @@ STUDIES: dict[str, list[Run]] = {
         for name, p, extra in [
             ("full,full", "full,full", []), ("sca,sca", "sca,sca", []), ("swa,swa", "swa,swa", []),
             ("mka,mka", "mka,mka", []),
-            ("ksa,ksa[slot]", "ksa,ksa", []),
-            ("ksa,ksa[slot,rec0.3]", "ksa,ksa", ["--model.loss.summary_reconstruction", "0.3"]),
+            ("ksa,ksa[slot]", "ksa,ksa", ["--model.encoder.summary_init", "slot"]),
+            ("ksa,ksa[slot,rec0.3]", "ksa,ksa", ["--model.encoder.summary_init", "slot",
+                                                 "--model.loss.summary_reconstruction", "0.3"]),
             ("ksa,ksa[chunk]", "ksa,ksa", ["--model.encoder.summary_init", "chunk"]),
             ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", ["--model.encoder.summary_init", "chunk",
                                                   "--model.loss.summary_reconstruction", "0.3"]),
             ("ksa,full[chunk]", "ksa,full", ["--model.encoder.summary_init", "chunk"]),
             ("sca,ksa[chunk]", "sca,ksa", ["--model.encoder.summary_init", "chunk"]),
-            ("ksa,full[slot]", "ksa,full", []),
+            ("ksa,full[slot]", "ksa,full", ["--model.encoder.summary_init", "slot"]),
         ]],
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [
-        Run("ksa-lossless", "synthetic-long-cpu", None, [*_pattern("ksa*2"), "--model.encoder.summary_tokens", "4"]),
+        Run("ksa-lossless", "synthetic-long-cpu", None,
+            [*_pattern("ksa*2"), *SLOT, "--model.encoder.summary_tokens", "4"]),
     ],
 }
 

@@ -50,7 +50,8 @@ class EncoderConfig:
     """Most old summaries an event sees (oldest dropped); None keeps all."""
     summary_init: str = "slot"
     """A summary's first-layer input: "slot" (its learned slot embedding, as the KSA paper) or "chunk" (also a
-    learned map of the mean of its chunk slice's event inputs, so first-layer summaries carry content)."""
+    learned map of the mean of its chunk slice's event inputs, so first-layer summaries carry content). Like
+    window, unused by patterns without a ksa layer."""
     rope_base: float = 10000.0
     """Base of the rotary position embedding's frequencies."""
     time_gap_buckets: int = 0
@@ -82,8 +83,6 @@ class EncoderConfig:
         require(self.max_summaries is None or self.max_summaries >= 0, "encoder.max_summaries", "must be None or >= 0")
         require(self.summary_init in ("slot", "chunk"), "encoder.summary_init",
                 f"must be slot or chunk, got {self.summary_init!r}")
-        require(self.summary_init == "slot" or readers, "encoder.summary_init",
-                f"chunk needs a layer that reads summaries (ksa) in the pattern, got {self.pattern!r}")
         require(self.time_gap_buckets >= 0, "encoder.time_gap_buckets", "must be >= 0")
         require(self.attention_backend in (None, "torch", "flex", "triton"), "encoder.attention_backend",
                 f"must be null, torch, flex or triton, got {self.attention_backend!r}")

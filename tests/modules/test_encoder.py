@@ -173,6 +173,8 @@ def test_chunk_seeded_summaries_match_the_dense_oracle_on_every_backend(pattern,
             torch.testing.assert_close(g.double(), w, **tol)
 
 
-def test_chunk_seeding_needs_a_layer_that_reads_summaries():
-    with pytest.raises(ValueError, match="encoder.summary_init: chunk needs a layer that reads summaries"):
-        EncoderConfig(pattern="sca,full", summary_init="chunk")
+def test_chunk_seeding_is_unused_without_a_summary_stream():
+    """Like window for a full-only pattern: a config default that patterns without ksa layers do not use."""
+    tokens, offsets, positions = _inputs(LENGTHS)
+    torch.testing.assert_close(_encoder("sca,full", summary_init="chunk")(tokens, offsets, positions),
+                               _encoder("sca,full")(tokens, offsets, positions), atol=0, rtol=0)
