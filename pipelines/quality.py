@@ -120,8 +120,8 @@ STUDIES: dict[str, list[Run]] = {
     ],
     # Depth: in a 2-layer stack only the second layer reads summaries that carry chunk content (at the
     # first KSA layer a summary is still its slot embedding). Four layers give three such reads.
-    "long-range-cpu-depth": [Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *SLOT, *extra],
-                                 seeded=True) for name, p, extra in [
+    "long-range-cpu-depth": [Run(f"lr4-{name}", "synthetic-long-cpu", None,
+                                 [*_pattern(p), *_spans(4, 4), *SLOT, *extra], seeded=True) for name, p, extra in [
         ("full", "full*4", []), ("sca", "sca*4", []), ("ksa", "ksa*4", []),
         ("ksa-aux", "ksa*4", ["--model.loss.summary_reconstruction", "1.0"]),
         ("ksa-aux0.3", "ksa*4", ["--model.loss.summary_reconstruction", "0.3"])]],
