@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import sys
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
+from ksa_rec.training import LIGHTNING_COMMANDS
+
 DEBUG_FLAG = "--debug"
 LIGHTNING_LOGGERS = ("lightning_fabric", "pytorch_lightning")
 

@@ -24,9 +24,9 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from ksa_rec.cli import LIGHTNING_COMMANDS
 from ksa_rec.data.datamodule import RecDataModule
 from ksa_rec.errors import ConfigError, KsaRecError
+from ksa_rec.training import LIGHTNING_COMMANDS
 from ksa_rec.training.checkpoints import check_weights, read_checkpoint, refuse_url
 from ksa_rec.training.module import RecModule
 from ksa_rec.training.report import print_results
