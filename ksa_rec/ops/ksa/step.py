@@ -106,10 +106,6 @@ class LayerCache:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx, self.sk, self.sv, self.sidx))
 
-    @property
-    def batch(self) -> int:
-        return self.offsets.numel() - 1
-
 
 def share_layouts(caches: list) -> list:
     """The caches, where layers that hold the same rows now hold them in the same tensors: a step plans
@@ -295,11 +291,12 @@ class StepPlan:
 
 def plan_step(tokens: StepTokens, rule: KsaRule, state: LayerCache, backend: str) -> StepPlan:
     """Rows kept: events from ``rule.first_kept_event(next_index)``, summaries from
-    ``rule.first_kept_summary(next_index)`` (none when events read no summaries)."""
-    first_summary = rule.first_kept_summary(tokens.next_index)
-    keep_summaries = False if first_summary is None else first_summary
-    if rule.max_summaries is None and first_summary is not None:
-        keep_summaries = True
+    ``rule.first_kept_summary(next_index)`` (none when events read no summaries). An unbounded window or
+    summary range keeps every row without comparing identities."""
+    if not rule.events_see_summaries:
+        keep_summaries = False
+    else:
+        keep_summaries = True if rule.max_summaries is None else rule.first_kept_summary(tokens.next_index)
     keep_events = True if rule.window is None else rule.first_kept_event(tokens.next_index)
     update = CacheStep.build(state, tokens.positions, tokens.offsets, tokens.sum_ids, tokens.sum_offsets,
                              keep_events, keep_summaries)
