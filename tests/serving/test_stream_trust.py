@@ -29,6 +29,12 @@ def _summary(path) -> dict:
     return json.loads(path.read_text())
 
 
+def _counts(capsys) -> dict[str, int]:
+    """The counts line the last ``stream`` printed."""
+    line = next(x for x in reversed(capsys.readouterr().out.splitlines()) if x.startswith("ksa-rec stream: applied"))
+    return {name: int(value) for name, value in (pair.split() for pair in line.split(": ", 1)[1].split(", "))}
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "no error line"
@@ -36,7 +42,7 @@ def _error_line(capsys) -> str:
 
 
 # ---- 1. progress that cannot skip new data ------------------------------------------------------------------
-def test_new_content_under_an_old_file_name_is_applied(trained, event_files, tmp_path):
+def test_new_content_under_an_old_file_name_is_applied(trained, event_files, tmp_path, capsys):
     """Finding 1a: the next day's new_events.jsonl, same name, new content: every event applied."""
     checkpoint, _ = trained
     _, frame = event_files
@@ -47,28 +53,27 @@ def test_new_content_under_an_old_file_name_is_applied(trained, event_files, tmp
     _write(daily, lines[:half])
     assert stream(checkpoint, daily, tmp_path / "s.db", "--chunk-rows", "50") == 0
     _write(daily, lines[half:])
-    assert stream(checkpoint, daily, tmp_path / "s.db", "--chunk-rows", "50",
-                  "--summary", str(tmp_path / "day2.json")) == 0
-    day2 = _summary(tmp_path / "day2.json")
-    assert (day2["applied"], day2["replayed"], day2["late"]) == (frame.height - half, 0, 0)
+    assert stream(checkpoint, daily, tmp_path / "s.db", "--chunk-rows", "50") == 0
     assert sum(event_counts(checkpoint, tmp_path / "s.db").values()) == frame.height
     assert_same_store(checkpoint, tmp_path / "s.db", tmp_path / "ref.db", tol=1e-4)
+    day2 = _counts(capsys)
+    assert (day2["applied"], day2["replayed"], day2["late"]) == (frame.height - half, 0, 0)
 
 
 def test_restarted_pipe_that_replays_its_last_lines_loses_and_repeats_nothing(trained, event_files, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, capsys):
     """Finding 1b: `tail -f log | ksa-rec stream --events -` restarted; tail replays its last 10 lines."""
     checkpoint, _ = trained
     _, frame = event_files
     lines, cut = _lines(frame), 300
     assert stream(checkpoint, _write(tmp_path / "all.jsonl", lines), tmp_path / "ref.db", "--chunk-rows", "64") == 0
-    for part, summary in ((lines[:cut], "first.json"), (lines[cut - 10:], "restart.json")):
+    for part in (lines[:cut], lines[cut - 10:]):
         monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in part)))
-        assert stream(checkpoint, "-", tmp_path / "s.db", "--chunk-rows", "64",
-                      "--summary", str(tmp_path / summary)) == 0
-    restart = _summary(tmp_path / "restart.json")
-    assert (restart["applied"], restart["replayed"], restart["duplicate"]) == (frame.height - cut, 10, 0)
+        assert stream(checkpoint, "-", tmp_path / "s.db", "--chunk-rows", "64") == 0
+    assert sum(event_counts(checkpoint, tmp_path / "s.db").values()) == frame.height
     assert_same_store(checkpoint, tmp_path / "s.db", tmp_path / "ref.db", tol=1e-4)
+    restart = _counts(capsys)
+    assert (restart["applied"], restart["replayed"], restart["duplicate"]) == (frame.height - cut, 10, 0)
 
 
 def test_duplicates_in_one_input_are_applied_once(trained, tmp_path):
@@ -105,7 +110,8 @@ def test_a_second_stream_on_the_same_store_is_refused(trained, event_files, tmp_
         lock = tmp_path / "s.db.lock"
         deadline = time.monotonic() + 300
         while not (lock.exists() and f"pid {first.pid}," in lock.read_text()):
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            assert first.poll() is None, first.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the first stream never took the store's lock"
             time.sleep(0.2)
         second = subprocess.run(command(str(events), tmp_path / "s.db"), capture_output=True, text=True, env=env,
                                 timeout=300)
