@@ -11,7 +11,13 @@ import torch
 from ksa_rec.data.readers import BadRow
 from ksa_rec.data.vocab import Vocab
 from ksa_rec.errors import DataError
-from ksa_rec.serving.admission import REPLAY_WINDOW, Admission, AdmissionConfig, event_identities, time_gaps
+from ksa_rec.serving.admission import (
+    REPLAY_WINDOW,
+    Admission,
+    AdmissionConfig,
+    event_identities,
+    time_gaps,
+)
 from ksa_rec.serving.state import UserState
 
 ITEMS = Vocab(["a", "b", "c", "d", "e"])

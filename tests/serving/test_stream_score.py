@@ -11,7 +11,13 @@ import sys
 import polars as pl
 import pytest
 import torch
-from stream_checks import assert_same_outputs, assert_same_store, event_counts, last_records, store_dump
+from stream_checks import (
+    assert_same_outputs,
+    assert_same_store,
+    event_counts,
+    last_records,
+    store_dump,
+)
 from stream_checks import stream as _stream
 
 from ksa_rec.cli import main as ksa_rec

@@ -11,7 +11,13 @@ import time
 
 import polars as pl
 import pytest
-from stream_checks import assert_same_outputs, assert_same_store, event_counts, store_dump, stream
+from stream_checks import (
+    assert_same_outputs,
+    assert_same_store,
+    event_counts,
+    store_dump,
+    stream,
+)
 
 from ksa_rec.cli import main as ksa_rec
 
