@@ -1,10 +1,12 @@
 """Reliability of ``ksa-rec stream`` and ``ksa-rec score``: a fault matrix, ``kill -9`` at each commit
-boundary over 20 restarts, and a 100,000-event soak with the writer's resident memory sampled over time.
+boundary over 20 restarts, and two 100,000-event soaks (many users with short histories, fewer users with
+longer ones) with the writer's resident memory sampled over time.
 
 How to run (repository root; about 10 minutes on a 2-core CPU):
 
     PYTHONPATH=. python pipelines/reliability.py --date 2026-12-06 --machine "2-core CPU"
-    PYTHONPATH=. python pipelines/reliability.py --quick       # 10 restarts, 20,000-event soak: a try-out
+    PYTHONPATH=. python pipelines/reliability.py --quick       # 10 restarts, 20,000-event soaks: a try-out
+    PYTHONPATH=. python pipelines/reliability.py --from-raw docs/results/raw/reliability-2026-12-06.json
 
 Writes ``docs/reliability.md`` (the report), ``docs/results/raw/reliability-<date>.json`` (every result,
 the RSS samples included) and ``docs/results/raw/reliability-<date>.log`` (each command with the tail of
@@ -114,6 +116,28 @@ def store_meta(path: Path) -> dict[str, str]:
         return dict(db.execute("SELECT key, value FROM meta"))
     finally:
         db.close()
+
+
+def states_bit_identical(a: Path, b: Path, model_id: str) -> bool:
+    """Same users, and per user the same counters and every tensor equal bit for bit. (Blobs themselves
+    are not compared: safetensors writes the metadata keys in no fixed order.)"""
+    import torch
+
+    from ksa_rec.serving.state import UserState
+
+    left, right = store_blobs(a), store_blobs(b)
+    if left.keys() != right.keys():
+        return False
+    for user in left:
+        x, y = (UserState.from_bytes(blobs[user], model_id, user) for blobs in (left, right))
+        tensors = [(x.vector, y.vector), (x.seen, y.seen), (x.recent_ids, y.recent_ids), (x.recent_ts, y.recent_ts)]
+        tensors += [(lx[k], ly[k]) for lx, ly in zip(x.layers, y.layers) for k in lx]
+        if (x.event_count, x.last_timestamp, x.last_item, len(x.layers)) != \
+                (y.event_count, y.last_timestamp, y.last_item, len(y.layers)):
+            return False
+        if not all(torch.equal(p, q) for p, q in tensors):
+            return False
+    return True
 
 
 def events_applied(path: Path, model_id: str) -> int:
@@ -249,13 +273,11 @@ class Matrix:
         while not (lock.exists() and f"pid {first.pid}," in lock.read_text()) and time.monotonic() < deadline:
             time.sleep(0.2)
         second = self.stream(self.all, d / "s.db", "--chunk-rows", "32")
-        first.stdin.write("".join(lines[200:]))
-        first.stdin.close()
-        out, err = first.communicate(timeout=600)
+        out, err = first.communicate(input="".join(lines[200:]), timeout=600)
         self.cli.record(Run(command, first.returncode, out, err), stdin="(pipe)")
         same = self.same_states(d / "s.db", self.reference)
         self.add("A second `stream` started on a store in use", "two `stream` processes on one `--state`",
-                 f"second: exit {second.returncode}, `{second.last_error.split(': ', 2)[-1]}`; first: exit "
+                 f"second: exit {second.returncode}, `{_short(second.last_error)}`; first: exit "
                  f"{first.returncode}, states equal a single run: {same}",
                  "one writer per store (flock on `<store>.lock`, dropped by the OS even on kill -9)",
                  second.returncode == 1 and f"pid {first.pid}" in second.last_error and first.returncode == 0 and same)
@@ -489,11 +511,11 @@ def crash_restarts(cli: Cli, work: Path, checkpoint: Path, events: pl.DataFrame,
         print(f"kill {i + 1}: {kills[-1]}", flush=True)
     final = stream(d / "crash.db")
     outputs_identical = (d / "crash.db.outputs.jsonl").read_bytes() == (d / "ref.db.outputs.jsonl").read_bytes()
-    states_identical = store_blobs(d / "crash.db") == store_blobs(d / "ref.db")
+    states_identical = states_bit_identical(d / "crash.db", d / "ref.db", model_id)
     return {"events": min(800, events.height), "chunk_rows": chunk, "reference_exit": reference.returncode,
             "final_exit": final.returncode, "final_counts": final.counts, "kills": kills,
             "all_killed": all(k["killed"] for k in kills), "outputs_byte_identical": outputs_identical,
-            "state_blobs_byte_identical": states_identical,
+            "states_bit_identical": states_identical,
             "output_sha256": sha(d / "crash.db.outputs.jsonl")}
 
 
@@ -508,7 +530,7 @@ def soak(cli: Cli, work: Path, checkpoint: Path, num_events: int, num_users: int
     items = serving.items.raw_ids.to_list()
     categories = serving.features["category"].raw_ids.to_list()
     rng = random.Random(0)
-    d = work / "soak"
+    d = work / f"soak-{num_users}"
     d.mkdir()
     path = d / "events.jsonl"
     with path.open("w") as f:
@@ -519,18 +541,19 @@ def soak(cli: Cli, work: Path, checkpoint: Path, num_events: int, num_users: int
                        "--chunk-rows", "1024", "--accelerator", "cpu")
     started = time.monotonic()
     with path.open() as feed, (d / "stderr.txt").open("w") as errors:
-        proc = subprocess.Popen(command, cwd=work, env=cli.env, stdin=feed, stdout=subprocess.PIPE, stderr=errors,
-                                text=True)
+        proc = subprocess.Popen(command, cwd=work, env={**cli.env, "PYTHONUNBUFFERED": "1"}, stdin=feed,
+                                stdout=subprocess.PIPE, stderr=errors, text=True)
         progress = {"events": 0}
         out: list[str] = []
 
         def read_progress():
             # Lightning's bar redraws with \r on stdout; its postfix carries the events processed so far.
-            for chunk in iter(lambda: proc.stdout.read(4096), ""):
+            for chunk in iter(lambda: proc.stdout.read(256), ""):
                 out.append(chunk)
-                found = re.findall(r"events=([\d,]+)", chunk)
+                # complete postfixes only: a read may end inside one
+                found = re.findall(r"events=([\d,]+)[,\]]", "".join(out[-3:]))
                 if found:
-                    progress["events"] = int(found[-1].replace(",", ""))
+                    progress["events"] = max(progress["events"], int(found[-1].replace(",", "")))
 
         reader = threading.Thread(target=read_progress, daemon=True)
         reader.start()
@@ -544,9 +567,12 @@ def soak(cli: Cli, work: Path, checkpoint: Path, num_events: int, num_users: int
         reader.join(timeout=30)
     run = Run(command, proc.returncode, "".join(out), (d / "stderr.txt").read_text())
     cli.record(run, stdin=path)
+    store_bytes = (d / "s.db").stat().st_size
+    touched = num_users * (1 - (1 - 1 / num_users) ** 1024)  # expected distinct users in a micro-batch
     return {"events": num_events, "users": num_users, "chunk_rows": 1024, "exit": proc.returncode,
             "seconds": round(time.monotonic() - started, 1), "counts": run.counts,
-            "store_mb": round((d / "s.db").stat().st_size / 2**20, 1), "samples": samples}
+            "store_mb": round(store_bytes / 2**20, 1), "state_kb_per_user": round(store_bytes / num_users / 1024, 1),
+            "users_per_micro_batch": round(touched), "samples": samples}
 
 
 def _proc_status(pid: int) -> dict[str, float] | None:
@@ -559,7 +585,7 @@ def _proc_status(pid: int) -> dict[str, float] | None:
 
 
 def soak_table(result: dict, rows: int = 10) -> tuple[list[dict], dict]:
-    """``rows`` samples evenly spread over the run, and whether peak RSS stayed flat once streaming."""
+    """``rows`` samples evenly spread over the run, and the highest RSS in its first and last quarters."""
     samples = [s for s in result["samples"] if s["events"] > 0]
     if not samples:
         return [], {}
@@ -567,21 +593,42 @@ def soak_table(result: dict, rows: int = 10) -> tuple[list[dict], dict]:
     total = result["events"]
     early = max((s["rss_mb"] for s in samples if s["events"] <= 0.25 * total), default=None)
     late = max((s["rss_mb"] for s in samples if s["events"] >= 0.75 * total), default=None)
-    return picked, {"rss_at_25pct_mb": early, "rss_after_75pct_mb": late,
+    return picked, {"first_quarter_mb": early, "last_quarter_mb": late,
                     "peak_rss_mb": max(s["peak_rss_mb"] for s in samples)}
+
+
+def soak_section(result: dict) -> list[str]:
+    picked, verdict = soak_table(result)
+    per_user = result["events"] / result["users"]
+    lines = [
+        "", f"### {result['users']:,} users, {per_user:.0f} events each on average", "",
+        f"Exit {result['exit']} after {result['seconds']} s ({result['events'] / result['seconds']:,.0f} events/s "
+        f"including start-up); counts {result['counts']}; store {result['store_mb']} MB at the end, "
+        f"{result['state_kb_per_user']} KB per user.", "",
+        "| seconds | events processed | RSS (MB) | peak RSS so far (MB) |", "|---|---|---|---|",
+    ]
+    lines += [f"| {s['seconds']} | {s['events']:,} | {s['rss_mb']} | {s['peak_rss_mb']} |" for s in picked]
+    if verdict:
+        batch_mb = result["users_per_micro_batch"] * result["state_kb_per_user"] / 1024
+        lines += ["", f"Highest RSS during the first quarter of the events: {verdict['first_quarter_mb']} MB; during "
+                  f"the last quarter: {verdict['last_quarter_mb']} MB; peak {verdict['peak_rss_mb']} MB. A micro-batch "
+                  f"touches about {result['users_per_micro_batch']:,} users, whose stored states total about "
+                  f"{batch_mb:.1f} MB at the end of the run (each held as a blob, decoded tensors and stacked "
+                  "caches while the batch is computed)."]
+    return lines
 
 
 # ---- report -------------------------------------------------------------------------------------------------
 def report(results: dict, raw_name: str) -> str:
-    faults, kill, soak_result = results["faults"], results["kill9"], results["soak"]
-    picked, verdict = soak_table(soak_result)
+    faults, kill, soaks = results["faults"], results["kill9"], results["soaks"]
     lines = [
         "# Reliability of `ksa-rec stream` and `ksa-rec score`", "",
         f"Produced by `pipelines/reliability.py` on {results['date']} ({results['machine']}, torch "
         f"{results['torch']}, Python {results['python']}); raw results in "
         f"[`docs/results/raw/{raw_name}.json`](results/raw/{raw_name}.json), every command and its last output "
         f"lines in [`docs/results/raw/{raw_name}.log`](results/raw/{raw_name}.log). Model: `configs/smoke.yaml` "
-        "(pattern `ksa,full`, time-gap buckets) trained one epoch on the built-in synthetic data.", "",
+        "(pattern `ksa,full`, time-gap buckets) trained one epoch on the built-in synthetic data. Seconds and "
+        "events/s below are indicative only: the machine was shared with other jobs.", "",
         "## What `stream` guarantees", "",
         "- **Exactly-once by event identity.** An event's identity is an 8-byte blake2b of its raw item id, "
         "timestamp and feature values (sorted feature order); the user is implicit. Each user state keeps the "
@@ -605,8 +652,9 @@ def report(results: dict, raw_name: str) -> str:
         "`skip`, or `dead-letter --dead-letter FILE`; `--on-unknown-item oov|skip|error`; every run prints its "
         "counts (`--summary FILE` writes them as JSON).", "",
         "Limits, by design: (1) an event older than its user's replay window is assumed to be a replay; a "
-        "genuinely new event that old is dropped (counted as `beyond_horizon`). (2) More than 128 events of "
-        "one user with the same timestamp cannot be told from replays of each other. (3) Two different events "
+        "genuinely new event that old is dropped (counted as `beyond_horizon`). (2) If a user has more than 128 "
+        "events at its latest timestamp, a replay of the oldest of them is no longer recognised and is applied "
+        "again (a same-second sibling is new). (3) Two different events "
         "share an identity with probability about 2^-64 per pair. (4) The dead-letter file is at-least-once: "
         "reading an input again reports its bad rows again. (5) The lock is a local `flock`: one machine, not a "
         "network file system. (6) Events of one user must arrive in time order (ties in any order).", "",
@@ -629,29 +677,26 @@ def report(results: dict, raw_name: str) -> str:
         f"- final run: exit {kill['final_exit']}, counts {kill['final_counts']}",
         f"- output byte-identical to an uninterrupted run: **{kill['outputs_byte_identical']}** "
         f"(sha256 `{kill['output_sha256'][:16]}…`)",
-        f"- state blobs byte-identical to an uninterrupted run: **{kill['state_blobs_byte_identical']}**", "",
+        f"- states identical to an uninterrupted run (every tensor bit for bit, every counter): "
+        f"**{kill['states_bit_identical']}**", "",
         "| restart | killed at | killed | events committed | output bytes | committed output bytes |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {k['restart']} | `{k['point']}` | {k['killed']} | {k['events_committed']} | {k['output_bytes']} | "
               f"{k['committed_bytes']} |" for k in kill["kills"]]
     lines += [
-        "", f"## Soak: {soak_result['events']:,} events", "",
-        f"{soak_result['events']:,} synthetic events of {soak_result['users']:,} users (items and categories "
-        "drawn from the checkpoint's vocabularies, one event per second) piped into `stream --events -` with "
-        f"`--chunk-rows {soak_result['chunk_rows']}`; the writer's RSS sampled every 0.5 s from `/proc`. Exit "
-        f"{soak_result['exit']} after {soak_result['seconds']} s; counts {soak_result['counts']}; store "
-        f"{soak_result['store_mb']} MB at the end.", "",
-        "| seconds | events processed | RSS (MB) | peak RSS so far (MB) |", "|---|---|---|---|",
+        "", "## Soak", "",
+        "Synthetic events (items and categories drawn from the checkpoint's vocabularies, users drawn at random, "
+        "one event per second) piped into `stream --events -` with `--chunk-rows 1024`; the writer's RSS and peak "
+        "RSS sampled every 0.5 s from `/proc`, with the events processed so far (from the progress bar). A stdin "
+        "stream holds one micro-batch, the states of its users and a per-run table of the users it has seen (one "
+        "integer each); nothing else grows with the number of events. A user's state does grow with that user's "
+        "history where a layer keeps every event (`full` layers, and the seen-items set), so a run with longer "
+        "histories per user moves larger states per micro-batch. (A *file* input is read and validated "
+        "whole first, so its memory grows with the file: pipe long logs through stdin.)",
     ]
-    lines += [f"| {s['seconds']} | {s['events']:,} | {s['rss_mb']} | {s['peak_rss_mb']} |" for s in picked]
-    if verdict:
-        lines += ["", f"Highest RSS while the first quarter of the events streamed: {verdict['rss_at_25pct_mb']} MB; "
-                  f"during the last quarter: {verdict['rss_after_75pct_mb']} MB; peak over the run "
-                  f"{verdict['peak_rss_mb']} MB. A stdin stream holds one micro-batch, the states of its users and "
-                  "the per-run table of users seen (one integer per user), so memory does not grow with the "
-                  "number of events. (A *file* input is read and validated whole first, so its memory grows with "
-                  "the file; pipe long logs through stdin.)"]
+    for result in soaks:
+        lines += soak_section(result)
     lines += ["", "Regenerate: `PYTHONPATH=. python pipelines/reliability.py --date YYYY-MM-DD --machine \"...\"`.", ""]
     return "\n".join(lines)
 
@@ -664,9 +709,16 @@ def main() -> int:
     parser.add_argument("--raw-dir", type=Path, default=ROOT / "docs" / "results" / "raw")
     parser.add_argument("--restarts", type=int, default=20)
     parser.add_argument("--soak-events", type=int, default=100_000)
-    parser.add_argument("--soak-users", type=int, default=2_000)
-    parser.add_argument("--quick", action="store_true", help="10 restarts and a 20,000-event soak")
+    parser.add_argument("--soak-users", type=int, nargs="+", default=[20_000, 2_000],
+                        help="one soak per value: that many users share the events")
+    parser.add_argument("--quick", action="store_true", help="10 restarts and 20,000-event soaks")
+    parser.add_argument("--from-raw", type=Path, default=None,
+                        help="only render the report again from a raw results JSON of an earlier run")
     args = parser.parse_args()
+    if args.from_raw:
+        args.report.write_text(report(json.loads(args.from_raw.read_text()), args.from_raw.stem))
+        print(f"report: {args.report}")
+        return 0
     if args.quick:
         args.restarts, args.soak_events = 10, 20_000
     import torch
@@ -681,10 +733,10 @@ def main() -> int:
         model_id = ServingModel.load(checkpoint).model_id
         faults = Matrix(cli, work, checkpoint, events, model_id).run_all()
         kill = crash_restarts(cli, work, checkpoint, events, model_id, args.restarts)
-        soaked = soak(cli, work, checkpoint, args.soak_events, args.soak_users)
+        soaks = [soak(cli, work, checkpoint, args.soak_events, users) for users in args.soak_users]
     results = {"date": args.date, "machine": args.machine, "torch": torch.__version__,
                "python": platform.python_version(), "faults": [asdict(f) for f in faults], "kill9": kill,
-               "soak": soaked}
+               "soaks": soaks}
     raw_name = f"reliability-{args.date}"
     args.raw_dir.mkdir(parents=True, exist_ok=True)
     (args.raw_dir / f"{raw_name}.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -692,7 +744,8 @@ def main() -> int:
     args.report.write_text(report(results, raw_name))
     print(f"report: {args.report}")
     failed = [f.fault for f in faults if not f.ok]
-    if not (kill["all_killed"] and kill["outputs_byte_identical"]) or soaked["exit"] != 0:
+    if not (kill["all_killed"] and kill["outputs_byte_identical"] and kill["states_bit_identical"]) \
+            or any(result["exit"] != 0 for result in soaks):
         failed.append("kill -9 restarts / soak")
     if failed:
         print("NOT as expected: " + "; ".join(failed))
