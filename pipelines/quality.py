@@ -143,6 +143,12 @@ STUDIES: dict[str, list[Run]] = {
             ("sca,ksa[chunk]", "sca,ksa", ["--model.encoder.summary_init", "chunk"]),
             ("ksa,full[slot]", "ksa,full", ["--model.encoder.summary_init", "slot"]),
         ]],
+    # The long-history recipe on real data (issue 15 study 3): ML-100K's histories (mean ~106 events, longest
+    # 737) run past its raw window (8 chunks of 8), so summaries matter for its longer users.
+    "ml-100k-summaries": [Run(f"ml-100k-{name}", "ml-100k", "ml-100k/u.data", [*_pattern(p), *extra], seeded=True)
+                          for name, p, extra in [("full,full", "full,full", []), ("sca,sca", "sca,sca", []),
+                                                 ("ksa,full[chunk]", "ksa,full",
+                                                  ["--model.encoder.summary_init", "chunk"])]],
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [

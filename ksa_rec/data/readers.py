@@ -21,7 +21,13 @@ sasrec     one line per user: ``user item item ...`` in time order; timestamp = 
 Every rating counts as an interaction (implicit feedback); MovieLens formats offer ``rating`` as a
 feature. Timestamps must be integers (integral floats such as ``12.0`` are accepted); parquet
 Datetime/Date columns become microseconds since the Unix epoch. Every problem raises ``DataError``
-naming the file, row and column. All work is vectorised polars: no Python loop over rows.
+naming the file, row and column. All work is vectorised polars: no Python loop over rows (except over
+rows already found bad).
+
+Row-level problems (a line that is not a JSON object, a nested JSON value, a missing, NaN or out-of-range
+value, a MovieLens line with the wrong number of fields) can instead be collected: pass a list as
+``bad_rows`` and each bad row is appended to it as a ``BadRow`` and left out of the result. Problems of
+the whole file (missing column, unknown format, unreadable file) always raise.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -42,9 +48,27 @@ from ksa_rec.errors import DataError
 Format = Literal["auto", "parquet", "csv", "jsonl", "ml-100k", "ml-dat", "ml-csv", "sasrec"]
 FORMATS: tuple[str, ...] = get_args(Format)
 _TMP_ROW = "__ksa_rec_row__"  # polars' row index name while reading; a file may have its own "row"
+_RAW_LINE = "__ksa_rec_line__"  # a line format's raw text, kept for BadRow.raw
 _ML_COLUMNS = (USER, ITEM, "rating", TIME)  # headerless MovieLens files, in field order
 _INT64_LIMIT = 2.0**63
 _MISSING_TEXT = ("", "nan", "NaN", "NAN", "Nan")
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row left out of the result: where it is, what is wrong, and its raw text."""
+
+    row: int
+    """1-based row number, counted as in ``DataError``."""
+    column: str | None
+    """The offending column as the file names it (None: the whole row, e.g. not JSON)."""
+    problem: str
+    """One line saying what is wrong."""
+    raw: str
+    """The row as read: the line for line formats, else a JSON object of its raw values."""
+
+    def error(self, file: str) -> DataError:
+        return DataError(self.problem, file=file, row=self.row, column=self.column)
 
 
 def detect_format(path: str | Path) -> str:
@@ -70,8 +94,9 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_interactions(path: str | Path, *, format: Format = "auto",  # noqa: A002 - the public API name
-                      schema: LogSchema = LogSchema()) -> pl.DataFrame:
-    """Read and validate an interaction log; see the module docstring for formats and output columns."""
+                      schema: LogSchema = LogSchema(), bad_rows: list[BadRow] | None = None) -> pl.DataFrame:
+    """Read and validate an interaction log; see the module docstring for formats and output columns.
+    ``bad_rows``: collect row-level problems there instead of raising on the first."""
     file = str(path)
     path = Path(path)
     if format not in FORMATS:
@@ -82,20 +107,22 @@ def read_interactions(path: str | Path, *, format: Format = "auto",  # noqa: A00
         raise DataError("file is empty", file=file)
     fmt = detect_format(path) if format == "auto" else format
     with _polars_errors(file, fmt):
-        frame, source_names = _READERS[fmt](path, schema, file)
-    if frame.height == 0:
+        frame, source_names = _READERS[fmt](path, schema, file, bad_rows)
+    if frame.height == 0 and not bad_rows:
         raise DataError("no data rows", file=file)
-    return _validate(frame, schema, source_names, file)
+    return _validate(frame, schema, source_names, file, bad_rows)
 
 
 # ----------------------------------------------------------------------------------------- readers
 # Each reader returns (frame, source_names): the frame has ROW plus the schema's output columns in raw
-# dtypes; source_names maps output column -> the name the user knows from the file, for messages.
+# dtypes (line formats also _RAW_LINE); source_names maps output column -> the name the user knows from
+# the file, for messages. Row-level problems go to bad_rows when it is a list, else raise.
 
-_Reader = Callable[[Path, LogSchema, str], tuple[pl.DataFrame, dict[str, str]]]
+_Reader = Callable[[Path, LogSchema, str, "list[BadRow] | None"], tuple[pl.DataFrame, dict[str, str]]]
 
 
-def _read_csv(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
+def _read_csv(path: Path, schema: LogSchema, file: str,
+              bad_rows: list[BadRow] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
     # infer_schema=False: every column as text, so a bad value is reported by us with its row
     # instead of failing polars' type inference somewhere in the file.
     lazy = pl.scan_csv(path, infer_schema=False, row_index_name=_TMP_ROW, row_index_offset=1)
@@ -108,83 +135,103 @@ def _read_csv(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, d
         raise
 
 
-def _read_ml_csv(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
+def _read_ml_csv(path: Path, schema: LogSchema, file: str,
+                 bad_rows: list[BadRow] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
     return _read_csv(path, replace(schema, user_col="userId", item_col="movieId", time_col="timestamp"),
                      file)
 
 
-def _read_parquet(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
+def _read_parquet(path: Path, schema: LogSchema, file: str,
+                  bad_rows: list[BadRow] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
     lazy = pl.scan_parquet(path).with_row_index(_TMP_ROW, offset=1)
     present = [c for c in lazy.collect_schema().names() if c != _TMP_ROW]
     return _select_columns(lazy, present, schema, file)
 
 
 def read_jsonl_lines(lines: list[str], *, schema: LogSchema = LogSchema(), file: str = "<stdin>",
-                     first_row: int = 1) -> pl.DataFrame:
+                     first_row: int = 1, bad_rows: list[BadRow] | None = None) -> pl.DataFrame:
     """Parse and validate JSON lines already in memory (e.g. a micro-batch read from stdin); row numbers
-    in errors count from ``first_row``. Blank lines are skipped (but counted). Output as ``read_interactions``."""
+    in errors count from ``first_row``. Blank lines are skipped (but counted). Output and ``bad_rows`` as
+    ``read_interactions``."""
     frame = pl.DataFrame({"line": lines}, schema={"line": pl.String}).with_row_index(_TMP_ROW, offset=first_row)
     frame = frame.with_columns(pl.col(_TMP_ROW).cast(pl.Int64)).filter(pl.col("line").str.strip_chars() != "")
-    if frame.height == 0:
-        return pl.DataFrame(schema={ROW: pl.Int64, **{c: pl.String for c in schema.output_columns[1:]}})
     with _polars_errors(file, "jsonl"):
-        parsed, source_names = _parse_jsonl(frame, schema, file)
-    return _validate(parsed, schema, source_names, file)
+        parsed, source_names = _parse_jsonl(frame, schema, file, bad_rows)
+    return _validate(parsed, schema, source_names, file, bad_rows)
 
 
-def _read_jsonl(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
-    return _parse_jsonl(_nonblank_lines(path), schema, file)
+def _read_jsonl(path: Path, schema: LogSchema, file: str,
+                bad_rows: list[BadRow] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
+    return _parse_jsonl(_nonblank_lines(path), schema, file, bad_rows)
 
 
-def _parse_jsonl(lines: pl.DataFrame, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
-    if lines.height == 0:
-        return lines, {}
+def _parse_jsonl(lines: pl.DataFrame, schema: LogSchema, file: str,
+                 bad_rows: list[BadRow] | None) -> tuple[pl.DataFrame, dict[str, str]]:
+    needed = _needed_columns(schema)
     text = pl.col("line")
     # json_path_match("$") is null exactly where a line is not valid JSON: vectorised row finding.
     not_object = text.str.json_path_match("$").is_null() | ~text.str.strip_chars_start().str.starts_with("{")
-    bad = lines.filter(not_object).head(1)
-    if bad.height:
-        raise DataError(f"not a JSON object: {_clip(bad['line'][0])} (jsonl needs one object per line)",
-                        file=file, row=bad[_TMP_ROW][0])
+    lines = _drop_bad_rows(lines, not_object, bad_rows, file, lambda line: (
+        None, f"not a JSON object: {_clip(line)} (jsonl needs one object per line)"))
+    if lines.height == 0:
+        return _no_rows(needed), needed
     # Column presence from the first record; a key missing later is a missing value in that row.
     present = list(json.loads(lines["line"][0]))
-    needed = _needed_columns(schema)
     _require(present, needed.values(), file)
-    # Decode every needed key as text: mixed JSON types (1 vs "1") then parse the same way as csv.
+    # Decode every needed key as text: mixed JSON types (1 vs "1") then parse the same way as csv. Only a
+    # nested value (object or list) fails that; then find its rows (Python, paid only by such files).
     struct = pl.Struct({source: pl.String for source in needed.values()})
-    decoded = lines.select(_TMP_ROW, text.str.json_decode(struct).alias("record")).unnest("record")
-    frame = decoded.select(pl.col(_TMP_ROW).alias(ROW),
-                           *[pl.col(source).alias(out) for out, source in needed.items()])
+    try:
+        decoded = lines.select(_TMP_ROW, "line", text.str.json_decode(struct).alias("record"))
+    except pl.exceptions.ComputeError:
+        nested = pl.Series([_nested_key(line, needed.values()) is not None for line in lines["line"]])
+        lines = _drop_bad_rows(lines, nested, bad_rows, file, lambda line: _describe_nested(line, needed.values()))
+        decoded = lines.select(_TMP_ROW, "line", text.str.json_decode(struct).alias("record"))
+    frame = decoded.unnest("record").select(pl.col(_TMP_ROW).alias(ROW), pl.col("line").alias(_RAW_LINE),
+                                            *[pl.col(source).alias(out) for out, source in needed.items()])
     return frame, needed
 
 
-def _read_ml_100k(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
-    return _read_fixed_fields(path, "\t", schema, file)
+def _nested_key(line: str, keys: Any) -> str | None:
+    """The first of ``keys`` whose value in the JSON object ``line`` is an object or a list."""
+    record = json.loads(line)
+    return next((k for k in keys if isinstance(record.get(k), (dict, list))), None)
 
 
-def _read_ml_dat(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
-    return _read_fixed_fields(path, "::", schema, file)
+def _describe_nested(line: str, keys: Any) -> tuple[str | None, str]:
+    key = _nested_key(line, keys)
+    value = json.dumps(json.loads(line)[key])
+    return key, f"nested JSON value {_clip(value)}; expected a string or number"
 
 
-def _read_fixed_fields(path: Path, separator: str, schema: LogSchema,
-                       file: str) -> tuple[pl.DataFrame, dict[str, str]]:
+def _read_ml_100k(path: Path, schema: LogSchema, file: str,
+                  bad_rows: list[BadRow] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
+    return _read_fixed_fields(path, "\t", schema, file, bad_rows)
+
+
+def _read_ml_dat(path: Path, schema: LogSchema, file: str,
+                 bad_rows: list[BadRow] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
+    return _read_fixed_fields(path, "::", schema, file, bad_rows)
+
+
+def _read_fixed_fields(path: Path, separator: str, schema: LogSchema, file: str,
+                       bad_rows: list[BadRow] | None) -> tuple[pl.DataFrame, dict[str, str]]:
     """Headerless MovieLens lines ``user<sep>item<sep>rating<sep>timestamp``."""
     _require(list(_ML_COLUMNS), [*schema.features, *schema.labels], file)
     lines = _nonblank_lines(path)
-    parts = lines.select(_TMP_ROW, pl.col("line").str.split(separator).alias("parts"))
-    count = pl.col("parts").list.len()
-    bad = parts.filter(count != len(_ML_COLUMNS)).head(1)
-    if bad.height:
-        raise DataError(f"expected {len(_ML_COLUMNS)} fields separated by {separator!r} "
-                        f"({', '.join(_ML_COLUMNS)}), found {len(bad['parts'][0])}",
-                        file=file, row=bad[_TMP_ROW][0])
+    wrong_count = pl.col("line").str.split(separator).list.len() != len(_ML_COLUMNS)
+    lines = _drop_bad_rows(lines, wrong_count, bad_rows, file, lambda line: (
+        None, f"expected {len(_ML_COLUMNS)} fields separated by {separator!r} ({', '.join(_ML_COLUMNS)}), "
+              f"found {len(line.split(separator))}"))
+    parts = lines.select(_TMP_ROW, "line", pl.col("line").str.split(separator).alias("parts"))
     wanted = [USER, ITEM, TIME, *schema.features, *schema.labels]
-    frame = parts.select(pl.col(_TMP_ROW).alias(ROW),
+    frame = parts.select(pl.col(_TMP_ROW).alias(ROW), pl.col("line").alias(_RAW_LINE),
                          *[pl.col("parts").list.get(_ML_COLUMNS.index(c)).alias(c) for c in wanted])
     return frame, {c: c for c in wanted}
 
 
-def _read_sasrec(path: Path, schema: LogSchema, file: str) -> tuple[pl.DataFrame, dict[str, str]]:
+def _read_sasrec(path: Path, schema: LogSchema, file: str,
+                 bad_rows: list[BadRow] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
     """``user item item ...`` per line -> one event per item, timestamp = index of the item in line."""
     _require([USER, ITEM, TIME], [*schema.features, *schema.labels], file)
     lines = _nonblank_lines(path)
@@ -219,6 +266,25 @@ def _nonblank_lines(path: Path) -> pl.DataFrame:
     """``[_TMP_ROW (line number), line]`` of the non-blank lines (a trailing newline is not a row)."""
     lazy = pl.scan_lines(path, name="line", row_index_name=_TMP_ROW, row_index_offset=1)
     return lazy.filter(pl.col("line").str.strip_chars() != "").collect()
+
+
+def _drop_bad_rows(lines: pl.DataFrame, bad: pl.Expr | pl.Series, bad_rows: list[BadRow] | None, file: str,
+                   describe: Callable[[str], tuple[str | None, str]]) -> pl.DataFrame:
+    """``lines`` without the rows where ``bad`` holds: with ``bad_rows`` None the first of them raises,
+    else each is appended there (``describe(line)`` gives its column and problem)."""
+    flagged = lines.filter(bad)
+    if flagged.height == 0:
+        return lines
+    if bad_rows is None:
+        row, line = flagged[_TMP_ROW][0], flagged["line"][0]
+        raise BadRow(row, *describe(line), raw=line).error(file)
+    bad_rows.extend(BadRow(row, *describe(line), raw=line) for row, line in zip(flagged[_TMP_ROW], flagged["line"]))
+    return lines.filter(~bad)
+
+
+def _no_rows(needed: dict[str, str]) -> pl.DataFrame:
+    """An empty reader result (every line of a line format was bad)."""
+    return pl.DataFrame(schema={ROW: pl.Int64, _RAW_LINE: pl.String, **{out: pl.String for out in needed}})
 
 
 def _needed_columns(schema: LogSchema) -> dict[str, str]:
@@ -267,10 +333,11 @@ def _polars_errors(file: str, fmt: str) -> Iterator[None]:
 
 # -------------------------------------------------------------------------------------- validation
 
-def _validate(frame: pl.DataFrame, schema: LogSchema, source_names: dict[str, str],
-              file: str) -> pl.DataFrame:
+def _validate(frame: pl.DataFrame, schema: LogSchema, source_names: dict[str, str], file: str,
+              bad_rows: list[BadRow] | None = None) -> pl.DataFrame:
     """Parse raw columns into the output dtypes; a required value that cannot be parsed becomes null,
-    and the first null (found vectorised) is reported with its raw value."""
+    and the first null (found vectorised) is reported with its raw value (or, with ``bad_rows``, every
+    row holding one is moved there)."""
     integers = (TIME, *schema.labels)
     parsers = {USER: _id_expr, ITEM: _id_expr, **{c: _int_expr for c in integers}}
     exprs = {name: parse(name, frame.schema[name], source_names[name], file)
@@ -284,13 +351,27 @@ def _validate(frame: pl.DataFrame, schema: LogSchema, source_names: dict[str, st
             fallback = as_float.select(_integral_float(pl.col(name))).to_series()
             out = out.with_columns(out[name].fill_null(fallback))
     failed = [name for name in parsers if out[name].null_count()]
-    if failed:
-        position = out.select(pl.any_horizontal(*[pl.col(c).is_null() for c in failed]).arg_max()).item()
+    if not failed:
+        return out
+    is_bad = out.select(pl.any_horizontal(*[pl.col(c).is_null() for c in failed])).to_series()
+    positions = [is_bad.arg_max()] if bad_rows is None else is_bad.arg_true().to_list()
+    found = []
+    for position in positions:
         name = next(c for c in failed if out[c][position] is None)
         describe = _describe_int if name in integers else _describe_id
-        raise DataError(describe(frame[name][position]), file=file, row=out[ROW][position],
-                        column=source_names[name])
-    return out
+        found.append(BadRow(out[ROW][position], source_names[name], describe(frame[name][position]),
+                            _raw_text(frame, source_names, position)))
+    if bad_rows is None:
+        raise found[0].error(file)
+    bad_rows.extend(found)
+    return out.filter(~is_bad)
+
+
+def _raw_text(frame: pl.DataFrame, source_names: dict[str, str], position: int) -> str:
+    """Row ``position`` as read: its line, or a JSON object of its raw values under the file's names."""
+    if _RAW_LINE in frame.columns:
+        return frame[_RAW_LINE][position]
+    return json.dumps({source: frame[out][position] for out, source in source_names.items()}, default=str)
 
 
 def _id_expr(name: str, dtype: pl.DataType, source: str, file: str) -> pl.Expr:

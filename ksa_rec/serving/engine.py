@@ -11,8 +11,8 @@ import torch
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import ITEM, RESERVED_IDS, ROW, TIME, USER, LogSchema, time_gap_bucket
-from ksa_rec.errors import DataError
 from ksa_rec.models.ranking import topk_items
+from ksa_rec.serving.admission import time_gaps
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.state import UserState
 from ksa_rec.utils.jagged import lengths_to_offsets
@@ -66,7 +66,7 @@ class StreamEngine:
         timestamps = ordered[TIME].to_numpy()
         rows = ordered[ROW].to_numpy()
         old = [states[u] for u in users]
-        gaps = _check_order_and_gaps(users, old, lengths, items, timestamps, rows, file)
+        gaps = time_gaps(old, lengths, timestamps)
         device = self.serving.device
         batch = self._batch(ordered, items, gaps, lengths, old).to(device)
         vectors, states_out = self.model.step(batch, self.model.stack_states([s.layers for s in old], device))
@@ -119,33 +119,6 @@ def _group_by_user(frame: pl.DataFrame) -> tuple[list[str], np.ndarray, np.ndarr
     index = frame[USER].replace_strict(users, pl.int_range(len(users), eager=True), return_dtype=pl.Int64).to_numpy()
     order = np.argsort(index, kind="stable")
     return users.to_list(), order, np.bincount(index, minlength=len(users)).astype(np.int64)
-
-
-def _check_order_and_gaps(users, old: list[UserState], lengths, items, timestamps, rows, file) -> np.ndarray:
-    """Seconds since each event's predecessor (-1 for a user's first event ever); raises on events older
-    than their predecessor or exact repeats of it."""
-    starts = np.cumsum(lengths) - lengths
-    first = np.zeros(len(items), dtype=bool)
-    first[starts[lengths > 0]] = True
-    prev_time = np.concatenate([[0], timestamps[:-1]])
-    prev_item = np.concatenate([[0], items[:-1]])
-    has_prev = ~first
-    for b, state in enumerate(old):
-        if lengths[b] and state.event_count:
-            at = starts[b]
-            prev_time[at], prev_item[at], has_prev[at] = state.last_timestamp, state.last_item, True
-    gaps = np.where(has_prev, timestamps - prev_time, -1)
-    bad = np.flatnonzero(has_prev & (gaps < 0))
-    if bad.size:
-        i = bad[0]
-        raise DataError(f"timestamp {timestamps[i]} is before the user's previous event ({prev_time[i]}); "
-                        "events of a user must arrive in time order", file=file, row=int(rows[i]), column="timestamp")
-    dup = np.flatnonzero(has_prev & (gaps == 0) & (items == prev_item) & (items >= RESERVED_IDS))
-    if dup.size:
-        i = dup[0]
-        raise DataError("duplicate of the user's previous event (same item and timestamp)", file=file,
-                        row=int(rows[i]))
-    return gaps
 
 
 __all__ = ["Recommendations", "StreamEngine"]

@@ -5,7 +5,7 @@
 
     before-output   the micro-batch is computed; nothing of it is written yet
     after-output    its recommendations are in the output, its states are not committed
-    after-commit    states, input progress and output length are committed together
+    after-commit    states (with their replay windows) and output length are committed together
 
 Unset (every normal run), ``crash_point`` is one dictionary lookup.
 """

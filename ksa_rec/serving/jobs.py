@@ -2,11 +2,12 @@
 
 Both run ``Trainer.predict``: a DataLoader yields work (event micro-batches, or batches of users), the
 LightningModule's ``predict_step`` computes, and a ``BasePredictionWriter`` persists each batch as it
-completes. For ``stream`` the writer appends the recommendations to the sink and then commits the new
-states, the input position and the sink's length in one store transaction; a restarted run first cuts
-the sink back to the committed length and resumes the input after the committed position, so a run
-killed at any point (even ``kill -9``) ends, once restarted, with exactly the states and outputs of an
-uninterrupted one.
+completes. For ``stream`` the step first admits the micro-batch's events (``serving.admission``: replays
+of applied events are skipped by identity), the writer appends the recommendations to the sink and then
+commits the new states (with their replay windows) and the sink's length in one store transaction. A
+restarted run reads the input from row 1: committed micro-batches are all replays and write nothing, the
+sink is cut back to the committed length at the first write, so a run killed at any point (even
+``kill -9``) ends, once restarted, with exactly the states and outputs of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from ksa_rec.data.readers import read_interactions
 from ksa_rec.data.schema import USER
 from ksa_rec.data.sequences import Collator
 from ksa_rec.errors import StateError
+from ksa_rec.serving.admission import Admission, AdmissionConfig, StreamCounts
 from ksa_rec.serving.engine import Recommendations, StreamEngine
-from ksa_rec.serving.events import EventChunk, iter_event_chunks
+from ksa_rec.serving.events import EventChunk, RejectRows, iter_event_chunks
 from ksa_rec.serving.faults import crash_point
-from ksa_rec.serving.sinks import Sink
+from ksa_rec.serving.sinks import OutputError, Sink, open_sink, position_key
 from ksa_rec.serving.state import UserState
 from ksa_rec.serving.store import StateStore
 
@@ -44,17 +46,18 @@ MODEL_KEY = "model_id"
 @dataclass
 class StreamResult:
     states: dict[str, bytes]
-    recommendations: Recommendations
-    end_position: int
+    """New blobs of the users with applied events (empty: nothing to write or commit)."""
+    recommendations: Recommendations | None
     events: int
+    """Events read in the micro-batch (applied or not)."""
 
 
 class ServingModule(pl.LightningModule):
     """Wraps the plain model for ``Trainer.predict``; ``predict_step`` dispatches on the batch type."""
 
-    def __init__(self, engine: StreamEngine, store: StateStore | None = None):
+    def __init__(self, engine: StreamEngine, store: StateStore | None = None, admission: Admission | None = None):
         super().__init__()
-        self.engine, self.store = engine, store
+        self.engine, self.store, self.admission = engine, store, admission
         self.model = engine.model
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -69,9 +72,13 @@ class ServingModule(pl.LightningModule):
     def _stream(self, chunk: EventChunk) -> StreamResult:
         users = chunk.frame[USER].unique(maintain_order=True).to_list()
         states = dict(zip(users, self.engine.decode_states(users, self.store.get_many(users))))
-        new_states, recs = self.engine.update(chunk.frame, states, chunk.source)
+        admitted = self.admission.admit(chunk.frame, states, chunk.source)
+        if admitted.frame.height == 0:
+            return StreamResult({}, None, chunk.frame.height)
+        new_states, recs = self.engine.update(admitted.frame, states, chunk.source)
+        admitted.stamp(new_states)
         blobs = {u: s.to_bytes(self.engine.serving.model_id) for u, s in new_states.items()}
-        return StreamResult(blobs, recs, chunk.end_position, chunk.frame.height)
+        return StreamResult(blobs, recs, chunk.frame.height)
 
     def _score(self, batch: "ScoreBatch") -> Recommendations:
         if batch.sequences is not None:
@@ -90,29 +97,31 @@ def _lengths(offsets: torch.Tensor) -> list[int]:
 
 # ---- stream -------------------------------------------------------------------------------------------------
 class EventChunks(IterableDataset):
-    """Micro-batches of the input after the store's committed position for it."""
+    """Micro-batches of the whole input (from row 1: replays are recognised by identity)."""
 
-    def __init__(self, path: str, engine: StreamEngine, chunk_rows: int, start_position: int):
-        self.path, self.engine, self.chunk_rows, self.start_position = path, engine, chunk_rows, start_position
+    def __init__(self, path: str, engine: StreamEngine, chunk_rows: int, reject: RejectRows):
+        self.path, self.engine, self.chunk_rows, self.reject = path, engine, chunk_rows, reject
 
     def __iter__(self):
-        return iter_event_chunks(self.path, self.engine.schema, self.chunk_rows, self.start_position)
+        return iter_event_chunks(self.path, self.engine.schema, self.chunk_rows, self.reject)
 
 
 class StreamCommitWriter(BasePredictionWriter):
-    """Sink first, then one store transaction with the states, the input position and the sink length."""
+    """Sink first, then one store transaction with the states and the sink length. A micro-batch with no
+    applied event (all replays, say) writes and commits nothing."""
 
-    def __init__(self, store: StateStore, sink: Sink, position_key: str, model_id: str):
+    def __init__(self, store: StateStore, sink: Sink, model_id: str):
         super().__init__(write_interval="batch")
-        self.store, self.sink, self.position_key, self.model_id = store, sink, position_key, model_id
+        self.store, self.sink, self.model_id = store, sink, model_id
 
     def write_on_batch_end(self, trainer, pl_module, prediction: StreamResult, batch_indices, batch, batch_idx,
                            dataloader_idx):
+        if not prediction.states:
+            return
         crash_point("before-output")
         sink_position = self.sink.write(prediction.recommendations.records())
         crash_point("after-output")
-        self.store.commit(prediction.states, {self.position_key: str(prediction.end_position),
-                                              self.sink.position_key: sink_position, MODEL_KEY: self.model_id})
+        self.store.commit(prediction.states, {self.sink.position_key: sink_position, MODEL_KEY: self.model_id})
         crash_point("after-commit")
 
 
@@ -190,8 +199,12 @@ class ParquetScoreWriter(BasePredictionWriter):
     SCHEMA = pa.schema([("user_id", pa.string()), ("event_count", pa.int64()),
                         ("item_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
 
-    def __init__(self, output: Path):
+    def __init__(self, output: Path, overwrite: bool = False):
         super().__init__(write_interval="batch")
+        if output.is_dir():
+            raise OutputError(f"{output}: is a directory; score writes one parquet file")
+        if output.exists() and not overwrite:
+            raise OutputError(f"{output}: exists; pass --overwrite to replace it, or choose another --output")
         self.output = output
         self.writer: pq.ParquetWriter | None = None
 
@@ -216,6 +229,14 @@ class ParquetScoreWriter(BasePredictionWriter):
                 self._merge([self.part(r, world) for r in range(world)], self.part(0, 1))
             os.replace(self.part(0, 1), self.output)
         trainer.strategy.barrier()
+
+    def on_exception(self, trainer, pl_module, exception):
+        # A failed run leaves no part behind (the output itself is only ever replaced whole).
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for part in (self.part(trainer.global_rank, trainer.world_size), self.part(0, 1)):
+            part.unlink(missing_ok=True)
 
     def _open(self, trainer) -> None:
         if self.writer is None:
@@ -257,25 +278,30 @@ def predictor(callbacks, accelerator: str, devices: int = 1) -> pl.Trainer:
 
 
 # ---- entry points -------------------------------------------------------------------------------------------
-def run_stream(engine: StreamEngine, store: StateStore, events: str, sink: Sink, chunk_rows: int,
-               accelerator: str = "auto") -> None:
+def run_stream(engine: StreamEngine, store: StateStore, events: str, output: Path, chunk_rows: int,
+               admission: AdmissionConfig = AdmissionConfig(), overwrite: bool = False,
+               accelerator: str = "auto") -> StreamCounts:
+    """Apply ``events`` to the store's states, recommendations to ``output``; returns what was done."""
     meta = store.meta()
     if meta.get(MODEL_KEY, engine.serving.model_id) != engine.serving.model_id:
         raise StateError(f"the state store was built by model {meta[MODEL_KEY]}, not by this checkpoint "
                          f"({engine.serving.model_id}); use that checkpoint or a new store")
-    position_key = f"position:{'<stdin>' if events == '-' else str(Path(events).resolve())}"
-    sink.restore(meta.get(sink.position_key))
-    module = ServingModule(engine, store)
-    loader = DataLoader(EventChunks(events, engine, chunk_rows, int(meta.get(position_key, 0))), batch_size=None)
-    writer = StreamCommitWriter(store, sink, position_key, engine.serving.model_id)
+    sink = open_sink(output, meta.get(position_key(output)), overwrite)
+    gate = Admission(admission, engine.serving.items, engine.serving.features)
+    module = ServingModule(engine, store, gate)
+    loader = DataLoader(EventChunks(events, engine, chunk_rows, gate.reject_malformed), batch_size=None)
+    writer = StreamCommitWriter(store, sink, engine.serving.model_id)
     predictor([writer, ThroughputBar("events")], accelerator).predict(module, loader, return_predictions=False)
+    return gate.counts
 
 
 def run_score(engine: StreamEngine, output: Path, *, events: str | None = None, store: StateStore | None = None,
               batch_size: int = 256, max_len: int | None = None, accelerator: str = "auto",
-              devices: int = 1) -> None:
-    """Top-K of every user to ``output``. ``devices`` > 1: that many processes (Lightning's DDP), users
-    split between them, each rank's results written to its own part and merged by rank 0."""
+              devices: int = 1, overwrite: bool = False) -> None:
+    """Top-K of every user to ``output`` (an existing one only with ``overwrite``). ``devices`` > 1: that
+    many processes (Lightning's DDP), users split between them, each rank's results written to its own
+    part and merged by rank 0."""
+    writer = ParquetScoreWriter(output, overwrite)
     model = engine.model
     if events is not None:
         frame = read_interactions(events, schema=engine.schema)
@@ -286,5 +312,5 @@ def run_score(engine: StreamEngine, output: Path, *, events: str | None = None, 
             data, model.encoder_cfg.time_gap_buckets))
     else:
         loader = DataLoader(StoredUsers(store, engine.serving.model_id, batch_size), batch_size=None)
-    callbacks = [ParquetScoreWriter(output), ThroughputBar("users")]
+    callbacks = [writer, ThroughputBar("users")]
     predictor(callbacks, accelerator, devices).predict(ServingModule(engine), loader, return_predictions=False)

@@ -1,21 +1,23 @@
 """A user's streaming state and its byte form (safetensors; no pickle).
 
-Per user: how many events it has, the last event's time and item (for order and duplicate checks and
-the time-gap feature), the representation after its newest event, the items it has seen (for
+Per user: how many events it has, the last event's time and item (for the order check and the
+time-gap feature), the identities and timestamps of its newest applied events (to recognise replays,
+``ksa_rec.serving.admission``), the representation after its newest event, the items it has seen (for
 excluding them from recommendations), and per layer the K/V rows the layer's kind keeps (KSA.md
 section 7; ``ksa_rec.ops.ksa.step``).
 
 Blob layout: a safetensors file whose metadata holds ``format``, ``version``, ``model_id``,
-``event_count``, ``last_timestamp``, ``last_item`` and ``layers``; tensors ``vector``, ``seen`` and
-``l{i}.{name}`` for each tensor of layer i's cache (``k, v, idx, sk, sv, sidx`` for attention layers,
-the memory tensors for mka/fastmka).
+``event_count``, ``last_timestamp``, ``last_item`` and ``layers``; tensors ``vector``, ``seen``,
+``recent_ids``, ``recent_ts`` and ``l{i}.{name}`` for each tensor of layer i's cache (``k, v, idx, sk,
+sv, sidx`` for attention layers, the memory tensors for mka/fastmka). Version 1 blobs (no replay window)
+are refused: exactly-once needs the identities of what was applied.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
@@ -26,7 +28,11 @@ from torch import Tensor
 from ksa_rec.errors import StateError
 
 STATE_FORMAT = "ksa_rec.user_state"
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+
+def _no_events() -> Tensor:
+    return torch.zeros(0, dtype=torch.int64)
 
 
 @dataclass
@@ -40,6 +46,10 @@ class UserState:
     """int64 ``[u]`` sorted distinct item ids the user interacted with."""
     layers: list[dict[str, Tensor]]
     """Per layer, the tensors of that user's state (``state.user(b)`` of the layer's state type)."""
+    recent_ids: Tensor = field(default_factory=_no_events)
+    """int64 ``[r]`` identities of the newest applied events, oldest first (``admission.REPLAY_WINDOW``)."""
+    recent_ts: Tensor = field(default_factory=_no_events)
+    """int64 ``[r]`` their timestamps."""
 
     @classmethod
     def empty(cls, caches: list, dim: int, dtype: torch.dtype) -> "UserState":
@@ -53,7 +63,8 @@ class UserState:
 
     def to_bytes(self, model_id: str) -> bytes:
         # Clones: cached rows are slices of batch tensors, and safetensors refuses shared storage.
-        tensors = {"vector": self.vector.detach().cpu().clone(), "seen": self.seen.cpu().clone()}
+        tensors = {"vector": self.vector.detach().cpu().clone(), "seen": self.seen.cpu().clone(),
+                   "recent_ids": self.recent_ids.cpu().clone(), "recent_ts": self.recent_ts.cpu().clone()}
         for i, layer in enumerate(self.layers):
             tensors.update({f"l{i}.{key}": value.detach().cpu().clone() for key, value in layer.items()})
         meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION), "model_id": model_id,
@@ -65,6 +76,10 @@ class UserState:
     def from_bytes(cls, blob: bytes, model_id: str, user: str) -> "UserState":
         """Decode a blob; a corrupt blob or one built by another model is a one-line ``StateError``."""
         meta = _metadata(blob, user)
+        if meta.get("format") == STATE_FORMAT and meta.get("version") == "1":
+            raise StateError(f"user {user!r}: state is a v1 user state, without the event identities this "
+                             "version needs for exactly-once; rebuild the store: stream the events again into "
+                             "a new --state")
         if meta.get("format") != STATE_FORMAT or meta.get("version") != str(STATE_VERSION):
             raise StateError(f"user {user!r}: state is not a ksa_rec v{STATE_VERSION} user state "
                              f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
@@ -79,7 +94,7 @@ class UserState:
                     layer, key = name[1:].split(".", 1)
                     layers[int(layer)][key] = value
             state = cls(int(meta["event_count"]), int(meta["last_timestamp"]), int(meta["last_item"]),
-                        tensors["vector"], tensors["seen"], layers)
+                        tensors["vector"], tensors["seen"], layers, tensors["recent_ids"], tensors["recent_ts"])
         except (KeyError, ValueError, RuntimeError, SafetensorError) as err:
             raise StateError(f"user {user!r}: corrupt state blob ({str(err).splitlines()[0][:200]})") from None
         return state

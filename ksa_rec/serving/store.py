@@ -4,16 +4,30 @@
 plus bookkeeping, scan for batch scoring); ``SqliteStateStore`` implements it in one SQLite file in WAL
 mode, no server. A shared store (Redis, a KV service) replaces it by implementing the same four methods
 with the same atomicity: everything passed to one ``commit`` becomes visible together or not at all.
+
+One writer per store: a writer holds an exclusive ``flock`` on ``<store>.lock`` for its whole life (the
+OS drops it when the process dies, so ``kill -9`` leaves no stale lock); the file names the holder.
+Readers (``ksa-rec score --state``) open the database read-only and take no lock (WAL lets them read
+while a writer commits).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 from ksa_rec.errors import StateError
+
+STORE_FORMAT = "ksa_rec.state_store.v2"
+FORMAT_KEY = "format"
+_TABLES = {"states", "meta"}
 
 
 class StateStore(Protocol):
@@ -21,7 +35,7 @@ class StateStore(Protocol):
         """Blobs of the users that have one (absent users are new)."""
 
     def commit(self, states: dict[str, bytes], meta: dict[str, str]) -> None:
-        """Write states and bookkeeping (input position, sink length, model id) in one transaction."""
+        """Write states and bookkeeping (sink position, model id) in one transaction."""
 
     def meta(self) -> dict[str, str]:
         """The bookkeeping of the last commit ({} for a new store)."""
@@ -30,50 +44,125 @@ class StateStore(Protocol):
         """Every (user_id, blob), in batches."""
 
 
+class WriterLock:
+    """An exclusive, non-blocking ``flock`` on ``<store>.lock``, holding the owner's pid and start time."""
+
+    def __init__(self, store: Path):
+        self.path = store.with_name(store.name + ".lock")
+        try:
+            # Opened without truncating: the holder's line must survive a refused attempt.
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StateError(f"{store}: cannot create the lock file {self.path} ({err.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 200).decode(errors="replace").strip() or "a process that is starting"
+            os.close(self.fd)
+            raise StateError(f"{store}: another ksa-rec stream is writing to this store ({holder}); "
+                             "one writer per store") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing the descriptor drops the flock
+
+
 class SqliteStateStore:
     """States keyed by the raw user id in ``states(user_id TEXT PRIMARY KEY, state BLOB)``; bookkeeping in
-    ``meta(key, value)``. WAL mode with ``synchronous=FULL``: a commit survives a killed process."""
+    ``meta(key, value)``. WAL mode with ``synchronous=FULL``: a commit survives a killed process.
 
-    def __init__(self, path: str | Path):
+    ``read_only``: open an existing store for reading (no lock, nothing created); otherwise take the
+    writer lock and create the store if the file is new. Any SQLite failure, at open or later (a corrupt
+    page deep in the file), is a one-line ``StateError``."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path)
+        self.lock = None
+        if read_only:
+            if not self.path.is_file():
+                raise StateError(f"{self.path}: no such state store")
+        else:
+            self.lock = WriterLock(self.path)
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS states (user_id TEXT PRIMARY KEY, state BLOB NOT NULL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            with self._sqlite_errors():
+                self.db = self._connect(read_only)
+                self._check_format(read_only)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, read_only: bool) -> sqlite3.Connection:
+        if read_only:
+            return sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True,
+                                   isolation_level=None)
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def _check_format(self, read_only: bool) -> None:
+        tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and not read_only:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("CREATE TABLE states (user_id TEXT PRIMARY KEY, state BLOB NOT NULL)")
+            self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.execute("INSERT INTO meta VALUES (?, ?)", (FORMAT_KEY, STORE_FORMAT))
+            self.db.execute("COMMIT")
+            return
+        if not _TABLES <= tables:
+            raise StateError(f"{self.path}: not a ksa-rec state store (tables: {', '.join(sorted(tables)) or 'none'})")
+        found = self.meta().get(FORMAT_KEY)
+        if found != STORE_FORMAT:
+            raise StateError(f"{self.path}: state store format {found or 'v1'!r}, this version reads "
+                             f"{STORE_FORMAT!r}; rebuild it: stream the events again into a new --state")
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        try:
+            yield
         except sqlite3.DatabaseError as err:
-            raise StateError(f"{self.path}: not a usable state store ({err})") from None
+            raise StateError(f"{self.path}: not a usable state store ({err}); restore it from a backup or "
+                             "rebuild it") from None
 
     def get_many(self, user_ids: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        for start in range(0, len(user_ids), 500):  # SQLite's bound-parameter limit
-            chunk = user_ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            out.update(self.db.execute(f"SELECT user_id, state FROM states WHERE user_id IN ({marks})", chunk))
+        with self._sqlite_errors():
+            for start in range(0, len(user_ids), 500):  # SQLite's bound-parameter limit
+                chunk = user_ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                out.update(self.db.execute(f"SELECT user_id, state FROM states WHERE user_id IN ({marks})", chunk))
         return out
 
     def commit(self, states: dict[str, bytes], meta: dict[str, str]) -> None:
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR REPLACE INTO states VALUES (?, ?)", states.items())
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
+        with self._sqlite_errors():
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany("INSERT OR REPLACE INTO states VALUES (?, ?)", states.items())
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
 
     def meta(self) -> dict[str, str]:
-        return dict(self.db.execute("SELECT key, value FROM meta"))
+        with self._sqlite_errors():
+            return dict(self.db.execute("SELECT key, value FROM meta"))
 
     def scan(self, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
-        cursor = self.db.execute("SELECT user_id, state FROM states ORDER BY user_id")
-        while rows := cursor.fetchmany(batch_size):
-            yield rows
+        with self._sqlite_errors():
+            cursor = self.db.execute("SELECT user_id, state FROM states ORDER BY user_id")
+            while rows := cursor.fetchmany(batch_size):
+                yield rows
 
     def __len__(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM states").fetchone()[0]
+        with self._sqlite_errors():
+            return self.db.execute("SELECT COUNT(*) FROM states").fetchone()[0]
 
     def close(self) -> None:
-        self.db.close()
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

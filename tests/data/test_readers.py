@@ -241,3 +241,42 @@ def test_log_schema_validation():
     with pytest.raises(ValueError, match="clash with the output columns"):
         LogSchema(user_col="uid", features=("user_id",))
     assert LogSchema(features=["a", "b"]).features == ("a", "b")  # YAML lists become tuples
+
+
+# ---------------------------------------------------------------------------------- collected bad rows
+
+def test_nested_json_value_names_row_and_column(tmp_path):
+    path = write(tmp_path, "bad.jsonl", '{"user_id": 1, "item_id": 2, "timestamp": 3}\n'
+                                        '{"user_id": 1, "item_id": {"id": 2}, "timestamp": 4}\n')
+    assert read_error(path) == f"{path}: row 2, column 'item_id': nested JSON value '{{\"id\": 2}}'; " \
+                               "expected a string or number"
+
+
+def test_bad_rows_are_collected_and_left_out(tmp_path):
+    lines = ['{"user_id": 1, "item_id": "a", "timestamp": 3}', "{oops", "",
+             '{"user_id": 1, "item_id": [1], "timestamp": 4}', '{"user_id": 1, "item_id": "b", "timestamp": 1e99}',
+             '{"user_id": 1, "item_id": "c"}', '{"user_id": 1, "item_id": "d", "timestamp": 9}']
+    path = write(tmp_path, "log.jsonl", "\n".join(lines) + "\n")
+    bad = []
+    frame = read_interactions(path, bad_rows=bad)
+    assert frame.rows() == [(1, "1", "a", 3), (7, "1", "d", 9)]
+    assert sorted((b.row, b.column, b.raw) for b in bad) == [
+        (2, None, "{oops"), (4, "item_id", lines[3]), (5, "timestamp", lines[4]), (6, "timestamp", lines[5])]
+    problems = {b.row: b.problem for b in bad}
+    assert problems[5].startswith("not a valid int64: ") and problems[6] == "missing value"
+
+
+def test_collected_rows_of_a_table_keep_their_raw_values(tmp_path):
+    path = tmp_path / "log.parquet"
+    pl.DataFrame({"user_id": [1, 2], "item_id": [1.0, float("nan")], "timestamp": [1, 2]}).write_parquet(path)
+    bad = []
+    assert read_interactions(path, bad_rows=bad).rows() == [(1, "1", "1", 1)]
+    assert [(b.row, b.column, b.problem) for b in bad] == [(2, "item_id", "not a finite number: nan")]
+    assert bad[0].raw == '{"user_id": 2, "item_id": NaN, "timestamp": 2}'
+
+
+def test_a_file_of_only_bad_rows_reads_as_empty_when_collecting(tmp_path):
+    path = write(tmp_path, "log.jsonl", "not json\n")
+    bad = []
+    assert read_interactions(path, bad_rows=bad).height == 0 and [b.row for b in bad] == [1]
+    assert read_error(path) == f"{path}: row 1: not a JSON object: 'not json' (jsonl needs one object per line)"

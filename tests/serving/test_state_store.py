@@ -1,19 +1,22 @@
 """User-state blobs and the SQLite store."""
 
+import os
 import sqlite3
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
 from ksa_rec.errors import StateError
-from ksa_rec.serving.state import UserState
-from ksa_rec.serving.store import SqliteStateStore
+from ksa_rec.serving.state import STATE_FORMAT, UserState
+from ksa_rec.serving.store import FORMAT_KEY, STORE_FORMAT, SqliteStateStore
 
 
 def _state():
     layer = {"k": torch.randn(3, 2, 4), "v": torch.randn(3, 2, 4), "idx": torch.tensor([5, 6, 7]),
              "sk": torch.randn(1, 2, 4), "sv": torch.randn(1, 2, 4), "sidx": torch.tensor([0])}
-    return UserState(8, 1234, 17, torch.randn(8), torch.tensor([2, 5, 17]), [layer, layer])
+    return UserState(8, 1234, 17, torch.randn(8), torch.tensor([2, 5, 17]), [layer, layer],
+                     torch.tensor([-3, 2**62, 9]), torch.tensor([1200, 1234, 1234]))
 
 
 def test_round_trip_is_exact():
@@ -21,7 +24,15 @@ def test_round_trip_is_exact():
     back = UserState.from_bytes(state.to_bytes("m1"), "m1", "u")
     assert (back.event_count, back.last_timestamp, back.last_item) == (8, 1234, 17)
     assert torch.equal(back.vector, state.vector) and torch.equal(back.seen, state.seen)
+    assert torch.equal(back.recent_ids, state.recent_ids) and torch.equal(back.recent_ts, state.recent_ts)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(back.layers, state.layers) for k in a)
+
+
+def test_a_v1_state_asks_for_a_rebuild():
+    blob = st_save({"vector": torch.zeros(2)}, metadata={"format": STATE_FORMAT, "version": "1", "model_id": "m1"})
+    with pytest.raises(StateError, match="^user 'u': state is a v1 user state, .* rebuild the store") as err:
+        UserState.from_bytes(blob, "m1", "u")
+    assert "\n" not in str(err.value)
 
 
 def test_state_of_another_model_is_refused():
@@ -49,7 +60,7 @@ def test_store_commit_is_atomic(tmp_path):
     with pytest.raises(RuntimeError):
         store.commit(Boom(), {"position": "3"})
     assert store.get_many(["a", "b", "c"]) == {"a": b"1", "b": b"2"}
-    assert store.meta() == {"position": "2"}
+    assert store.meta() == {FORMAT_KEY: STORE_FORMAT, "position": "2"}
     assert [rows for rows in store.scan(1)] == [[("a", b"1")], [("b", b"2")]]
 
 
@@ -63,3 +74,71 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
 def test_wal_mode(tmp_path):
     SqliteStateStore(tmp_path / "s.db").commit({"a": b"1"}, {})
     assert sqlite3.connect(tmp_path / "s.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_one_writer_per_store_and_readers_go_on(tmp_path):
+    first = SqliteStateStore(tmp_path / "s.db")
+    first.commit({"a": b"1"}, {})
+    with pytest.raises(StateError, match=rf"s.db: another ksa-rec stream is writing to this store "
+                                         rf"\(pid {os.getpid()}, started [-0-9: ]+\); one writer per store$"):
+        SqliteStateStore(tmp_path / "s.db")
+    reader = SqliteStateStore(tmp_path / "s.db", read_only=True)
+    assert reader.get_many(["a"]) == {"a": b"1"}
+    first.close()
+    second = SqliteStateStore(tmp_path / "s.db")  # the lock went with the first writer
+    second.commit({"b": b"2"}, {})
+    second.close()
+    assert dict(reader.scan(10).__next__()) == {"a": b"1", "b": b"2"}
+    reader.close()
+
+
+def test_read_only_opens_only_an_existing_store(tmp_path):
+    with pytest.raises(StateError, match="nosuch.db: no such state store$"):
+        SqliteStateStore(tmp_path / "nosuch.db", read_only=True)
+    assert not (tmp_path / "nosuch.db").exists()
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)")
+    with pytest.raises(StateError, match="other.db: not a ksa-rec state store \\(tables: t\\)"):
+        SqliteStateStore(other, read_only=True)
+    with pytest.raises(StateError, match="other.db: not a ksa-rec state store"):  # nor written into
+        SqliteStateStore(other)
+    reader = SqliteStateStore(_filled(tmp_path / "s.db", 3), read_only=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.db.execute("DELETE FROM states")
+    reader.close()
+
+
+def test_a_store_of_the_previous_format_asks_for_a_rebuild(tmp_path):
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE states (user_id TEXT PRIMARY KEY, state BLOB NOT NULL)")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('position:/x/events.jsonl', '40')")
+    db.commit()
+    with pytest.raises(StateError, match="old.db: state store format 'v1', .*rebuild it"):
+        SqliteStateStore(old)
+
+
+def _filled(path, users: int):
+    store = SqliteStateStore(path)
+    store.commit({f"user{i:04d}": os.urandom(3000) for i in range(users)}, {})
+    store.close()
+    return path
+
+
+def test_corrupt_pages_deep_in_the_file_are_one_line_errors(tmp_path):
+    path = _filled(tmp_path / "s.db", 200)
+    page = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    pages = path.stat().st_size // page
+    with open(path, "r+b") as f:  # garbage over 4 pages mid-file: the store still opens
+        f.seek(page * (pages // 2))
+        f.write(b"\xa5" * 4 * page)
+    users = [f"user{i:04d}" for i in range(200)]
+    message = r"s.db: not a usable state store \(database disk image is malformed\); restore it from a backup"
+    for read_only in (True, False):
+        store = SqliteStateStore(path, read_only=read_only)
+        with pytest.raises(StateError, match=message):
+            store.get_many(users)
+        with pytest.raises(StateError, match=message):
+            list(store.scan(50))
+        store.close()

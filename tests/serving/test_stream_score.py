@@ -7,37 +7,24 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
+from stream_checks import (
+    assert_same_outputs,
+    assert_same_store,
+    event_counts,
+    last_records,
+    store_dump,
+)
+from stream_checks import stream as _stream
 
 from ksa_rec.cli import main as ksa_rec
 from ksa_rec.ops import backend as backend_module
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.faults import CRASH_ENV
 from ksa_rec.serving.state import UserState
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _stream(checkpoint, events, state, *extra) -> int:
-    return ksa_rec(["stream", "--checkpoint", str(checkpoint), "--events", str(events), "--state", str(state),
-                    "--accelerator", "cpu", *extra])
-
-
-def _store_dump(path: Path) -> tuple[dict, dict]:
-    db = sqlite3.connect(path)
-    return dict(db.execute("SELECT user_id, state FROM states")), dict(db.execute("SELECT key, value FROM meta"))
-
-
-def _last_records(path: Path) -> dict[str, dict]:
-    out = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        out[record["user_id"]] = record
-    return out
 
 
 def test_stream_then_topk_equals_score(trained, event_files, tmp_path):
@@ -46,7 +33,7 @@ def test_stream_then_topk_equals_score(trained, event_files, tmp_path):
     assert _stream(checkpoint, events, tmp_path / "s.db", "--chunk-rows", "37") == 0
     assert ksa_rec(["score", "--checkpoint", str(checkpoint), "--events", str(events), "--output",
                     str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
-    streamed = _last_records(tmp_path / "s.db.outputs.jsonl")
+    streamed = last_records(tmp_path / "s.db.outputs.jsonl")
     scored = pl.read_parquet(tmp_path / "scores.parquet")
     assert scored.height == frame["user_id"].n_unique() == len(streamed)
     for row in scored.iter_rows(named=True):
@@ -67,7 +54,7 @@ def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path
     assert _stream(trained_mka, events, tmp_path / "s.db", "--chunk-rows", "29") == 0
     assert ksa_rec(["score", "--checkpoint", str(trained_mka), "--events", str(events), "--output",
                     str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
-    streamed = _last_records(tmp_path / "s.db.outputs.jsonl")
+    streamed = last_records(tmp_path / "s.db.outputs.jsonl")
     for row in pl.read_parquet(tmp_path / "scores.parquet").iter_rows(named=True):
         assert streamed[row["user_id"]]["item_ids"] == row["item_ids"]
         assert max(abs(a - b) for a, b in zip(streamed[row["user_id"]]["scores"], row["scores"])) < 1e-4
@@ -81,12 +68,12 @@ def test_chunk_seeded_summaries_stream_like_they_score(trained_chunk, event_file
     assert _stream(trained_chunk, events, tmp_path / "s.db", "--chunk-rows", "1") == 0
     assert ksa_rec(["score", "--checkpoint", str(trained_chunk), "--events", str(events), "--output",
                     str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
-    streamed = _last_records(tmp_path / "s.db.outputs.jsonl")
+    streamed = last_records(tmp_path / "s.db.outputs.jsonl")
     for row in pl.read_parquet(tmp_path / "scores.parquet").iter_rows(named=True):
         assert streamed[row["user_id"]]["item_ids"] == row["item_ids"]
         assert max(abs(a - b) for a, b in zip(streamed[row["user_id"]]["scores"], row["scores"])) < 1e-4
     serving = ServingModel.load(trained_chunk)
-    states, _ = _store_dump(tmp_path / "s.db")
+    states, _ = store_dump(tmp_path / "s.db")
     for user, blob in states.items():
         state = UserState.from_bytes(blob, serving.model_id, user)
         assert len(state.layers) == 3 and state.layers[2]["x"].shape[0] == state.event_count % 4  # k = 4 (smoke)
@@ -99,8 +86,8 @@ def test_event_by_event_equals_big_batches(trained, event_files, tmp_path):
     assert _stream(checkpoint, events, tmp_path / "one.db", "--chunk-rows", "1") == 0
     assert _stream(checkpoint, events, tmp_path / "big.db", "--chunk-rows", "500") == 0
     serving = ServingModel.load(checkpoint)
-    one, _ = _store_dump(tmp_path / "one.db")
-    big, _ = _store_dump(tmp_path / "big.db")
+    one, _ = store_dump(tmp_path / "one.db")
+    big, _ = store_dump(tmp_path / "big.db")
     assert one.keys() == big.keys()
     for user in one:
         a = UserState.from_bytes(one[user], serving.model_id, user)
@@ -115,11 +102,13 @@ def test_event_by_event_equals_big_batches(trained, event_files, tmp_path):
 
 def test_resume_after_a_completed_run_does_nothing(trained, event_files, tmp_path):
     checkpoint, _ = trained
-    events, _ = event_files
+    events, frame = event_files
     assert _stream(checkpoint, events, tmp_path / "s.db") == 0
-    before = _store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()
-    assert _stream(checkpoint, events, tmp_path / "s.db") == 0
-    assert (_store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()) == before
+    before = store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()
+    assert _stream(checkpoint, events, tmp_path / "s.db", "--summary", str(tmp_path / "summary.json")) == 0
+    assert (store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()) == before
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["applied"], summary["replayed"], summary["users"]) == (0, frame.height, 0)
 
 
 @pytest.mark.slow
@@ -140,9 +129,11 @@ def test_unknown_items_and_new_users(trained, tmp_path):
     path = tmp_path / "new.jsonl"
     path.write_text('{"user_id": "brand-new", "item_id": "never-seen", "timestamp": 5, "category": "zzz"}\n'
                     '{"user_id": "brand-new", "item_id": "i000001", "timestamp": 9, "category": "c0001"}\n')
-    assert _stream(checkpoint, path, tmp_path / "s.db") == 0
-    record = _last_records(tmp_path / "s.db.outputs.jsonl")["brand-new"]
+    assert _stream(checkpoint, path, tmp_path / "s.db", "--summary", str(tmp_path / "summary.json")) == 0
+    record = last_records(tmp_path / "s.db.outputs.jsonl")["brand-new"]
     assert record["event_count"] == 2 and len(record["item_ids"]) == 10 and "i000001" not in record["item_ids"]
+    summary = json.loads((tmp_path / "summary.json").read_text())  # both categories are unknown too
+    assert (summary["applied"], summary["unknown_items"], summary["unknown_categories"]) == (2, 1, 2)
 
 
 BAD_INPUTS = [
@@ -154,9 +145,13 @@ BAD_INPUTS = [
     ("time-order", '{"user_id": "u1", "item_id": "a", "timestamp": 50, "category": "c"}\n'
                    '{"user_id": "u1", "item_id": "b", "timestamp": 40, "category": "c"}\n',
      "bad.jsonl: row 2, column 'timestamp': timestamp 40 is before the user's previous event (50)"),
-    ("duplicate", '{"user_id": "u1", "item_id": "i000001", "timestamp": 50, "category": "c"}\n'
-                  '{"user_id": "u1", "item_id": "i000001", "timestamp": 50, "category": "c"}\n',
-     "bad.jsonl: row 2: duplicate of the user's previous event"),
+    ("nested", '{"user_id": "u1", "item_id": "a", "timestamp": 5, "category": "c"}\n'
+               '{"user_id": "u1", "item_id": "a", "timestamp": 6, "category": ["c", "d"]}\n',
+     "bad.jsonl: row 2, column 'category': nested JSON value '[\"c\", \"d\"]'; expected a string or number"),
+    ("gap-overflow", '{"user_id": "u1", "item_id": "a", "timestamp": -9000000000000000000, "category": "c"}\n'
+                     '{"user_id": "u1", "item_id": "b", "timestamp": 9000000000000000000, "category": "c"}\n',
+     "bad.jsonl: row 2, column 'timestamp': the time gap from the user's previous event (-9000000000000000000) "
+     "to 9000000000000000000 does not fit in int64"),
 ]
 
 
@@ -165,14 +160,14 @@ def test_bad_input_fails_in_one_line_and_changes_nothing(trained, event_files, t
     checkpoint, _ = trained
     events, _ = event_files
     assert _stream(checkpoint, events, tmp_path / "s.db") == 0
-    before = _store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()
+    before = store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(text)
     capsys.readouterr()
     assert _stream(checkpoint, bad, tmp_path / "s.db") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ksa-rec stream: error: ") and message in err, err
-    assert (_store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()) == before
+    assert (store_dump(tmp_path / "s.db"), (tmp_path / "s.db.outputs.jsonl").read_bytes()) == before
 
 
 def test_failing_batch_keeps_the_earlier_batches(trained, tmp_path):
@@ -183,11 +178,8 @@ def test_failing_batch_keeps_the_earlier_batches(trained, tmp_path):
     path = tmp_path / "e.jsonl"
     path.write_text("\n".join(good + [bad]) + "\n")
     assert _stream(checkpoint, path, tmp_path / "s.db", "--chunk-rows", "7") == 1
-    states, meta = _store_dump(tmp_path / "s.db")
-    position = [v for k, v in meta.items() if k.startswith("position:")]
-    assert position == ["14"]  # batches [1-7] and [8-14] committed; [15-21] held the bad row
-    serving = ServingModel.load(checkpoint)
-    assert sum(UserState.from_bytes(b, serving.model_id, u).event_count for u, b in states.items()) == 14
+    # batches [1-7] and [8-14] committed; [15-21] held the bad row
+    assert sum(event_counts(checkpoint, tmp_path / "s.db").values()) == 14
 
 
 def test_corrupt_state_and_foreign_checkpoint(trained, event_files, tmp_path, capsys):
@@ -200,7 +192,7 @@ def test_corrupt_state_and_foreign_checkpoint(trained, event_files, tmp_path, ca
     raw["state_dict"][name] = raw["state_dict"][name] + 1.0
     other = tmp_path / "other.ckpt"
     torch.save(raw, other)
-    before = _store_dump(tmp_path / "s.db")
+    before = store_dump(tmp_path / "s.db")
     assert _stream(other, events, tmp_path / "s.db") == 1
     assert "the state store was built by model" in capsys.readouterr().err
     # A corrupt blob: the batch touching that user fails, nothing changes.
@@ -208,12 +200,12 @@ def test_corrupt_state_and_foreign_checkpoint(trained, event_files, tmp_path, ca
     user = next(iter(before[0]))
     db.execute("UPDATE states SET state = ? WHERE user_id = ?", (b"\x00" * 40, user))
     db.commit()
-    corrupted = _store_dump(tmp_path / "s.db")
+    corrupted = store_dump(tmp_path / "s.db")
     more = tmp_path / "more.jsonl"
     more.write_text(json.dumps({"user_id": user, "item_id": "i000002", "timestamp": 10**12, "category": "c"}) + "\n")
     assert _stream(checkpoint, more, tmp_path / "s.db") == 1
     assert f"user '{user}': corrupt state blob" in capsys.readouterr().err
-    assert _store_dump(tmp_path / "s.db") == corrupted
+    assert store_dump(tmp_path / "s.db") == corrupted
     # A corrupt checkpoint file.
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
@@ -249,47 +241,14 @@ def test_sigkill_at_chosen_points_then_restart_is_exactly_once(trained, tmp_path
                              timeout=600)
         assert run.returncode == -signal.SIGKILL, (point, n, run.returncode, run.stderr[-2000:])
         committed += n if point == "after-commit" else n - 1
-        _, meta = _store_dump(crash_db)
-        position = next(int(v) for k, v in meta.items() if k.startswith("position:"))
-        assert position == committed * chunk_rows
+        assert sum(event_counts(checkpoint, crash_db).values()) == committed * chunk_rows
+        _, meta = store_dump(crash_db)
         sink_length = next(int(v) for k, v in meta.items() if k.startswith("sink:"))
         # Killed between the output write and the commit: the output holds records the store does not count.
         assert (outputs.stat().st_size > sink_length) == (point == "after-output")
     assert subprocess.run(command(crash_db), env=env, timeout=600).returncode == 0
-    _assert_same_store(checkpoint, crash_db, tmp_path / "ref.db")
-    _assert_same_outputs(outputs, tmp_path / "ref.db.outputs.jsonl")
-
-
-def _assert_same_store(checkpoint, got_path: Path, want_path: Path) -> None:
-    """Same users, bookkeeping, event counts, cached token identities and seen sets; float tensors equal
-    up to rounding (CPU kernels may sum in another order when buffers land at other addresses)."""
-    model_id = ServingModel.load(checkpoint).model_id
-    (got, got_meta), (want, want_meta) = _store_dump(got_path), _store_dump(want_path)
-    assert got.keys() == want.keys()
-    assert {k: v for k, v in got_meta.items() if not k.startswith("sink:")} == \
-        {k: v for k, v in want_meta.items() if not k.startswith("sink:")}
-    for user in want:
-        a, b = (UserState.from_bytes(x[user], model_id, user) for x in (got, want))
-        assert (a.event_count, a.last_timestamp, a.last_item) == (b.event_count, b.last_timestamp, b.last_item)
-        assert torch.equal(a.seen, b.seen)
-        torch.testing.assert_close(a.vector, b.vector, atol=1e-5, rtol=1e-5)
-        for la, lb in zip(a.layers, b.layers):
-            for key in la:
-                if key.endswith("idx"):
-                    assert torch.equal(la[key], lb[key])
-                else:
-                    torch.testing.assert_close(la[key], lb[key], atol=1e-5, rtol=1e-5)
-
-
-def _assert_same_outputs(got: Path, want: Path) -> None:
-    """Every record once, in order, with the same top-K (scores up to rounding)."""
-    got_rows = [json.loads(line) for line in got.read_text().splitlines()]
-    want_rows = [json.loads(line) for line in want.read_text().splitlines()]
-    assert len(got_rows) == len(want_rows)
-    for a, b in zip(got_rows, want_rows):
-        assert (a["user_id"], a["event_count"], a["row"], a["item_ids"]) == \
-            (b["user_id"], b["event_count"], b["row"], b["item_ids"])
-        assert max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) < 1e-4
+    assert_same_store(checkpoint, crash_db, tmp_path / "ref.db")
+    assert_same_outputs(outputs, tmp_path / "ref.db.outputs.jsonl")
 
 
 @pytest.mark.slow
@@ -304,7 +263,8 @@ def test_score_on_two_processes_equals_one(trained, event_files, tmp_path):
         for devices in (1, 2):
             out = tmp_path / f"scores-{devices}.parquet"
             done = subprocess.run([sys.executable, "-m", "ksa_rec.cli", "score", "--checkpoint", str(checkpoint),
-                                   *source, "--output", str(out), "--accelerator", "cpu", "--devices", str(devices)],
+                                   *source, "--output", str(out), "--overwrite", "--accelerator", "cpu",
+                                   "--devices", str(devices)],
                                   cwd=tmp_path, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr[-2000:]
             assert ("GLOBAL_RANK: 1" in done.stderr) == (devices == 2)
@@ -331,5 +291,5 @@ def test_stream_runs_the_step_on_the_backend_asked_for(trained, event_files, tmp
     decisions = {r.getMessage() for r in caplog.records if r.name == "ksa_rec.ops.backend"}
     assert decisions == {f"step attention on cpu: backend {backend} (requested {backend})"}
     # the backend is how the model runs, not what it is: the store keeps the checkpoint's model id
-    _, meta = _store_dump(tmp_path / "s.db")
+    _, meta = store_dump(tmp_path / "s.db")
     assert meta["model_id"] == ServingModel.load(checkpoint).model_id
