@@ -59,7 +59,8 @@ class StreamEngine:
     def update(self, frame: pl.DataFrame, states: dict[str, UserState],
                file: str) -> tuple[dict[str, UserState], Recommendations]:
         """Apply one micro-batch. ``states`` holds every user of ``frame``; returns their new states and
-        their fresh recommendations. Bad events raise ``DataError`` before anything changes."""
+        their fresh recommendations. ``frame`` holds admitted events only (``serving.admission``: replays, late
+        and malformed events were sorted out before)."""
         users, order, lengths = _group_by_user(frame)
         ordered = frame[order]
         items = self.serving.items.encode(ordered[ITEM])
