@@ -314,19 +314,26 @@ def _help(capsys, *args: str) -> dict[str, str]:
     return _option_help(capsys.readouterr().out)
 
 
-def test_help_explains_every_data_optim_synthetic_and_sharding_option(capsys):
+def test_help_explains_every_option(capsys):
     import inspect
     from dataclasses import fields
 
     from ksa_rec.data.datamodule import RecDataModule
     from ksa_rec.data.synthetic import SyntheticConfig
-    from ksa_rec.training.module import OptimConfig
+    from ksa_rec.modules.config import EncoderConfig
+    from ksa_rec.modules.losses import LossConfig
+    from ksa_rec.modules.mka import MkaConfig
+    from ksa_rec.training.module import EvalConfig, OptimConfig
     from ksa_rec.training.sharding import TorchRecStrategy
 
     fit = _help(capsys, "--help")
     linked = {"chunk_size", "time_gap_buckets"}  # set from model.encoder by the CLI: not options of their own
     expected = {f"--data.{name}" for name in inspect.signature(RecDataModule).parameters if name not in linked}
     expected |= {f"--model.optim.{f.name}" for f in fields(OptimConfig)}
+    expected |= {f"--model.eval.{f.name}" for f in fields(EvalConfig)}
+    expected |= {f"--model.loss.{f.name}" for f in fields(LossConfig)}
+    expected |= {f"--model.encoder.{f.name}" for f in fields(EncoderConfig)}
+    expected |= {f"--model.encoder.mka.{f.name}" for f in fields(MkaConfig)}
     synthetic = _help(capsys, "--data.synthetic.help", "SyntheticConfig")
     strategy = _help(capsys, "--trainer.strategy.help", "ksa_rec.training.sharding.TorchRecStrategy")
     shown = {**fit, **synthetic, **strategy}
