@@ -4,7 +4,7 @@ none (``max_summaries = 0``, which turns a ksa layer into sca), per distance-of-
 How to run (repository root):
 
     python pipelines/ablate_summaries.py --config configs/synthetic-long-cpu.yaml \\
-        --run ksa=runs/long-range-cpu/ksa --run hybrid-ksa=runs/long-range-cpu/hybrid-ksa
+        --run "ksa*2=runs/long-range-cpu/ksa*2" --run "ksa,full=runs/long-range-cpu/ksa,full"
 
 ``--run NAME=RUN_DIR`` takes the best checkpoint under RUN_DIR (the model as trained: pattern, summary
 tokens and the rest come from the checkpoint; the data from ``--config``). Prints one markdown table.

@@ -4,7 +4,7 @@ the prediction reads (raw events, summaries) and what its top summaries draw on 
 How to run (repository root), after the long-range CPU study trained its models::
 
     python pipelines/explain_user.py --config configs/synthetic-long-cpu.yaml \\
-        --checkpoint runs/long-range-cpu/hybrid-ksa --min-distance 150 --out docs/results/explain.png
+        --checkpoint 'runs/long-range-cpu/ksa,full' --min-distance 150 --out docs/results/explain.png
 
 ``--checkpoint`` is a ``.ckpt`` file or a run directory (its newest ``best-*.ckpt``); the model comes from
 it as trained, the data from ``--config``. The first test target whose ``evidence_distance`` label is at
