@@ -324,15 +324,19 @@ def paired_table(results: dict[str, dict], baseline: str, metric: str, family: s
         cells = []
         for group in groups:
             key = metric if group == "all" else f"{group}/{metric}"
-            diffs = [tests[s][key] - seeds[baseline][s][key] for s in shared
-                     if key in tests[s] and key in seeds[baseline][s]]
-            if not diffs:
-                cells.append("-")
-                continue
-            mean, half = mean_ci(diffs)
-            cells.append(f"{mean:+.4f} ± {half:.4f}" if half is not None else f"{mean:+.4f}")
+            cells.append(ci_cell([tests[s][key] - seeds[baseline][s][key] for s in shared
+                                  if key in tests[s] and key in seeds[baseline][s]], signed=True))
         lines.append(f"| {model} | {len(shared)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ci_cell(values: list[float], signed: bool = False) -> str:
+    """A table cell: mean +- 95% t half-width of ``values`` ("-" when there are none)."""
+    if not values:
+        return "-"
+    mean, half = mean_ci(values)
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return f"{text} ± {half:.4f}" if half is not None else text
 
 
 def seed_group_table(results: dict[str, dict], metric: str, family: str) -> str:
@@ -343,14 +347,7 @@ def seed_group_table(results: dict[str, dict], metric: str, family: str) -> str:
         return ""
     lines = [f"| model ({metric}, mean over seeds) | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
     for model, tests in models.items():
-        cells = []
-        for group in groups:
-            values = [t[f"{group}/{metric}"] for t in tests if f"{group}/{metric}" in t]
-            if not values:
-                cells.append("-")
-                continue
-            mean, half = mean_ci(values)
-            cells.append(f"{mean:.4f} ± {half:.4f}" if half is not None else f"{mean:.4f}")
+        cells = [ci_cell([t[f"{g}/{metric}"] for t in tests if f"{g}/{metric}" in t]) for g in groups]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -17,6 +17,26 @@ def stream(checkpoint, events, state, *extra) -> int:
                     "--accelerator", "cpu", *extra])
 
 
+def stream_then_score(checkpoint, events, work: Path, *stream_args: str):
+    """Stream ``events`` into a new store under ``work``, then score the same histories whole: (the newest
+    streamed record per user, the scored rows as a polars frame)."""
+    import polars as pl
+
+    assert stream(checkpoint, events, work / "s.db", *stream_args) == 0
+    assert ksa_rec(["score", "--checkpoint", str(checkpoint), "--events", str(events), "--output",
+                    str(work / "scores.parquet"), "--accelerator", "cpu"]) == 0
+    return last_records(work / "s.db.outputs.jsonl"), pl.read_parquet(work / "scores.parquet")
+
+
+def assert_same_topk(streamed: dict[str, dict], scored) -> None:
+    """Every scored user's streamed top-K: the same items and event count, scores up to rounding."""
+    assert scored.height == len(streamed)
+    for row in scored.iter_rows(named=True):
+        mine = streamed[row["user_id"]]
+        assert (mine["event_count"], mine["item_ids"]) == (row["event_count"], row["item_ids"])
+        assert max(abs(a - b) for a, b in zip(mine["scores"], row["scores"])) < 1e-4
+
+
 def store_dump(path: Path) -> tuple[dict, dict]:
     db = sqlite3.connect(path)
     try:

@@ -14,9 +14,11 @@ import torch
 from stream_checks import (
     assert_same_outputs,
     assert_same_store,
+    assert_same_topk,
     event_counts,
     last_records,
     store_dump,
+    stream_then_score,
 )
 from stream_checks import stream as _stream
 
@@ -30,17 +32,9 @@ from ksa_rec.serving.state import UserState
 def test_stream_then_topk_equals_score(trained, event_files, tmp_path):
     checkpoint, _ = trained
     events, frame = event_files
-    assert _stream(checkpoint, events, tmp_path / "s.db", "--chunk-rows", "37") == 0
-    assert ksa_rec(["score", "--checkpoint", str(checkpoint), "--events", str(events), "--output",
-                    str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
-    streamed = last_records(tmp_path / "s.db.outputs.jsonl")
-    scored = pl.read_parquet(tmp_path / "scores.parquet")
-    assert scored.height == frame["user_id"].n_unique() == len(streamed)
-    for row in scored.iter_rows(named=True):
-        mine = streamed[row["user_id"]]
-        assert mine["event_count"] == row["event_count"]
-        assert mine["item_ids"] == row["item_ids"]
-        assert max(abs(a - b) for a, b in zip(mine["scores"], row["scores"])) < 1e-4
+    streamed, scored = stream_then_score(checkpoint, events, tmp_path, "--chunk-rows", "37")
+    assert scored.height == frame["user_id"].n_unique()
+    assert_same_topk(streamed, scored)
     # score also reads the store the stream built: same top-K again
     assert ksa_rec(["score", "--checkpoint", str(checkpoint), "--state", str(tmp_path / "s.db"), "--output",
                     str(tmp_path / "from_store.parquet"), "--accelerator", "cpu"]) == 0
@@ -51,13 +45,7 @@ def test_stream_then_topk_equals_score(trained, event_files, tmp_path):
 @pytest.mark.slow
 def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path):
     events, _ = event_files
-    assert _stream(trained_mka, events, tmp_path / "s.db", "--chunk-rows", "29") == 0
-    assert ksa_rec(["score", "--checkpoint", str(trained_mka), "--events", str(events), "--output",
-                    str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
-    streamed = last_records(tmp_path / "s.db.outputs.jsonl")
-    for row in pl.read_parquet(tmp_path / "scores.parquet").iter_rows(named=True):
-        assert streamed[row["user_id"]]["item_ids"] == row["item_ids"]
-        assert max(abs(a - b) for a, b in zip(streamed[row["user_id"]]["scores"], row["scores"])) < 1e-4
+    assert_same_topk(*stream_then_score(trained_mka, events, tmp_path, "--chunk-rows", "29"))
 
 
 @pytest.mark.slow
@@ -65,13 +53,7 @@ def test_chunk_seeded_summaries_stream_like_they_score(trained_chunk, event_file
     """The state keeps the open chunk's event inputs (one more entry per user) and builds each summary when
     its chunk completes: streamed one event at a time, the top-K equals scoring the whole histories."""
     events, _ = event_files
-    assert _stream(trained_chunk, events, tmp_path / "s.db", "--chunk-rows", "1") == 0
-    assert ksa_rec(["score", "--checkpoint", str(trained_chunk), "--events", str(events), "--output",
-                    str(tmp_path / "scores.parquet"), "--accelerator", "cpu"]) == 0
-    streamed = last_records(tmp_path / "s.db.outputs.jsonl")
-    for row in pl.read_parquet(tmp_path / "scores.parquet").iter_rows(named=True):
-        assert streamed[row["user_id"]]["item_ids"] == row["item_ids"]
-        assert max(abs(a - b) for a, b in zip(streamed[row["user_id"]]["scores"], row["scores"])) < 1e-4
+    assert_same_topk(*stream_then_score(trained_chunk, events, tmp_path, "--chunk-rows", "1"))
     serving = ServingModel.load(trained_chunk)
     states, _ = store_dump(tmp_path / "s.db")
     for user, blob in states.items():
