@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.optim import Optimizer
 
+from ksa_rec.errors import CheckpointError
 from ksa_rec.training.module import RecModule
 
 META_FILE = "meta.pt"
@@ -39,6 +42,47 @@ TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "loops", "callbacks"
 
 def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file() and (path / META_FILE).is_file()
+
+
+SHARED_FILESYSTEM_HINT = ("a sharded checkpoint is one directory that every process writes its shards into and "
+                          "reads them back from, so with several machines it must be on a filesystem all of them "
+                          "mount at the same path (set --trainer.default_root_dir or --checkpoint.dirpath, and "
+                          "--ckpt_path, to such a path)")
+
+
+def ranks_missing(directory: Path, names: Iterable[str], group: dist.ProcessGroup) -> list[int]:
+    """Ranks of ``group`` on which one of ``names`` is not a file in ``directory``. Collective."""
+    here = all((directory / name).is_file() for name in names)
+    seen: list[bool | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seen, here, group=group)
+    return [rank for rank, ok in enumerate(seen) if not ok]
+
+
+def require_shared_directory(directory: Path, group: dist.ProcessGroup) -> None:
+    """Raise ``CheckpointError`` on every process unless every process of ``group`` sees the files rank 0
+    writes in ``directory``. Collective.
+
+    Without a shared filesystem each machine would keep only its own shards and training would run to its
+    first checkpoint load (the test after fit, a resume) before failing; this finds out before training.
+    The probe's name is random, so a probe left by a killed run cannot pass for this one."""
+    first = dist.get_rank(group) == 0
+    created = False
+    token = [uuid.uuid4().hex if first else None]
+    if first:
+        created = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f".shared-check-{token[0]}").touch()
+    # The broadcast leaves rank 0 only after the probe exists, so no process looks before it is there.
+    dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+    probe = directory / f".shared-check-{token[0]}"
+    blind = ranks_missing(directory, [probe.name], group)  # returns once every process has looked
+    if first:
+        probe.unlink()
+        if created and not any(directory.iterdir()):
+            directory.rmdir()  # ModelCheckpoint creates it when it first saves; a run that never saves leaves none
+    if blind:
+        raise CheckpointError(f"{directory}: the process(es) of rank {', '.join(map(str, blind))} do not see the "
+                              f"files rank 0 writes there: {SHARED_FILESYSTEM_HINT}")
 
 
 def save_sharded_checkpoint(checkpoint: dict[str, Any], path: Path, fused_optimizer: Optimizer,

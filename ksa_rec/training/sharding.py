@@ -49,10 +49,18 @@ from torchrec.distributed.types import Awaitable, ShardedModule, ShardingEnv
 
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import ITEM, RESERVED_IDS
+from ksa_rec.errors import CheckpointError
 from ksa_rec.models.ranking import Exclusions, RankCounter, mask_chunk
 from ksa_rec.models.seqrec import SeqRecModel
 from ksa_rec.modules.losses import LossConfig, sampled_softmax
-from ksa_rec.training.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+from ksa_rec.training.sharded_checkpoint import (
+    META_FILE,
+    SHARED_FILESYSTEM_HINT,
+    load_sharded_checkpoint,
+    ranks_missing,
+    require_shared_directory,
+    save_sharded_checkpoint,
+)
 from ksa_rec.utils.config import coerce
 from ksa_rec.utils.jagged import lengths_to_offsets
 
@@ -403,6 +411,10 @@ class TorchRecStrategy(DDPStrategy):
                                     find_unused_parameters=self._find_unused_parameters)
         module.to(self.root_device)
         if fitting:
+            # Before any training: checkpoints of several machines need one shared directory.
+            for callback in trainer.checkpoint_callbacks:
+                if getattr(callback, "dirpath", None):
+                    require_shared_directory(Path(callback.dirpath), _group.WORLD)
             self._dmp.init_data_parallel()  # DDP over the parameters that are not sharded
             self.model = self._dmp
             self.setup_optimizers(trainer)
@@ -434,9 +446,14 @@ class TorchRecStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not is_sharded_checkpoint(path):
-            raise ValueError(f"{path}: not a sharded checkpoint directory (TorchRecStrategy loads only those; a "
-                             "single-process checkpoint is loaded without this strategy)")
+        # Every process decides together: one that raised alone would leave the others waiting in the load.
+        blind = ranks_missing(path, (".metadata", META_FILE), _group.WORLD)
+        if len(blind) == self.world_size:
+            raise CheckpointError(f"{path}: not a sharded checkpoint directory (TorchRecStrategy loads only those; "
+                                  "a single-process checkpoint is loaded without this strategy)")
+        if blind:
+            raise CheckpointError(f"{path}: the process(es) of rank {', '.join(map(str, blind))} do not see this "
+                                  f"checkpoint: {SHARED_FILESYSTEM_HINT}")
         assert self._dmp is not None
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         return load_sharded_checkpoint(path, self.lightning_module, self._dmp.fused_optimizer if fitting else None,
