@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     command, rest = argv[0], argv[1:]
+    had_process_group = _process_group_open()
     try:
         if command in LIGHTNING_COMMANDS:
             from ksa_rec.training.cli import run_lightning
@@ -44,11 +45,39 @@ def main(argv: list[str] | None = None) -> int:
             print_error(f"ksa-rec: unknown command {command!r}; see ksa-rec --help")
             return 2
     except KsaRecError as err:
+        if not had_process_group:
+            _close_process_group(clean=False)
         if debug:
             raise
         print_error(f"ksa-rec {command}: error: {err}")
         return 2 if isinstance(err, ConfigError) else 1
+    if not had_process_group:
+        _close_process_group(clean=True)
     return 0
+
+
+def _process_group_open() -> bool:
+    if "torch" not in sys.modules:  # nothing can have opened one; --help stays free of the torch import
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _close_process_group(clean: bool) -> None:
+    """Close the process group that a run on several processes opened (torchrun, ``--trainer.devices N``,
+    ``score --devices N``) while the interpreter is whole. Left to interpreter shutdown, gloo's threads
+    can abort a process (SIGABRT) or leave its peer waiting for good: seen in the two-node dry run
+    (pipelines/multinode_dry_run.py), reported as pytorch/pytorch#190489. After a run that went through,
+    every process first waits for the others, so none closes while a peer is still in a collective; after
+    an error (raised by every process alike, or by one whose peers then fail) there is nothing to wait for."""
+    if not _process_group_open():
+        return
+    import torch.distributed as dist
+
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def print_error(line: str) -> None:
