@@ -104,7 +104,10 @@ def _engine(args):
     overrides = None
     if args.attention_backend is not None:
         overrides = {"attention_backend": None if args.attention_backend == "auto" else args.attention_backend}
-    serving = ServingModel.load(args.checkpoint, "cuda" if use_gpu else "cpu", overrides)
+    # Each process of ``score --devices N`` onto its own GPU (Lightning gives local rank r cuda:r): on plain
+    # "cuda" every process would first load the model onto GPU 0 and keep a CUDA context there for the run.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if use_gpu else "cpu"
+    serving = ServingModel.load(args.checkpoint, device, overrides)
     return StreamEngine(serving, top_k=args.top_k, exclude_seen=args.seen_items == "mask", item_chunk=args.item_chunk)
 
 
@@ -116,13 +119,16 @@ def score(argv: list[str]) -> None:
     engine = _engine(args)
     store = SqliteStateStore(args.state, read_only=True) if args.state else None
     try:
-        run_score(engine, args.output, events=args.events, store=store, batch_size=args.batch_size,
-                  max_len=args.max_len, accelerator=args.accelerator, devices=args.devices, overwrite=args.overwrite)
+        summary = run_score(engine, args.output, events=args.events, store=store, batch_size=args.batch_size,
+                            max_len=args.max_len, accelerator=args.accelerator, devices=args.devices,
+                            overwrite=args.overwrite)
     finally:
         if store is not None:
             store.close()
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # the other processes of --devices N print nothing
-        print(f"ksa-rec score: top-{args.top_k} per user written to {args.output}")
+    if summary is not None:  # rank 0; the other processes of --devices N print nothing
+        print(f"ksa-rec score: top-{args.top_k} per user written to {args.output} ({summary.users:,} users; "
+              f"scored in {summary.score_s:.2f} s on {summary.processes} process(es): "
+              f"{summary.users / max(summary.score_s, 1e-9):,.0f} users/s; input read in {summary.prepare_s:.2f} s)")
 
 
 def stream(argv: list[str]) -> None:

@@ -191,6 +191,18 @@ class StoredUsers(IterableDataset):
             yield ScoreBatch([u for u, _ in rows], [s.event_count for s in states], [0] * len(rows), states=states)
 
 
+@dataclass
+class ScoreSummary:
+    """What rank 0 reports of a ``score`` run: users written, seconds spent reading and preparing the
+    events (or opening the store) in this process, and seconds from the start of the predict loop to the
+    merged output (every process scoring its share, then the merge)."""
+
+    users: int
+    prepare_s: float
+    score_s: float
+    processes: int
+
+
 class ParquetScoreWriter(BasePredictionWriter):
     """Appends each batch's top-K to a temporary file and renames it to ``output`` at the end, so a failed
     run never leaves a half-written result. With several processes each rank writes its own part, and
@@ -207,6 +219,13 @@ class ParquetScoreWriter(BasePredictionWriter):
             raise OutputError(f"{output}: exists; pass --overwrite to replace it, or choose another --output")
         self.output = output
         self.writer: pq.ParquetWriter | None = None
+        self.started: float | None = None
+        self.rows: int | None = None  # rows in ``output``, on rank 0 once the run is done
+        self.seconds: float | None = None
+
+    def on_predict_start(self, trainer, pl_module):
+        # Every process has joined the process group by now, each after reading the events itself.
+        self.started = time.perf_counter()
 
     def part(self, rank: int, world: int) -> Path:
         suffix = ".tmp" if world == 1 else f".rank{rank}-of-{world}.tmp"
@@ -227,7 +246,9 @@ class ParquetScoreWriter(BasePredictionWriter):
         if trainer.global_rank == 0:
             if world > 1:
                 self._merge([self.part(r, world) for r in range(world)], self.part(0, 1))
+            self.rows = pq.ParquetFile(self.part(0, 1)).metadata.num_rows
             os.replace(self.part(0, 1), self.output)
+            self.seconds = time.perf_counter() - self.started
         trainer.strategy.barrier()
 
     def on_exception(self, trainer, pl_module, exception):
@@ -297,10 +318,15 @@ def run_stream(engine: StreamEngine, store: StateStore, events: str, output: Pat
 
 def run_score(engine: StreamEngine, output: Path, *, events: str | None = None, store: StateStore | None = None,
               batch_size: int = 256, max_len: int | None = None, accelerator: str = "auto",
-              devices: int = 1, overwrite: bool = False) -> None:
+              devices: int = 1, overwrite: bool = False) -> ScoreSummary | None:
     """Top-K of every user to ``output`` (an existing one only with ``overwrite``). ``devices`` > 1: that
     many processes (Lightning's DDP), users split between them, each rank's results written to its own
-    part and merged by rank 0."""
+    part and merged by rank 0.
+
+    Every process reads and prepares the whole event file before it takes its share of the users, so
+    that part neither shrinks with more processes nor shares its memory. Returns the timings on rank 0
+    (None on the others)."""
+    started = time.perf_counter()
     writer = ParquetScoreWriter(output, overwrite)
     model = engine.model
     if events is not None:
@@ -312,5 +338,9 @@ def run_score(engine: StreamEngine, output: Path, *, events: str | None = None, 
             data, model.encoder_cfg.time_gap_buckets))
     else:
         loader = DataLoader(StoredUsers(store, engine.serving.model_id, batch_size), batch_size=None)
-    callbacks = [writer, ThroughputBar("users")]
-    predictor(callbacks, accelerator, devices).predict(ServingModule(engine), loader, return_predictions=False)
+    prepare_s = time.perf_counter() - started
+    trainer = predictor([writer, ThroughputBar("users")], accelerator, devices)
+    trainer.predict(ServingModule(engine), loader, return_predictions=False)
+    if writer.rows is None:
+        return None
+    return ScoreSummary(users=writer.rows, prepare_s=prepare_s, score_s=writer.seconds, processes=trainer.world_size)
