@@ -101,3 +101,30 @@ def test_ratios_divide_by_the_fastest_baseline_and_name_it(kernels):
     summary = "\n".join(kernels.summary_table(rows, "uniform", matmul, "fwd+bwd", "fwd_bwd_ms", 3.5))
     assert "| 16384 | 4 | 8.000 (sdpa default) | 4.000 (flex-ksa per-user [fwd 128x64]) | 2.000 | 4.00x" in summary
     assert "refused: no kernel" in "\n".join(kernels.full_table(rows, "uniform", matmul))
+
+
+@pytest.mark.slow
+def test_bench_score_scaling_quick(tmp_path):
+    """``--quick``: 64 users scored by ``ksa-rec score`` on 1 and 2 CPU processes; the 2-process merge holds
+    every user once with the 1-process top-K (on CPU also the same scores, bit for bit)."""
+    _run("bench_score_scaling.py", "--quick", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "bench_score_scaling.json").read_text())
+    one, two = report["rows"]
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert (one["returncode"], two["returncode"]) == (0, 0)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["users"] == two["users"] == 64
+    assert one["score_s"] > 0 and two["score_s"] > 0 and two["peak_host_gb"] > 0
+    assert two["agreement"] == {"same_users": True, "differing_item_lists": 0, "differing_event_counts": 0,
+                                "max_score_diff": 0.0, "identical": True}
+    assert "| 2 |" in (tmp_path / "bench_score_scaling.md").read_text()
+
+
+def test_bench_score_scaling_skips_what_cannot_fit(load_pipeline):
+    """Every process reads the whole event file: N processes are refused where N x the measured 1-process
+    peak exceeds 90% of the available memory."""
+    bench = load_pipeline("bench_score_scaling")
+    assert bench.memory_refusal(2, 150.0, 500.0) is None
+    refusal = bench.memory_refusal(4, 150.0, 500.0)
+    assert refusal.startswith("skipped: about 600 GB of host memory (4 x the 1-process peak 150.0 GB), 500 GB")
+    assert bench.memory_refusal(8, None, 500.0) is None  # no 1-process measurement: nothing to judge by
