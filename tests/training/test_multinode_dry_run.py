@@ -40,7 +40,8 @@ def _shared_check_job(rank: int, port: int, base: str) -> None:
     # One folder for both processes: the check passes and leaves nothing behind.
     os.chdir(base)
     require_shared_directory(Path("together/checkpoints"), dist.group.WORLD)
-    results["shared_left"] = sorted(p.name for p in Path(base).rglob("*") if p.is_file())
+    dist.barrier()  # rank 0 removes the probe after every process has looked: list the folder after that
+    results["shared_left"] = sorted(p.name for p in Path(base, "together").rglob("*") if p.is_file())
     results["shared_dir_kept"] = Path("together/checkpoints").exists()
     # A folder of its own for each process (two machines, no shared filesystem).
     own = Path(base) / f"machine{rank}"
