@@ -89,7 +89,7 @@ class WriterLock:
         except BlockingIOError:
             holder = os.read(self.fd, 200).decode(errors="replace").strip() or "a process that is starting"
             os.close(self.fd)
-            raise StateError(f"{store}: another ksa-rec stream is writing to this store ({holder}); "
+            raise StateError(f"{store}: another ksa-rec stream or serve is writing to this store ({holder}); "
                              "one writer per store") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())

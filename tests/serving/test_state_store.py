@@ -79,7 +79,7 @@ def test_wal_mode(tmp_path):
 def test_one_writer_per_store_and_readers_go_on(tmp_path):
     first = SqliteStateStore(tmp_path / "s.db")
     first.commit({"a": b"1"}, {})
-    with pytest.raises(StateError, match=rf"s.db: another ksa-rec stream is writing to this store "
+    with pytest.raises(StateError, match=rf"s.db: another ksa-rec stream or serve is writing to this store "
                                          rf"\(pid {os.getpid()}, started [-0-9: ]+\); one writer per store$"):
         SqliteStateStore(tmp_path / "s.db")
     reader = SqliteStateStore(tmp_path / "s.db", read_only=True)
