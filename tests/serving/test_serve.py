@@ -166,7 +166,7 @@ async def _concurrent_one_user(urls: list[str], events: pl.DataFrame) -> list[di
 
 def _same_second(trained, n: int) -> pl.DataFrame:
     """``n`` events of one user at one timestamp (any order is in time order: the service picks one)."""
-    return _events(trained, 1, n).with_columns(pl.lit(1_000_000).alias("timestamp"), pl.lit("hot").alias("user_id"))
+    return _events(trained, 1, n).with_columns(pl.lit(1_000_000, dtype=pl.Int64).alias("timestamp"), pl.lit("hot").alias("user_id"))
 
 
 def _in_acknowledged_order(events: pl.DataFrame, responses: list[dict]) -> pl.DataFrame:
