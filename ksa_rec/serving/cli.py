@@ -95,18 +95,19 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="most events in one request (more: 413)")
     p.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes,
                    help="largest request body (more: 413)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="CPU threads of the model step and of polars (default 1: a micro-batch is small, and more "
+                        "threads fight the HTTP thread and each other on a small machine)")
     p.add_argument("--accelerator", default="auto")
     _add_backend_option(p)
     return p
 
 
 def _add_state(p: argparse.ArgumentParser) -> None:
-    from ksa_rec.serving.engine import STATE_DTYPES
-
     p.add_argument("--state", required=True,
                    help="state store: a SQLite file (created if missing; one writer process at a time) or "
                         "redis://host:port/db (shared by several workers)")
-    p.add_argument("--state-dtype", choices=tuple(STATE_DTYPES), default="fp32",
+    p.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32",  # engine.STATE_DTYPES
                    help="float tensors of stored states: fp32, or bf16 (half the bytes; see "
                         "docs/results/serving.md for its effect on recommendations)")
 
@@ -199,6 +200,12 @@ def stream(argv: list[str]) -> None:
 
 
 def serve(argv: list[str]) -> None:
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    # Before polars and torch are first imported: their thread pools are sized once, at import.
+    for name in ("POLARS_MAX_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(name, str(args.threads))
+    import torch
     import uvicorn
 
     from ksa_rec.serving.admission import AdmissionConfig
@@ -210,8 +217,7 @@ def serve(argv: list[str]) -> None:
     from ksa_rec.serving.service.metrics import ServiceMetrics
     from ksa_rec.serving.store import open_store
 
-    parser = serve_parser()
-    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         admission = AdmissionConfig(args.on_bad_event, args.dead_letter, args.on_unknown_item)
         config = ServeConfig(top_k=args.top_k, max_k=args.max_k, batch_window_ms=args.batch_window_ms,
@@ -221,6 +227,7 @@ def serve(argv: list[str]) -> None:
         parser.error(str(err))
     engine = _engine(args)
     worker = Worker()  # the store is opened, used and closed on the worker's thread
+    worker.call(torch.set_num_threads, args.threads)
     store = worker.call(open_store, args.state)
     try:
         worker.call(check_model, store, engine.serving.model_id)
