@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
@@ -189,8 +188,8 @@ def bench_store(kind: str, args, checkpoint: Path, events: Path, procs: Processe
         row["store"] = kind
         rows.append(row)
         print(f"{kind:6s} rate {rate:6.0f}/s: ok {row['ok']}/{row['requests']}, p50 {row['p50_ms']:.1f} ms, "
-              f"p99 {row['p99_ms']:.1f} ms, {row['throughput']:.0f} req/s, batch {row['mean_batch_requests']:.1f}, step "
-              f"{row['mean_step_ms']:.1f} ms, commit {row['mean_commit_ms']:.1f} ms",
+              f"p99 {row['p99_ms']:.1f} ms, {row['throughput']:.0f} req/s, batch {row['mean_batch_requests']:.1f}, "
+              f"step {row['mean_step_ms']:.1f} ms, commit {row['mean_commit_ms']:.1f} ms",
               flush=True)
         if row["errors"] or row["p99_ms"] > args.give_up_ms:
             break
@@ -215,11 +214,14 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
              "requests / micro-batch | step ms / batch | commit ms / batch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        errors = f"{r['errors']} ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})" if r["errors"] else "0"
+        kinds = ", ".join(f"{k}: {v}" for k, v in r["error_kinds"].items())
+        errors = f"{r['errors']} ({kinds})" if r["errors"] else "0"
         lines.append(f"| {r['store']} | {r['rate']:g} | {r['requests']} | {r['ok']} | {errors} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['throughput']:.0f} | {r['mean_batch_requests']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['throughput']:.0f} | "
+                     f"{r['mean_batch_requests']:.1f} | "
                      f"{r['mean_step_ms']:.1f} | {r['mean_commit_ms']:.1f} |")
-    lines += ["", "| store | highest rate with zero errors (req/s) | p99 there (ms) | p99 <= 50 ms |", "|---|---|---|---|"]
+    lines += ["", "| store | highest rate with zero errors (req/s) | p99 there (ms) | p99 <= 50 ms |",
+              "|---|---|---|---|"]
     for store, s in best.items():
         p99 = "-" if s["p99_ms_there"] is None else f"{s['p99_ms_there']:.1f}"
         lines.append(f"| {store} | {s['highest_zero_error_rate']} | {p99} | {'yes' if s['goal_met'] else 'no'} |")

@@ -5,8 +5,8 @@ import threading
 import time
 
 import pytest
-from stream_checks import assert_same_states, stream
 from service_checks import store_blobs
+from stream_checks import assert_same_states, stream
 
 from ksa_rec.errors import StateError
 from ksa_rec.serving.redis_store import RedisStateStore

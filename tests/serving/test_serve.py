@@ -10,7 +10,6 @@ import sys
 import httpx
 import polars as pl
 import pytest
-import torch
 from service_checks import ROOT, Server, events_body, store_blobs
 from stream_checks import assert_same_states, stream
 
@@ -125,7 +124,8 @@ def test_bad_requests_are_4xx_with_one_line(server, body, status, reason):
 
 
 def test_late_events_are_refused_and_change_nothing(server):
-    assert httpx.post(server.url + "/events", json={"events": [_event(user_id="late", timestamp=200)]}).status_code == 200
+    first = httpx.post(server.url + "/events", json={"events": [_event(user_id="late", timestamp=200)]})
+    assert first.status_code == 200
     response = httpx.post(server.url + "/events", json={"events": [_event(user_id="late", item_id="i000002",
                                                                           timestamp=100)]})
     assert response.status_code == 422
@@ -166,7 +166,8 @@ async def _concurrent_one_user(urls: list[str], events: pl.DataFrame) -> list[di
 
 def _same_second(trained, n: int) -> pl.DataFrame:
     """``n`` events of one user at one timestamp (any order is in time order: the service picks one)."""
-    return _events(trained, 1, n).with_columns(pl.lit(1_000_000, dtype=pl.Int64).alias("timestamp"), pl.lit("hot").alias("user_id"))
+    return _events(trained, 1, n).with_columns(pl.lit(1_000_000, dtype=pl.Int64).alias("timestamp"),
+                                               pl.lit("hot").alias("user_id"))
 
 
 def _in_acknowledged_order(events: pl.DataFrame, responses: list[dict]) -> pl.DataFrame:

@@ -11,8 +11,8 @@ Every refusal is a 4xx (5xx: the store failed, nothing was committed) with ``{"e
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response

@@ -78,7 +78,7 @@ class MicroBatcher:
                 try:
                     item = self.queue.get_nowait() if remaining <= 0 else \
                         await asyncio.wait_for(self.queue.get(), remaining)
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
                 if users.intersection(item[0].users) or size + _events(item[0]) > self.max_events:
                     waiting = item
