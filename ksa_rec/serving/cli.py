@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -95,6 +96,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="most events in one request (more: 413)")
     p.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes,
                    help="largest request body (more: 413)")
+    p.add_argument("--max-queue", type=positive_int, default=d.max_queue,
+                   help="most requests waiting for a micro-batch (more: 503 at once, nothing applied)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads of the model step and of polars (default 1: a micro-batch is small, and more "
                         "threads fight the HTTP thread and each other on a small machine)")
@@ -218,11 +221,14 @@ def serve(argv: list[str]) -> None:
     from ksa_rec.serving.store import open_store
 
     torch.set_num_threads(args.threads)
+    # The worker thread gives the GIL up at every torch op; the HTTP thread, holding it meanwhile, hands it
+    # back only after the switch interval (5 ms by default): ten or more such waits per step under load.
+    sys.setswitchinterval(0.0005)
     try:
         admission = AdmissionConfig(args.on_bad_event, args.dead_letter, args.on_unknown_item)
         config = ServeConfig(top_k=args.top_k, max_k=args.max_k, batch_window_ms=args.batch_window_ms,
                              max_batch_events=args.max_batch_events, max_request_events=args.max_request_events,
-                             max_body_bytes=args.max_body_bytes)
+                             max_body_bytes=args.max_body_bytes, max_queue=args.max_queue)
     except ValueError as err:
         parser.error(str(err))
     engine = _engine(args)

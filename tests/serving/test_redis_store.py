@@ -73,3 +73,20 @@ def test_stream_into_redis_equals_stream_into_sqlite(trained, event_files, redis
     # A rerun is all replays (exactly-once by identity, as with SQLite).
     assert stream(checkpoint, events, redis_url, "--chunk-rows", "50", "--output", str(tmp_path / "r.jsonl")) == 0
     assert_same_states(checkpoint, store_blobs(redis_url), store_blobs(tmp_path / "s.db"), tol=0)
+
+
+def test_score_reads_a_redis_store(trained, event_files, redis_url, tmp_path):
+    import polars as pl
+
+    from ksa_rec.cli import main as ksa_rec
+
+    checkpoint, _ = trained
+    events, _ = event_files
+    assert stream(checkpoint, events, tmp_path / "s.db") == 0
+    assert stream(checkpoint, events, redis_url, "--output", str(tmp_path / "r.jsonl")) == 0
+    for state, out in ((str(tmp_path / "s.db"), "from-sqlite.parquet"), (redis_url, "from-redis.parquet")):
+        assert ksa_rec(["score", "--checkpoint", str(checkpoint), "--state", state, "--output", str(tmp_path / out),
+                        "--accelerator", "cpu"]) == 0
+    got, want = (pl.read_parquet(tmp_path / name).sort("user_id") for name in ("from-redis.parquet",
+                                                                                "from-sqlite.parquet"))
+    assert got.select("user_id", "event_count", "item_ids").equals(want.select("user_id", "event_count", "item_ids"))

@@ -28,7 +28,8 @@ def create_app(applier: Applier, worker: Worker, config: ServeConfig, store_name
                on_ready: Callable[[], None] = lambda: None) -> FastAPI:
     """The service around an ``Applier`` whose store was opened on ``worker``'s thread."""
     engine, metrics = applier.engine, applier.metrics
-    batcher = MicroBatcher(applier.apply, worker, config.batch_window_ms, config.max_batch_events)
+    batcher = MicroBatcher(applier.apply, worker, config.batch_window_ms, config.max_batch_events,
+                           config.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

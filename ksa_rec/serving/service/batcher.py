@@ -42,9 +42,9 @@ class Worker:
 
 class MicroBatcher:
     def __init__(self, apply: Callable[[list[EventsRequest]], list[Outcome]], worker: Worker, window_ms: float,
-                 max_events: int):
+                 max_events: int, max_queue: int):
         self.apply, self.worker = apply, worker
-        self.window, self.max_events = window_ms / 1000, max_events
+        self.window, self.max_events, self.max_queue = window_ms / 1000, max_events, max_queue
         self.queue: asyncio.Queue[tuple[EventsRequest, asyncio.Future]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
@@ -60,6 +60,9 @@ class MicroBatcher:
                 pass
 
     async def submit(self, request: EventsRequest) -> Outcome:
+        if self.queue.qsize() >= self.max_queue:
+            return Outcome(503, {"error": f"overloaded: {self.queue.qsize()} requests are waiting (--max-queue); "
+                                          "nothing was applied, retry later"})
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((request, future))
         return await future

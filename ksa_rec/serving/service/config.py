@@ -21,9 +21,12 @@ class ServeConfig:
     """Most events in one request (more: 413)."""
     max_body_bytes: int = 1 << 20
     """Largest request body accepted (more: 413)."""
+    max_queue: int = 256
+    """Most requests waiting for a micro-batch; more are answered 503 at once (nothing applied, retry
+    later) instead of queueing for seconds behind work whose clients have given up."""
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "max_k", "max_batch_events", "max_request_events", "max_body_bytes"):
+        for name in ("top_k", "max_k", "max_batch_events", "max_request_events", "max_body_bytes", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
