@@ -13,8 +13,9 @@ class ServeConfig:
     """Recommendations returned per touched user by ``POST /events`` (``GET`` takes ``?k=``)."""
     max_k: int = 1000
     """Largest ``k`` a ``GET /recommendations`` may ask for."""
-    batch_window_ms: float = 2.0
-    """How long the first request of a micro-batch waits for others to join it."""
+    batch_window_ms: float = 1.0
+    """How long the first request of a micro-batch waits for others to join it (requests that arrive
+    while the worker is busy join the next micro-batch anyway)."""
     max_batch_events: int = 512
     """Most events in one micro-batch (one model step, one store commit); a request is never split."""
     max_request_events: int = 256
