@@ -243,12 +243,22 @@ def serve(argv: list[str]) -> None:
             print(f"ksa-rec serve: listening on http://{args.host}:{args.port} (state {args.state}, model "
                   f"{engine.serving.model_id})", flush=True)
 
-        app = create_app(applier, worker, config, args.state, ready)
+        app = create_app(applier, worker, config, _without_password(args.state), ready)
         uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                       access_log=False)).run()
     finally:
         worker.call(store.close)
         worker.close()
+
+
+def _without_password(state: str) -> str:
+    """A --state value fit to show (/healthz): a Redis URL's password replaced by ***."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(state)
+    if parts.password is None:
+        return state
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _write_json(path: Path, data: dict) -> None:
