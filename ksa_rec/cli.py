@@ -2,7 +2,8 @@
 
     ksa-rec fit|validate|test --config configs/X.yaml [--trainer.max_epochs=N ...]   (LightningCLI)
     ksa-rec score --checkpoint CKPT --events FILE --output OUT.parquet [--top-k K]
-    ksa-rec stream --checkpoint CKPT --events FILE|- --state STATE_DB [--output OUT] [--top-k K]
+    ksa-rec stream --checkpoint CKPT --events FILE|- --state STATE_DB|redis://HOST:PORT/DB [--output OUT] [--top-k K]
+    ksa-rec serve --checkpoint CKPT --state STATE_DB|redis://HOST:PORT/DB [--port 8000]   (HTTP service)
 
 Each subcommand has --help. A bad option or value exits with status 2, bad input (data, checkpoint,
 state) with status 1, each with one line ``ksa-rec COMMAND: error: ...`` on stderr naming the option or
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
             _lightning_notes_to_stdout()
             run_lightning(argv)
-        elif command in ("score", "stream"):
+        elif command in ("score", "stream", "serve"):
             from ksa_rec.serving import cli
 
             getattr(cli, command)(rest)

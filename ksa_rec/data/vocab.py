@@ -21,6 +21,8 @@ from ksa_rec.errors import DataError
 
 _DICT_KIND = "ksa_rec.Vocab"
 _DICT_VERSION = 1
+_FEW = 1024
+"""encode() looks up at most this many values one by one (cheaper than hashing the vocabulary)."""
 
 
 class Vocab:
@@ -46,8 +48,14 @@ class Vocab:
         return self._raw
 
     def encode(self, values: pl.Series | Sequence[str]) -> np.ndarray:
-        """Raw ids ``[N]`` -> int64 dense ids ``[N]``; unknown or null -> ``OOV``. One hash join."""
+        """Raw ids ``[N]`` -> int64 dense ids ``[N]``; unknown or null -> ``OOV``. One hash join, or for
+        a few values (a serving micro-batch) lookups in a dict built once: the join hashes the whole
+        vocabulary on every call."""
         series = values if isinstance(values, pl.Series) else pl.Series(values, dtype=pl.String)
+        if series.len() <= _FEW:
+            index = self._index
+            return np.fromiter((index.get(v, OOV_ID) for v in series.cast(pl.String).to_list()), dtype=np.int64,
+                               count=series.len())
         dense = pl.int_range(RESERVED_IDS, len(self), dtype=pl.Int64, eager=True)
         encoded = series.cast(pl.String).replace_strict(self._raw, dense, default=OOV_ID,
                                                          return_dtype=pl.Int64)
@@ -80,7 +88,7 @@ class Vocab:
 
     @cached_property
     def _index(self) -> dict[str, int]:
-        # Only for membership tests of single ids; bulk lookups go through encode().
+        # Membership tests and encode() of a few values; bulk lookups join.
         return {raw: i + RESERVED_IDS for i, raw in enumerate(self._raw.to_list())}
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from ksa_rec.data.batch import SequenceBatch
 from ksa_rec.data.schema import ITEM, RESERVED_IDS, ROW, TIME, USER, LogSchema, time_gap_bucket
 from ksa_rec.models.ranking import topk_items
-from ksa_rec.serving.admission import time_gaps
+from ksa_rec.serving.admission import Admitted, time_gaps
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.state import UserState
 from ksa_rec.utils.jagged import lengths_to_offsets
@@ -33,9 +33,18 @@ class Recommendations:
                 for u, n, r, i, s in zip(self.user_ids, self.event_counts, self.last_rows, self.item_ids, self.scores)]
 
 
+STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+"""``--state-dtype``: how stored states keep their float tensors. fp32 keeps the model's own dtype
+(None); bf16 halves their bytes, and they are computed with in the model's dtype again when read."""
+
+
 class StreamEngine:
-    def __init__(self, serving: ServingModel, top_k: int = 10, exclude_seen: bool = True, item_chunk: int = 65536):
+    def __init__(self, serving: ServingModel, top_k: int = 10, exclude_seen: bool = True, item_chunk: int = 65536,
+                 state_dtype: str = "fp32"):
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}")
         self.serving, self.top_k, self.exclude_seen, self.item_chunk = serving, top_k, exclude_seen, item_chunk
+        self.state_dtype = STATE_DTYPES[state_dtype]
         self.model = serving.model
         self.schema = LogSchema(features=tuple(sorted(serving.features)))
         self.num_gap_buckets = self.model.encoder_cfg.time_gap_buckets
@@ -46,7 +55,8 @@ class StreamEngine:
         states = []
         for user in user_ids:
             if user in blobs:
-                states.append(UserState.from_bytes(blobs[user], self.serving.model_id, user))
+                state = UserState.from_bytes(blobs[user], self.serving.model_id, user)
+                states.append(state.cast(self.model.item_weight.dtype))
             else:
                 empty = empty or self._empty_state()
                 states.append(empty)
@@ -54,6 +64,22 @@ class StreamEngine:
 
     def _empty_state(self) -> UserState:
         return UserState.empty(self.model.empty_states(1), self.model.encoder_cfg.dim, self.model.item_weight.dtype)
+
+    def encode_state(self, state: UserState) -> bytes:
+        """A state's blob, float tensors in the store's dtype (``state_dtype``)."""
+        stored = state if self.state_dtype is None else state.cast(self.state_dtype)
+        return stored.to_bytes(self.serving.model_id)
+
+    def apply(self, admitted: list[Admitted], states: dict[str, UserState],
+              file: str) -> tuple[dict[str, bytes], Recommendations]:
+        """One step over the admitted events of a micro-batch (``admitted``: one part per admission, their
+        users disjoint, each in input order): the new states' blobs, with their replay windows, and the
+        touched users' top-K. What ``stream`` and ``serve`` commit."""
+        frame = pl.concat([part.frame for part in admitted], how="vertical")
+        new_states, recs = self.update(frame, states, file)
+        for part in admitted:
+            part.stamp(new_states)
+        return {user: self.encode_state(state) for user, state in new_states.items()}, recs
 
     @torch.no_grad()
     def update(self, frame: pl.DataFrame, states: dict[str, UserState],
@@ -85,14 +111,16 @@ class StreamEngine:
         return new_states, recs
 
     @torch.no_grad()
-    def recommend(self, users: list[str], states: list[UserState], last_rows: list[int]) -> Recommendations:
+    def recommend(self, users: list[str], states: list[UserState], last_rows: list[int],
+                  top_k: int | None = None) -> Recommendations:
+        """Top-K (``top_k``, default the engine's) of each user from its state."""
         device = self.serving.device
         vectors = torch.stack([s.vector for s in states]).to(device)
         exclude_values = exclude_offsets = None
         if self.exclude_seen:
             exclude_values = torch.cat([s.seen for s in states]).to(device)
             exclude_offsets = lengths_to_offsets(torch.tensor([s.seen.numel() for s in states])).to(device)
-        scores, ids = topk_items(vectors, self.model.item_weight, self.top_k, exclude_values, exclude_offsets,
+        scores, ids = topk_items(vectors, self.model.item_weight, top_k or self.top_k, exclude_values, exclude_offsets,
                                  self.item_chunk)
         raw = self.serving.items.raw_ids
         ids_list = ids.cpu().tolist()

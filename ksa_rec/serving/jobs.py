@@ -71,13 +71,18 @@ class ServingModule(pl.LightningModule):
 
     def _stream(self, chunk: EventChunk) -> StreamResult:
         users = chunk.frame[USER].unique(maintain_order=True).to_list()
-        states = dict(zip(users, self.engine.decode_states(users, self.store.get_many(users))))
-        admitted = self.admission.admit(chunk.frame, states, chunk.source)
-        if admitted.frame.height == 0:
-            return StreamResult({}, None, chunk.frame.height)
-        new_states, recs = self.engine.update(admitted.frame, states, chunk.source)
-        admitted.stamp(new_states)
-        blobs = {u: s.to_bytes(self.engine.serving.model_id) for u, s in new_states.items()}
+        # Claimed until the writer commits (a shared store: no other worker changes these users meanwhile).
+        self.store.claim(users)
+        try:
+            states = dict(zip(users, self.engine.decode_states(users, self.store.get_many(users))))
+            admitted = self.admission.admit(chunk.frame, states, chunk.source)
+            if admitted.frame.height == 0:
+                self.store.release()
+                return StreamResult({}, None, chunk.frame.height)
+            blobs, recs = self.engine.apply([admitted], states, chunk.source)
+        except BaseException:
+            self.store.release()
+            raise
         return StreamResult(blobs, recs, chunk.frame.height)
 
     def _score(self, batch: "ScoreBatch") -> Recommendations:
@@ -299,14 +304,21 @@ def predictor(callbacks, accelerator: str, devices: int = 1) -> pl.Trainer:
 
 
 # ---- entry points -------------------------------------------------------------------------------------------
+def check_model(store: StateStore, model_id: str) -> dict[str, str]:
+    """The store's bookkeeping, after checking that its states were built by ``model_id`` (a new store
+    passes)."""
+    meta = store.meta()
+    if meta.get(MODEL_KEY, model_id) != model_id:
+        raise StateError(f"the state store was built by model {meta[MODEL_KEY]}, not by this checkpoint "
+                         f"({model_id}); use that checkpoint or a new store")
+    return meta
+
+
 def run_stream(engine: StreamEngine, store: StateStore, events: str, output: Path, chunk_rows: int,
                admission: AdmissionConfig = AdmissionConfig(), overwrite: bool = False,
                accelerator: str = "auto") -> StreamCounts:
     """Apply ``events`` to the store's states, recommendations to ``output``; returns what was done."""
-    meta = store.meta()
-    if meta.get(MODEL_KEY, engine.serving.model_id) != engine.serving.model_id:
-        raise StateError(f"the state store was built by model {meta[MODEL_KEY]}, not by this checkpoint "
-                         f"({engine.serving.model_id}); use that checkpoint or a new store")
+    meta = check_model(store, engine.serving.model_id)
     sink = open_sink(output, meta.get(position_key(output)), overwrite)
     gate = Admission(admission, engine.serving.items, engine.serving.features)
     module = ServingModule(engine, store, gate)

@@ -61,6 +61,16 @@ class UserState:
         """Bytes of the attention state (the per-layer caches), without the seen-items set."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
+    def cast(self, dtype: torch.dtype) -> "UserState":
+        """The same state with its float tensors (vector, cached K/V, memories) in ``dtype``; integer
+        tensors (ids, indices, identities) untouched."""
+        def convert(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        return UserState(self.event_count, self.last_timestamp, self.last_item, convert(self.vector), self.seen,
+                         [{k: convert(v) for k, v in layer.items()} for layer in self.layers],
+                         self.recent_ids, self.recent_ts)
+
     def to_bytes(self, model_id: str) -> bytes:
         # Clones: cached rows are slices of batch tensors, and safetensors refuses shared storage.
         tensors = {"vector": self.vector.detach().cpu().clone(), "seen": self.seen.cpu().clone(),

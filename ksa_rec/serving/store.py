@@ -1,11 +1,17 @@
 """Where user states live between micro-batches.
 
-``StateStore`` is the small interface the streaming job needs (batched get, one atomic commit of states
-plus bookkeeping, scan for batch scoring); ``SqliteStateStore`` implements it in one SQLite file in WAL
-mode, no server. A shared store (Redis, a KV service) replaces it by implementing the same four methods
-with the same atomicity: everything passed to one ``commit`` becomes visible together or not at all.
+``StateStore`` is the small interface ``stream`` and ``serve`` need (claim users, batched get, one atomic
+commit of states plus bookkeeping, scan for batch scoring). Two implementations, chosen by ``open_store``
+from the ``--state`` value:
 
-One writer per store: a writer holds an exclusive ``flock`` on ``<store>.lock`` for its whole life (the
+- ``SqliteStateStore`` (a path): one SQLite file in WAL mode, no server, one writer process per store.
+- ``RedisStateStore`` (``redis://host:port/db``, ``ksa_rec.serving.redis_store``): several writer
+  processes share one Redis; each claims the users of a micro-batch before reading them.
+
+Both give the same guarantee: everything passed to one ``commit`` becomes visible together or not at all,
+and a writer only ever commits users it read under its own claim.
+
+SQLite, one writer per store: a writer holds an exclusive ``flock`` on ``<store>.lock`` for its whole life (the
 OS drops it when the process dies, so ``kill -9`` leaves no stale lock); the file names the holder.
 Readers (``ksa-rec score --state``) open the database read-only and take no lock (WAL lets them read
 while a writer commits).
@@ -31,17 +37,41 @@ _TABLES = {"states", "meta"}
 
 
 class StateStore(Protocol):
+    def claim(self, user_ids: list[str]) -> None:
+        """Hold these users for this writer until the next ``commit`` or ``release``: no other writer changes
+        them meanwhile (a no-op where the whole store has one writer). Blocks while another holds one."""
+
+    def release(self) -> None:
+        """Give up the current claim without committing (a micro-batch that applied nothing or failed)."""
+
     def get_many(self, user_ids: list[str]) -> dict[str, bytes]:
         """Blobs of the users that have one (absent users are new)."""
 
     def commit(self, states: dict[str, bytes], meta: dict[str, str]) -> None:
-        """Write states and bookkeeping (sink position, model id) in one transaction."""
+        """Write states and bookkeeping (sink position, model id) in one transaction; ends the claim."""
 
     def meta(self) -> dict[str, str]:
         """The bookkeeping of the last commit ({} for a new store)."""
 
     def scan(self, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
-        """Every (user_id, blob), in batches."""
+        """Every (user_id, blob), in batches (ordered by user id)."""
+
+    def close(self) -> None:
+        """Release the store (its locks, its connection)."""
+
+
+def is_redis_url(spec: str | Path) -> bool:
+    return str(spec).startswith(("redis://", "rediss://", "unix://"))
+
+
+def open_store(spec: str | Path, *, read_only: bool = False) -> StateStore:
+    """The store a ``--state`` value names: ``redis://host:port/db`` (also rediss://, unix://) is Redis,
+    anything else a SQLite file. ``read_only``: an existing store, opened for reading (``score``)."""
+    if is_redis_url(spec):
+        from ksa_rec.serving.redis_store import RedisStateStore
+
+        return RedisStateStore(str(spec), read_only=read_only)
+    return SqliteStateStore(spec, read_only=read_only)
 
 
 class WriterLock:
@@ -59,7 +89,7 @@ class WriterLock:
         except BlockingIOError:
             holder = os.read(self.fd, 200).decode(errors="replace").strip() or "a process that is starting"
             os.close(self.fd)
-            raise StateError(f"{store}: another ksa-rec stream is writing to this store ({holder}); "
+            raise StateError(f"{store}: another ksa-rec stream or serve is writing to this store ({holder}); "
                              "one writer per store") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
@@ -124,6 +154,12 @@ class SqliteStateStore:
         except sqlite3.DatabaseError as err:
             raise StateError(f"{self.path}: not a usable state store ({err}); restore it from a backup or "
                              "rebuild it") from None
+
+    def claim(self, user_ids: list[str]) -> None:
+        """Nothing to do: the writer lock already makes this process the store's only writer."""
+
+    def release(self) -> None:
+        pass
 
     def get_many(self, user_ids: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}

@@ -50,3 +50,20 @@ def event_files(trained, tmp_path):
     path = tmp_path / "events.jsonl"
     frame.write_ndjson(path)
     return path, frame
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (Debian's package) for the session; tests get a flushed database from
+    ``redis_url``."""
+    from service_checks import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_url(redis_server):
+    redis_server.client.flushall()
+    return redis_server.url(0)

@@ -62,11 +62,16 @@ def assert_same_store(checkpoint, got_path: Path, want_path: Path, tol: float = 
     """Same users, bookkeeping, event counts, replay windows, cached token identities and seen sets; float
     tensors equal up to ``tol`` (CPU kernels may sum in another order when buffers land at other
     addresses; pass 1e-4 where the two runs cut their micro-batches differently)."""
-    model_id = ServingModel.load(checkpoint).model_id
     (got, got_meta), (want, want_meta) = store_dump(got_path), store_dump(want_path)
-    assert got.keys() == want.keys()
     assert {k: v for k, v in got_meta.items() if not k.startswith("sink:")} == \
         {k: v for k, v in want_meta.items() if not k.startswith("sink:")}
+    assert_same_states(checkpoint, got, want, tol)
+
+
+def assert_same_states(checkpoint, got: dict[str, bytes], want: dict[str, bytes], tol: float = 1e-5) -> None:
+    """``assert_same_store`` on two {user: blob} maps (from any store)."""
+    model_id = ServingModel.load(checkpoint).model_id
+    assert got.keys() == want.keys()
     for user in want:
         a, b = (UserState.from_bytes(x[user], model_id, user) for x in (got, want))
         assert (a.event_count, a.last_timestamp, a.last_item) == (b.event_count, b.last_timestamp, b.last_item)

@@ -79,7 +79,7 @@ def test_wal_mode(tmp_path):
 def test_one_writer_per_store_and_readers_go_on(tmp_path):
     first = SqliteStateStore(tmp_path / "s.db")
     first.commit({"a": b"1"}, {})
-    with pytest.raises(StateError, match=rf"s.db: another ksa-rec stream is writing to this store "
+    with pytest.raises(StateError, match=rf"s.db: another ksa-rec stream or serve is writing to this store "
                                          rf"\(pid {os.getpid()}, started [-0-9: ]+\); one writer per store$"):
         SqliteStateStore(tmp_path / "s.db")
     reader = SqliteStateStore(tmp_path / "s.db", read_only=True)
@@ -142,3 +142,32 @@ def test_corrupt_pages_deep_in_the_file_are_one_line_errors(tmp_path):
         with pytest.raises(StateError, match=message):
             list(store.scan(50))
         store.close()
+
+
+def test_a_bf16_state_keeps_ids_exact_and_halves_float_bytes():
+    state = _state()
+    half = UserState.from_bytes(state.cast(torch.bfloat16).to_bytes("m1"), "m1", "u")
+    assert half.vector.dtype == torch.bfloat16 and half.layers[0]["k"].dtype == torch.bfloat16
+    assert torch.equal(half.layers[0]["idx"], state.layers[0]["idx"]) and torch.equal(half.seen, state.seen)
+    assert torch.equal(half.recent_ids, state.recent_ids)
+    floats = sum(t.numel() * t.element_size() for layer in state.layers for k, t in layer.items() if "idx" not in k)
+    assert state.num_bytes - half.num_bytes == floats // 2
+    torch.testing.assert_close(half.vector.float(), state.vector, atol=0.02, rtol=0.01)
+
+
+def test_stream_with_bf16_states(trained, event_files, tmp_path):
+    from stream_checks import last_records, store_dump, stream
+
+    from ksa_rec.serving.artifact import ServingModel
+
+    checkpoint, _ = trained
+    events, _ = event_files
+    for dtype in ("fp32", "bf16"):
+        assert stream(checkpoint, events, tmp_path / f"{dtype}.db", "--state-dtype", dtype) == 0
+    model_id = ServingModel.load(checkpoint).model_id
+    full, half = (store_dump(tmp_path / f"{d}.db")[0] for d in ("fp32", "bf16"))
+    assert sum(map(len, half.values())) < 0.7 * sum(map(len, full.values()))
+    assert all(UserState.from_bytes(b, model_id, u).vector.dtype == torch.bfloat16 for u, b in half.items())
+    got, want = (last_records(tmp_path / f"{d}.db.outputs.jsonl") for d in ("bf16", "fp32"))
+    overlap = [len(set(got[u]["item_ids"]) & set(want[u]["item_ids"])) / len(want[u]["item_ids"]) for u in want]
+    assert sum(overlap) / len(overlap) >= 0.8  # measured on the smoke model: docs/results/serving.md

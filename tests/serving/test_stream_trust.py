@@ -123,7 +123,7 @@ def test_a_second_stream_on_the_same_store_is_refused(trained, event_files, tmp_
                                 timeout=300)
         assert second.returncode == 1
         assert second.stderr.strip().splitlines()[-1] == (
-            f"ksa-rec stream: error: {tmp_path / 's.db'}: another ksa-rec stream is writing to this store "
+            f"ksa-rec stream: error: {tmp_path / 's.db'}: another ksa-rec stream or serve is writing to this store "
             f"({lock.read_text().strip()}); one writer per store")
         first.stdin.write("".join(line + "\n" for line in lines[200:]))
         first.stdin.close()
