@@ -70,20 +70,18 @@ class StreamEngine:
         stored = state if self.state_dtype is None else state.cast(self.state_dtype)
         return stored.to_bytes(self.serving.model_id)
 
-    def apply(self, admitted: list[Admitted], states: dict[str, UserState],
-              file: str) -> tuple[dict[str, bytes], Recommendations]:
+    def apply(self, admitted: list[Admitted], states: dict[str, UserState]) -> tuple[dict[str, bytes], Recommendations]:
         """One step over the admitted events of a micro-batch (``admitted``: one part per admission, their
         users disjoint, each in input order): the new states' blobs, with their replay windows, and the
         touched users' top-K. What ``stream`` and ``serve`` commit."""
         frame = pl.concat([part.frame for part in admitted], how="vertical")
-        new_states, recs = self.update(frame, states, file)
+        new_states, recs = self.update(frame, states)
         for part in admitted:
             part.stamp(new_states)
         return {user: self.encode_state(state) for user, state in new_states.items()}, recs
 
     @torch.no_grad()
-    def update(self, frame: pl.DataFrame, states: dict[str, UserState],
-               file: str) -> tuple[dict[str, UserState], Recommendations]:
+    def update(self, frame: pl.DataFrame, states: dict[str, UserState]) -> tuple[dict[str, UserState], Recommendations]:
         """Apply one micro-batch. ``states`` holds every user of ``frame``; returns their new states and
         their fresh recommendations. ``frame`` holds admitted events only (``serving.admission``: replays, late
         and malformed events were sorted out before)."""

@@ -79,7 +79,7 @@ class ServingModule(pl.LightningModule):
             if admitted.frame.height == 0:
                 self.store.release()
                 return StreamResult({}, None, chunk.frame.height)
-            blobs, recs = self.engine.apply([admitted], states, chunk.source)
+            blobs, recs = self.engine.apply([admitted], states)
         except BaseException:
             self.store.release()
             raise

@@ -86,7 +86,7 @@ class Applier:
         fresh: dict[str, tuple] = {}
         if parts:
             started = time.perf_counter()
-            new_blobs, recs = self.engine.apply(parts, states, REQUEST)
+            new_blobs, recs = self.engine.apply(parts, states)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             started = time.perf_counter()
             self.store.commit(new_blobs, {MODEL_KEY: self.engine.serving.model_id})
