@@ -11,7 +11,7 @@ TORCH_VERSION := 2.13.0
 # configured index instead; `make venv TORCH_INDEX=` always does that.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv torch-cpu demo test test-fast lint test-gpu clean
+.PHONY: venv torch-cpu redis-server demo test test-fast lint test-gpu clean
 
 venv: $(STAMP)
 
@@ -39,9 +39,19 @@ torch-cpu:
 demo: $(STAMP)
 	$(BIN)/python pipelines/demo.py
 
-# The full tier (what CI runs): lint, then every CPU test.
-test: lint
+# The full tier (what CI runs): lint, then every CPU test (the serving tests start a real redis-server).
+test: lint redis-server
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# Debian's redis-server, installed where it is missing and apt-get can run (root, as on CI); else one line.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+		else \
+			echo "make: redis-server is needed by the serving tests: install it (Debian: apt-get install redis-server)"; \
+			exit 1; \
+		fi; }
 
 # The edit-run loop: everything but the tests that start processes or run long (marked slow).
 test-fast: $(STAMP)
