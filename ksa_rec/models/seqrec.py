@@ -93,7 +93,8 @@ class SeqRecModel(nn.Module):
         has_target = batch.targets >= RESERVED_IDS
         hidden, targets = hidden[has_target], batch.targets[has_target]
         if self.loss_cfg.kind == "ce":
-            loss = full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature)
+            loss = full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature,
+                                      self.loss_cfg.label_smoothing)
         else:
             loss = sampled_softmax(hidden, targets, self.item_embeddings, self.data_spec.num_items, self.loss_cfg,
                                    self.item_prob, generator)

@@ -35,6 +35,9 @@ class LossConfig:
     """Sampled softmax: subtract log of each negative's expected count (Yi et al. 2019)."""
     temperature: float = 1.0
     """Logits are divided by this before the softmax."""
+    label_smoothing: float = 0.0
+    """Full CE: this share of each target's probability mass is spread evenly over the catalogue's real
+    items (reserved ids excluded); 0 = off."""
     summary_reconstruction: float = 0.0
     """Weight of an auxiliary loss asking every summary state that a later KSA layer reads to name the
     items of its chunk slice (softmax over the catalogue); 0 = off. Needs a ksa layer after the first."""
@@ -44,6 +47,8 @@ class LossConfig:
         require(self.summary_reconstruction >= 0, "loss.summary_reconstruction", "must be >= 0")
         require(self.num_uniform_negatives >= 0, "loss.num_uniform_negatives", "must be >= 0")
         require(self.temperature > 0, "loss.temperature", "must be > 0")
+        require(0 <= self.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
+        require(self.kind == "ce" or self.label_smoothing == 0, "loss.label_smoothing", "needs loss.kind ce")
         require(self.kind == "ce" or self.in_batch_negatives or self.num_uniform_negatives > 0,
                 "loss", "sampled softmax needs in-batch or uniform negatives")
 
@@ -55,9 +60,20 @@ def catalogue_logits(hidden: Tensor, item_weight: Tensor) -> Tensor:
     return logits
 
 
-def full_cross_entropy(hidden: Tensor, targets: Tensor, item_weight: Tensor, temperature: float = 1.0) -> Tensor:
-    """Mean softmax cross-entropy over the full catalogue. ``hidden [N, dim]``, ``targets [N]``."""
-    return F.cross_entropy(catalogue_logits(hidden, item_weight) / temperature, targets)
+def full_cross_entropy(hidden: Tensor, targets: Tensor, item_weight: Tensor, temperature: float = 1.0,
+                       label_smoothing: float = 0.0) -> Tensor:
+    """Mean softmax cross-entropy over the full catalogue. ``hidden [N, dim]``, ``targets [N]``.
+
+    With ``label_smoothing`` e the target distribution is (1 - e) on the target plus e spread evenly over
+    the real items; torch's own smoothing would also spread it over the reserved ids, whose -inf logits
+    make that loss infinite."""
+    logits = catalogue_logits(hidden, item_weight) / temperature
+    if label_smoothing == 0:
+        return F.cross_entropy(logits, targets)
+    log_probs = F.log_softmax(logits, dim=-1)
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    spread = -log_probs[:, RESERVED_IDS:].mean(dim=-1)
+    return ((1 - label_smoothing) * nll + label_smoothing * spread).mean()
 
 
 def sampled_softmax(hidden: Tensor, targets: Tensor, item_embeddings: Callable[[Tensor], Tensor], num_items: int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -126,7 +127,9 @@ class RecCLI(LightningCLI):
 
     # The subcommands, run by LightningCLI (it calls the method named after the subcommand).
     def fit(self, **kwargs) -> None:
+        started = time.perf_counter()
         self.trainer.fit(**kwargs, weights_only=True)
+        self.fit_seconds = time.perf_counter() - started
 
     def validate(self, **kwargs) -> None:
         self.trainer.validate(**kwargs, verbose=False, weights_only=True)
@@ -139,7 +142,11 @@ class RecCLI(LightningCLI):
         if trainer.fast_dev_run or trainer.interrupted:
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        fit = {"epochs": trainer.current_epoch, "stopped_by": self._stop_reason()}
+        fit = {"epochs": trainer.current_epoch, "stopped_by": self._stop_reason(),
+               "seconds": round(getattr(self, "fit_seconds", 0.0), 1)}
+        score = trainer.checkpoint_callback.best_model_score if best else None
+        if score is not None:  # what model selection compares: the monitored validation metric of the kept checkpoint
+            fit["best_val"] = {trainer.checkpoint_callback.monitor: float(score)}
         reason = None if best else "none_kept" if "val" in self.model.last_metrics else "no_validation"
         trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, verbose=False,
                      weights_only=True)

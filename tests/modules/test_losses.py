@@ -1,5 +1,6 @@
 """Losses over the tied head."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -52,3 +53,21 @@ def test_in_batch_logq_uses_item_frequency():
     row1 = torch.stack([scores[1, 1], scores[1, 0] - torch.log(torch.tensor(1.6))])
     manual = F.cross_entropy(torch.stack([row0, row1]), torch.zeros(2, dtype=torch.long))
     assert torch.allclose(sampled_softmax(hidden, targets, weight.__getitem__, 5, cfg, prob), manual, atol=1e-6)
+
+
+def test_label_smoothing_spreads_mass_over_real_items_only():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(5, 8), torch.randn(12, 8)
+    targets = torch.tensor([2, 5, 11, 3, 7])
+    eps = 0.2
+    real = (hidden @ weight.t())[:, 2:]  # the reserved ids (PAD, OOV) are not items
+    want = F.cross_entropy(real, targets - 2, label_smoothing=eps)
+    assert torch.allclose(full_cross_entropy(hidden, targets, weight, label_smoothing=eps), want, atol=1e-6)
+    assert torch.isfinite(full_cross_entropy(hidden, targets, weight, label_smoothing=eps))
+
+
+def test_label_smoothing_needs_full_ce():
+    with pytest.raises(ValueError, match="loss.label_smoothing"):
+        LossConfig(kind="sampled", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="loss.label_smoothing"):
+        LossConfig(label_smoothing=1.0)

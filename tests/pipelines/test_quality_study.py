@@ -29,14 +29,24 @@ def test_every_kinds_study_compares_all_nine_patterns_at_one_span(quality):
 
 def test_seed_table_is_the_mean_with_a_student_t_half_width(quality):
     metrics = {m: 0.0 for m in quality.METRICS}
-    results = {"m-s0": {"test": {**metrics, "hr@10": 0.10}}, "m-s1": {"test": {**metrics, "hr@10": 0.20}},
-               "m-s2": {"test": {**metrics, "hr@10": 0.30}}, "other": {"test": {**metrics, "hr@10": 0.5}}}
+    def fit(val, stop, seconds):
+        return {"best_val": {"val/ndcg@10": val}, "stopped_by": stop, "seconds": seconds}
+
+    results = {"m-s0": {"test": {**metrics, "hr@10": 0.10}, "fit": fit(0.3, "early_stopping", 60), "epochs": 10},
+               "m-s1": {"test": {**metrics, "hr@10": 0.20}, "fit": fit(0.4, "early_stopping", 120), "epochs": 12},
+               "m-s2": {"test": {**metrics, "hr@10": 0.30}, "fit": fit(0.5, "max_time", 180), "epochs": 9},
+               "other": {"test": {**metrics, "hr@10": 0.5}}}
     table = quality.seed_table(results)
+    head = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     row = next(line for line in table.splitlines() if line.startswith("| m |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "3"
+    cells = dict(zip(head, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["seeds"] == "3"
     # mean 0.2, sd 0.1, half-width t(2) * sd / sqrt(3) = 4.303 * 0.1 / 1.732 = 0.2484
-    assert cells[2 + quality.METRICS.index("hr@10")] == "0.2000 ± 0.2484"
+    assert cells["hr@10"] == "0.2000 ± 0.2484"
+    # what model selection reads (the kept checkpoint's validation score), the same mean and half-width
+    assert cells["val ndcg@10 (selects)"] == "0.4000 ± 0.2484"
+    assert cells["epochs"] == "10/12/9" and cells["stopped by"] == "early_stopping, max_time"
+    assert cells["fit min"] == "2.0 ± 2.5"
     assert "other" not in table
 
 
@@ -84,3 +94,13 @@ def test_paired_table_reports_every_bucket_paired_by_seed(quality):
     assert row[2] == "+0.0100 ± 0.0000" and row[3] == "-0.0200 ± 0.0000"
     assert row[4].startswith("+0.1100 ± 0.127")
     assert quality.paired_table(results, "nosuch", "ndcg@10") == ""
+
+
+def test_studies_that_share_a_run_run_it_once(quality):
+    beauty = [r for r in quality.expand(quality.STUDIES["beauty-sweep"] + quality.STUDIES["real-summaries"], [0])
+              if r.name.startswith("beauty-")]
+    names = [r.name for r in quality.unique(beauty)]
+    assert len(names) == len(set(names)) and "beauty-sca,sca-s0" in names and "beauty-full,full-s0" in names
+    clash = quality.Run("x", "beauty", None, ["--a"])
+    with pytest.raises(SystemExit, match="run x has different settings"):
+        quality.unique([clash, quality.Run("x", "beauty", None, ["--b"])])

@@ -97,7 +97,8 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
     results = json.loads(metrics_file.read_text())
     assert Path(results["checkpoint"]).is_file()
     assert results["test"]["targets"] == 40 and 0.0 <= results["test"]["ndcg@10"] <= 1.0
-    assert results["fit"] == {"epochs": 3, "stopped_by": "max_epochs"}
+    fit = results["fit"]
+    assert (fit["epochs"], fit["stopped_by"]) == (3, "max_epochs") and fit["seconds"] > 0
     assert results["protocol"] == {"seen_items": "mask"}  # what the results tables name
     # Test targets broken down by history length (events before each user's last one), bucket edges
     # (8, 16, 32, 64, 128, ...): the counts follow the users' lengths.
@@ -114,6 +115,10 @@ def test_fit_trains_checkpoints_and_tests(tmp_path, monkeypatch):
 
     rows = [r for r in csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").open()) if r.get("train/loss_epoch")]
     assert len(rows) == 3 and float(rows[-1]["train/loss_epoch"]) < float(rows[0]["train/loss_epoch"])
+    # Model selection reads the kept checkpoint's validation score: the best of the validation epochs.
+    val = [float(r["val/ndcg@10"]) for r in csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").open())
+           if r.get("val/ndcg@10")]
+    assert fit["best_val"] == {"val/ndcg@10": pytest.approx(max(val))}
     ckpt = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
     assert set(ckpt["ksa_rec_vocab"]) == {"items", "features"}
     assert "category" in ckpt["ksa_rec_vocab"]["features"]
@@ -286,7 +291,8 @@ def test_metrics_say_when_no_validation_ran(tmp_path, monkeypatch, args):
     results = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert "val" not in results  # the sanity check scored the untrained model: not a validation result
     assert results["checkpoint"] is None and results["checkpoint_reason"].startswith("no validation ran")
-    assert results["fit"] == {"epochs": 1, "stopped_by": "max_epochs"} and results["test"]["targets"] == 40
+    assert (results["fit"]["epochs"], results["fit"]["stopped_by"]) == (1, "max_epochs")
+    assert "best_val" not in results["fit"] and results["test"]["targets"] == 40
 
 
 # ---- --help explains every option --------------------------------------------------------------------------
