@@ -49,7 +49,9 @@ ML1M = "ml-1m/ml-1m.txt"
 BEAUTY_SPAN = ["--model.encoder.chunk_size", "2", "--model.encoder.window", "4"]
 CHUNK = ["--model.encoder.summary_init", "chunk"]
 REC = ["--model.loss.summary_reconstruction", "0.3"]
-WHOLE = ["--data.max_len", "2304"]
+# Scoring a whole history of 2,304 events per user needs smaller evaluation batches than len 200 (the
+# metrics do not depend on the batch size).
+WHOLE = ["--data.max_len", "2304", "--data.eval_batch_size", "128"]
 LS = ["--model.loss.label_smoothing", "0.1"]
 
 
@@ -465,6 +467,8 @@ def main() -> int:
             res["wall_s"] = time.time() - started
             res["returncode"] = proc.returncode
             res["epochs"] = (res.get("fit") or {}).get("epochs") or _epochs(log_root)
+            if proc.returncode != 0:  # the reason travels with the results (the run's log may not)
+                res["log_tail"] = (log_root / "stdout.log").read_text(errors="replace").splitlines()[-15:]
             results[run.name] = res
             print(f"{run.name}: exit {proc.returncode}, {res['wall_s']:.0f} s, "
                   f"test ndcg@10 {res.get('test', {}).get('ndcg@10', float('nan')):.4f}", flush=True)
