@@ -669,7 +669,8 @@ def _grow_step(q: Tensor, k: Tensor, v: Tensor, tokens: StepTokens, rule: KsaRul
                 keys = torch.cat([keys, k[n:][plan.summary_rows]], dim=1)
                 values = torch.cat([values, v[n:][plan.summary_rows]], dim=1)
         return attend_padded(att, q, keys, values, scale), after
-    # Triton: the pool as it is, spare rows included (their identity is never visible)
+    # Triton (or flex, whose step form is the torch op): the pools as they are, spare rows included (their
+    # identity is never visible, their K/V are zeros), each user's keys its whole slot: no copy.
     slots = plan.slots
     out = ksa_cached_attention(q if tokens.q_rows is None else q[tokens.q_rows], tokens.queries,
                                KeyRows(slots.starts, slots.index, k_pool, v_pool),
