@@ -215,3 +215,28 @@ def test_triton_reads_the_pool_with_its_spare_rows(S):
         torch.testing.assert_close(out_t, out_p, atol=1e-5, rtol=1e-5)  # another kernel: fp32 rounding
         counts = [c + t for c, t in zip(counts, new)]
     _assert_same_rows(grown.to("cpu"), packed.to("cpu"), 4)
+
+
+def test_layers_sharing_slots_grow_them_once_whatever_their_rules():
+    """Two full layers holding the same rows (shared slots) in one step, under two rules: the rows are
+    appended once, and each layer's output is the packed path's under its own rule."""
+    hist = _Histories([12, 7], 1, torch.float64, 4)
+    first, second = share_layouts([GrowingCache.empty(2, H, D, torch.float64, "cpu") for _ in range(2)])
+    assert first.slots is second.slots
+    packed = LayerCache.empty(2, H, D, torch.float64, "cpu")
+    counts = [0, 0]
+    for new in ([5, 3], [4, 4], [3, 0]):
+        tokens, sums = _tokens(counts, new, 1)
+        q, k, v = hist.step(counts, new, sums)
+        outs = []
+        for rule in (KsaRule(K, None, 1), KsaRule(K, None, 1, max_summaries=0)):
+            out_p, _ = ksa_step_attention(q, k, v, tokens, rule, packed, backend="torch")
+            outs.append(out_p)
+        out_a, first = ksa_step_attention(q, k, v, tokens, KsaRule(K, None, 1), first, backend="torch")
+        out_b, second = ksa_step_attention(q, k, v, tokens, KsaRule(K, None, 1, max_summaries=0), second,
+                                           backend="torch")
+        _, packed = ksa_step_attention(q, k, v, tokens, KsaRule(K, None, 1), packed, backend="torch")
+        assert first.slots is second.slots and torch.equal(out_a, outs[0]) and torch.equal(out_b, outs[1])
+        counts = [c + t for c, t in zip(counts, new)]
+        _assert_same_rows(first, packed, 2)
+        _assert_same_rows(second, packed, 2)

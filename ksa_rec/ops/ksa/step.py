@@ -296,11 +296,15 @@ class StepTokens:
         return self.plans[key][1]
 
     def growth(self, rule: KsaRule, slots: Slots, backend: str, dtype: torch.dtype) -> GrowthPlan:
-        """``plan_growth`` for this step, built once for the full layers whose caches share ``slots``."""
-        key = ("grow", rule, backend, id(slots))
+        """``plan_growth`` for this step, built once for the full layers whose caches share ``slots`` (it
+        writes the new identities), with its attention built once per rule and backend."""
+        key = ("grow", id(slots))
         if key not in self.plans:
-            self.plans[key] = (slots, plan_growth(self, rule, slots, backend, dtype))
-        return self.plans[key][1]
+            self.plans[key] = (slots, plan_growth(self, slots))
+        attention_key = ("grow", id(slots), rule, backend)
+        if attention_key not in self.plans:
+            self.plans[attention_key] = (slots, plan_grown_attention(self, rule, self.plans[key][1], backend, dtype))
+        return self.plans[attention_key][1]
 
 
 @dataclass
@@ -589,13 +593,12 @@ class GrowthPlan:
         return pool
 
 
-def plan_growth(tokens: StepTokens, rule: KsaRule, slots: Slots, backend: str, dtype: torch.dtype) -> GrowthPlan:
+def plan_growth(tokens: StepTokens, slots: Slots) -> GrowthPlan:
     """The step's new events appended to each user's slot: in place when every slot has room and ``slots``
     is the newest of its pool; else the pool laid out again (slots that overflow get ``slot_capacity``
-    rows, at least double). The new identities are written to the slots' index here, once for all layers.
-    One device sync (the new rows per user)."""
-    if rule.window is not None or rule.events_see_summaries:
-        raise ValueError(f"a GrowingCache holds a full layer's rows (window=None), not those of {rule}")
+    rows, at least double). The new identities are written to the slots' index here, once for all layers
+    (so once per step and slots, whatever the rules: ``StepTokens.growth``). One device sync (the new rows
+    per user). No attention yet (``plan_grown_attention``)."""
     device = slots.index.device
     one_user = slots.lengths.numel() == 1
     new_lengths = offsets_to_lengths(tokens.offsets).cpu()
@@ -624,22 +627,32 @@ def plan_growth(tokens: StepTokens, rule: KsaRule, slots: Slots, backend: str, d
         index.index_copy_(0, written, tokens.positions)
     tip.version = version
     after = Slots(index, slots.offsets + tokens.offsets, starts, lengths, capacity, host_starts, tip, version)
-    attention = summary_rows = None
-    if backend == "torch" and tokens.queries.index.numel():
-        if one_user:
-            attention = plan_cached_attention(tokens.queries, Rows(after.offsets, index[:written.stop]),
-                                              Rows(tokens.sum_offsets, tokens.sum_ids), rule, dtype)
-        else:
-            attention = plan_cached_attention(tokens.queries, Rows(after.offsets, index),
-                                              Rows(tokens.sum_offsets, tokens.sum_ids), rule, dtype,
-                                              event_starts=starts[:-1])
-            width = attention.event_width
-            summary_rows = (attention.key_rows[:, width:] - index.numel()).clamp_(min=0)
-            attention = replace(
-                attention, key_rows=attention.key_rows[:, :width],
-                query_rows=attention.query_rows if tokens.q_rows is None else tokens.q_rows[attention.query_rows],
-                out_rows=attention.out_rows if tokens.stream_rows is None else attention.out_rows[tokens.stream_rows])
-    return GrowthPlan(after, moved, written, attention, summary_rows)
+    return GrowthPlan(after, moved, written, None, None)
+
+
+def plan_grown_attention(tokens: StepTokens, rule: KsaRule, growth: GrowthPlan, backend: str,
+                         dtype: torch.dtype) -> GrowthPlan:
+    """``growth`` with the attention of the step's queries under ``rule`` (a full layer's) against the
+    grown slots: for torch, ``plan_cached_attention`` with each user's event columns read from its slot
+    (pool rows) and its summary columns from the step's new summaries (``summary_rows``)."""
+    if rule.window is not None or rule.events_see_summaries:
+        raise ValueError(f"a GrowingCache holds a full layer's rows (window=None), not those of {rule}")
+    if backend != "torch" or not tokens.queries.index.numel():
+        return growth
+    slots, summaries = growth.slots, Rows(tokens.sum_offsets, tokens.sum_ids)
+    if slots.lengths.numel() == 1:  # one user: its slot's used rows are the padded problem
+        attention = plan_cached_attention(tokens.queries, Rows(slots.offsets, slots.index[:growth.written.stop]),
+                                          summaries, rule, dtype)
+        return replace(growth, attention=attention)
+    attention = plan_cached_attention(tokens.queries, Rows(slots.offsets, slots.index), summaries, rule, dtype,
+                                      event_starts=slots.starts[:-1])
+    width = attention.event_width
+    summary_rows = (attention.key_rows[:, width:] - slots.index.numel()).clamp_(min=0)
+    attention = replace(
+        attention, key_rows=attention.key_rows[:, :width],
+        query_rows=attention.query_rows if tokens.q_rows is None else tokens.q_rows[attention.query_rows],
+        out_rows=attention.out_rows if tokens.stream_rows is None else attention.out_rows[tokens.stream_rows])
+    return replace(growth, attention=attention, summary_rows=summary_rows)
 
 
 def _grow_step(q: Tensor, k: Tensor, v: Tensor, tokens: StepTokens, rule: KsaRule, state: GrowingCache,
