@@ -12,8 +12,9 @@ events (KSA.md section 7: the ring of the open chunk + W chunks and all n // k s
 all n events for full layers; the fixed-size memories of mka/fastmka layers), filled with random values
 (speed does not depend on them). Timed: one ``SequenceEncoder.step`` (embedding lookup included) that appends one new
 event per user, for a batch of users (updates/s = users / time) and for one user (latency); the median
-of repeated runs after warm-up. State bytes per user = the cache tensors (float32 K/V + int64 indices)
-versus a full KV cache (2 * n * dim * layers floats).
+of repeated runs after warm-up, each step continuing the state the one before returned (so the history
+grows by one event a step, and a growable cache is timed in its steady state). State bytes per user =
+the cache tensors (float32 K/V + int64 indices) versus a full KV cache (2 * n * dim * layers floats).
 """
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ def bench(pattern: str, n: int, users: int, repeats: int, device, dtype=torch.fl
     ones = torch.ones(users, dtype=torch.long)
     features = KeyedJaggedTensor(keys=["item_id"], values=torch.randint(2, 10_000, (users,)), lengths=ones,
                                  offsets=lengths_to_offsets(ones)).to(device)
-    offsets, count = lengths_to_offsets(ones).to(device), torch.full((users,), n, device=device)
+    offsets = lengths_to_offsets(ones).to(device)
+    live = {"caches": caches, "count": torch.full((users,), n, device=device)}
 
     def step():
+        # Steady state: each step continues the state the previous one returned (as a long-lived batch
+        # would), so a cache that grows in place is timed appending in place, not copying on write.
         tokens, time_part = model.embedding(features)
-        model.encoder.step(tokens, offsets, count, time_part, caches)
+        _, live["caches"] = model.encoder.step(tokens, offsets, live["count"], time_part, live["caches"])
+        live["count"] = live["count"] + 1
 
     with torch.no_grad():
         ms = median_ms(step, warmup=3, reps=repeats, device=device)

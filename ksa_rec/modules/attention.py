@@ -6,9 +6,9 @@ Every kind implements ``AttentionLayer``:
   the encoder carries one) -> outputs before the residual;
 - ``step(h, layout, state)``: the streaming pass over a step's new tokens against the layer's per-user
   state -> outputs and the new state (equal to ``forward`` over the whole histories);
-- ``empty_state`` / ``stack_states``: the state type it keeps (``LayerCache`` for the kinds below,
-  ``MkaState`` / ``FastMkaState`` for the memory kinds); every state has ``user(b)``, ``to(device)``,
-  ``num_bytes`` and ``stack(users)``;
+- ``empty_state`` / ``stack_states``: the state type it keeps (``LayerCache`` for the kinds below, a
+  ``GrowingCache`` appended in place for full layers, ``MkaState`` / ``FastMkaState`` for the memory
+  kinds); every state has ``user(b)``, ``to(device)``, ``num_bytes`` and ``stack(users)``;
 - ``report()``: scalars worth logging (the memory kinds' router weights).
 
 The four attention kinds of KSA.md section 10 differ only in their ``KsaRule`` (``W`` = window in
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ksa_rec.modules.mka import FastMkaAttention, MkaAttention
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import KsaRule, ksa_attention
-from ksa_rec.ops.ksa.step import LayerCache, StepTokens, ksa_step_attention
+from ksa_rec.ops.ksa.step import GrowingCache, LayerCache, StepTokens, ksa_step_attention
 from ksa_rec.ops.rope import apply_rotary
 
 if TYPE_CHECKING:
@@ -142,7 +142,8 @@ class RuleAttention(AttentionLayer):
         return ksa_attention(q, k, v, none, none, none, layout.offsets, self.rule(False),
                              backend=self.cfg.attention_backend, check_offsets=False)[0]
 
-    def step(self, h: Tensor, layout: StepLayout, state: LayerCache) -> tuple[Tensor, LayerCache]:
+    def step(self, h: Tensor, layout: StepLayout, state: LayerCache | GrowingCache
+             ) -> tuple[Tensor, LayerCache | GrowingCache]:
         n = layout.tokens.num_events
         qkv = self.qkv(h) if h.shape[0] == n else torch.cat([self.qkv(h[:n]), self.qkv_sum(h[n:])])
         q, k, v = self.rotate(qkv, layout.cos, layout.sin)
@@ -158,10 +159,18 @@ class RuleAttention(AttentionLayer):
 
 
 class FullAttention(RuleAttention):
+    """Every earlier event: the state only grows, so it is a ``GrowingCache`` (new K/V appended in place)."""
+
     kind = "full"
 
     def rule(self, with_summaries: bool) -> KsaRule:
         return KsaRule(self.cfg.chunk_size, None, self._summary_tokens(with_summaries))
+
+    def empty_state(self, batch: int, dtype: torch.dtype, device) -> GrowingCache:
+        return GrowingCache.empty(batch, self.num_heads, self.cfg.dim // self.num_heads, dtype, device)
+
+    def stack_states(self, users: list[dict[str, Tensor]]) -> GrowingCache:
+        return GrowingCache.stack(users)
 
     def attend_events(self, q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout) -> Tensor:
         # Plain causal attention: SDPA's fused kernels beat any masked form of the same rule.

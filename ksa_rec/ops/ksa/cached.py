@@ -90,12 +90,18 @@ class CachedPlan:
     mask: Tensor
     """``[B, 1, Qmax, Kmax + Smax]`` additive: 0 where visible, -inf elsewhere (what SDPA would make of a
     bool mask on every call)."""
+    event_width: int | None = None
+    """Kmax: the first columns of ``key_rows`` that hold event keys (None with one user)."""
 
 
 def plan_cached_attention(queries: QueryRows, events: Rows, summaries: Rows, rule: KsaRule,
-                          dtype: torch.dtype) -> CachedPlan:
+                          dtype: torch.dtype, event_starts: Tensor | None = None) -> CachedPlan:
     """``CachedPlan`` of ``ksa_cached_attention``'s torch path (identities only, no K/V; ``dtype``: the
     queries').
+
+    ``event_starts [B]`` (more than one user): user b's event rows are ``events.index[event_starts[b]:]``,
+    as many as ``events.offsets`` gives it, in a table that may hold other rows between users (a growing
+    cache's pool, ``step.GrowingCache``); None: packed at ``events.offsets[:-1]``.
 
     Needs at least one query and one key. More than one user costs one device sync (the longest rows)."""
     q_offsets, q_index, q_is_summary = queries.offsets, queries.index, queries.is_summary
@@ -111,7 +117,8 @@ def plan_cached_attention(queries: QueryRows, events: Rows, summaries: Rows, rul
         query_rows = query_rows.clamp_(max=q_index.numel() - 1)
         width = torch.arange(kmax + smax, device=k_offsets.device)
         is_event_col = width < kmax
-        start = torch.where(is_event_col, k_offsets[:-1, None], k_index.numel() + s_offsets[:-1, None] - kmax)
+        first = k_offsets[:-1] if event_starts is None else event_starts
+        start = torch.where(is_event_col, first[:, None], k_index.numel() + s_offsets[:-1, None] - kmax)
         valid = width < torch.where(is_event_col, k_len[:, None], kmax + s_len[:, None])
         key_rows = torch.where(valid, start + width, 0)
         key_index = torch.where(valid, torch.cat([k_index, s_index])[key_rows], big)
@@ -125,19 +132,26 @@ def plan_cached_attention(queries: QueryRows, events: Rows, summaries: Rows, rul
     # A query that sees nothing gets one key so the softmax stays finite (padding rows are dropped).
     mask[:, :, 0] |= ~mask.any(dim=2)
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return CachedPlan(query_rows, key_rows, out_rows, additive[:, None])
+    return CachedPlan(query_rows, key_rows, out_rows, additive[:, None], None if key_rows is None else kmax)
 
 
 def attend_cached(plan: CachedPlan, q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
     """``q [sum Q_b, H, D]`` against the key table ``keys, values [rows, Hkv, D]`` -> ``[sum Q_b, H, D]``."""
-    def padded(x, rows):
-        return (x[None] if rows is None else x[rows]).transpose(1, 2)
+    def padded(x):
+        return x[None] if plan.key_rows is None else x[plan.key_rows]
 
-    qp, kp = padded(q, plan.query_rows), padded(keys, plan.key_rows)
-    out = F.scaled_dot_product_attention(qp, kp, padded(values, plan.key_rows), attn_mask=plan.mask, scale=scale,
+    return attend_padded(plan, q, padded(keys), padded(values), scale)
+
+
+def attend_padded(plan: CachedPlan, q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """``q [sum Q_b, H, D]`` against keys already in the plan's padded layout ``keys, values [B, Kmax +
+    Smax, Hkv, D]`` -> ``[sum Q_b, H, D]``."""
+    qp = (q[None] if plan.query_rows is None else q[plan.query_rows]).transpose(1, 2)
+    kp, vp = keys.transpose(1, 2), values.transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask, scale=scale,
                                          enable_gqa=kp.shape[1] != qp.shape[1]).transpose(1, 2)
     return out[0] if plan.out_rows is None else out.flatten(0, 1)[plan.out_rows]
 
 
-__all__ = ["CachedPlan", "KeyRows", "QueryRows", "Rows", "attend_cached", "ksa_cached_attention",
+__all__ = ["CachedPlan", "KeyRows", "QueryRows", "Rows", "attend_cached", "attend_padded", "ksa_cached_attention",
            "plan_cached_attention"]

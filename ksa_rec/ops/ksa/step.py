@@ -20,6 +20,15 @@ A step's cost is host-side (many tiny ops), not bandwidth, so a step works out w
 survive once (``plan_step``) for all the layers whose caches hold the same rows, in the same index
 tensors (``share_layouts``), under the same rule; each layer then only concatenates its K/V into one key
 table and takes rows from it, as views where they are consecutive.
+
+Two state types:
+
+- ``LayerCache`` (ksa, sca, swa layers): packed rows; a step builds the next cache from the old rows that
+  survive plus the new ones. Their caches are bounded (the ring and the summaries), so that copy is too.
+- ``GrowingCache`` (full layers: ``window=None``, nothing ever dropped): each user's rows sit in a slot of
+  a pool with spare rows, like a vector with doubling, so a step writes the new K/V into the spare rows
+  in place instead of copying the whole history per layer (``plan_growth``). Same attention, same kept
+  rows, same per-user tensors (``user(b)``) as a ``LayerCache`` would give.
 """
 
 from __future__ import annotations
@@ -36,11 +45,12 @@ from ksa_rec.ops.ksa.cached import (
     QueryRows,
     Rows,
     attend_cached,
+    attend_padded,
     ksa_cached_attention,
     plan_cached_attention,
 )
 from ksa_rec.ops.ksa.rule import KsaRule
-from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids
+from ksa_rec.utils.jagged import lengths_to_offsets, offsets_to_lengths, segment_ids
 
 
 @dataclass
@@ -110,9 +120,15 @@ class LayerCache:
 def share_layouts(caches: list) -> list:
     """The caches, where layers that hold the same rows now hold them in the same tensors: a step plans
     the rows once per layout, found by identity (``StepTokens.plan``). Other caches pass through."""
-    distinct, out = [], []
+    distinct, grown, out = [], [], []
     for cache in caches:
-        if isinstance(cache, LayerCache):
+        if isinstance(cache, GrowingCache):
+            same = next((g for g in grown if g.slots.same_rows(cache.slots)), None)
+            if same is None:
+                grown.append(cache)
+            else:
+                cache = replace(cache, slots=same.slots)
+        elif isinstance(cache, LayerCache):
             same = next((d for d in distinct if all(a.shape == b.shape and torch.equal(a, b)
                                                     for a, b in zip(cache.layout, d.layout))), None)
             if same is None:
@@ -279,6 +295,17 @@ class StepTokens:
             self.plans[key] = (state.layout, plan_step(self, rule, state, backend))
         return self.plans[key][1]
 
+    def growth(self, rule: KsaRule, slots: Slots, backend: str, dtype: torch.dtype) -> GrowthPlan:
+        """``plan_growth`` for this step, built once for the full layers whose caches share ``slots`` (it
+        writes the new identities), with its attention built once per rule and backend."""
+        key = ("grow", id(slots))
+        if key not in self.plans:
+            self.plans[key] = (slots, plan_growth(self, slots))
+        attention_key = ("grow", id(slots), rule, backend)
+        if attention_key not in self.plans:
+            self.plans[attention_key] = (slots, plan_grown_attention(self, rule, self.plans[key][1], backend, dtype))
+        return self.plans[attention_key][1]
+
 
 @dataclass
 class StepPlan:
@@ -317,8 +344,13 @@ def ksa_step_attention(q: Tensor, k: Tensor, v: Tensor, tokens: StepTokens, rule
                        backend: str | None = None, scale: float | None = None) -> tuple[Tensor, LayerCache]:
     """The step's tokens ``q [Tn + Tsn, H, D]``, ``k, v [Tn + Tsn, Hkv, D]`` (events then summaries, RoPE
     applied) against ``state`` -> ``(out [Tn + Tsn, H, D], the state after the step)``: the new K/V
-    appended and what no later token can see dropped. Equal to the training op over whole histories."""
+    appended and what no later token can see dropped. Equal to the training op over whole histories.
+
+    A ``GrowingCache`` state (full layers) is appended to in place (``plan_growth``): the state passed in
+    keeps its own rows, but only the state a step returns can be continued without a copy."""
     backend = resolve_backend(backend, q.device, q.dtype, "step")
+    if isinstance(state, GrowingCache):
+        return _grow_step(q, k, v, tokens, rule, state, backend, scale)
     plan = tokens.plan(rule, state, backend)
     n = tokens.num_events
     keys = torch.cat([state.k, k[:n], state.sk, k[n:]])
@@ -336,3 +368,325 @@ def ksa_step_attention(q: Tensor, k: Tensor, v: Tensor, tokens: StepTokens, rule
                                    rule, scale=scale, backend=backend)
         out = out if tokens.stream_rows is None else out[tokens.stream_rows]
     return out, plan.update.advance(keys, values)
+
+
+# ---- full layers: a cache that grows in place ------------------------------------------------------------
+UNUSED = 2**31 - 1
+"""Identity of a spare pool row: above any event index (and below the Triton kernel's 2**31 limit), so no
+query ever sees it; its K/V are zeros, so a kernel that reads it adds exact zeros."""
+
+MIN_CAPACITY = 16
+
+
+def slot_capacity(lengths: Tensor) -> Tensor:
+    """Slot rows for users holding ``lengths [B]`` rows (CPU int64): the smallest power of two above the
+    length (at least ``MIN_CAPACITY``), so a slot always has a spare row and a full slot doubles."""
+    bits = torch.tensor([int(n).bit_length() for n in lengths.tolist()], dtype=torch.int64)
+    return torch.clamp(torch.ones_like(bits) << bits, min=MIN_CAPACITY)
+
+
+class _Tip:
+    """The version of the newest ``Slots`` of one pool allocation: only that one may append in place."""
+
+    __slots__ = ("version",)
+
+    def __init__(self) -> None:
+        self.version = 0
+
+
+@dataclass(eq=False)
+class Slots:
+    """Where B users' rows sit in a pool, shared by the full layers that hold the same rows.
+
+    User b owns pool rows ``[starts[b], starts[b+1])`` (its slot, ``capacity[b]`` rows, slots in user
+    order with no gaps); its first ``lengths[b]`` rows are used, oldest first. Example, B = 2 users with 3
+    and 1 rows in slots of 4::
+
+        pool rows | a0 a1 a2 -- | b0 -- -- -- |      (-- spare: zeros, identity UNUSED)
+        starts    | 0           4             8
+        offsets   | 0        3    4                 (the used rows, packed: LayerCache's offsets)
+    """
+
+    index: Tensor
+    """int64 ``[P]``: each pool row's event index (UNUSED in spare rows)."""
+    offsets: Tensor
+    """int64 ``[B+1]``: used rows, packed (on the pool's device)."""
+    starts: Tensor
+    """int64 ``[B+1]``: slot starts, ``starts[-1] = P`` (on the pool's device)."""
+    lengths: Tensor
+    """CPU int64 ``[B]``: used rows per user."""
+    capacity: Tensor
+    """CPU int64 ``[B]``: slot rows per user."""
+    host_starts: list[int]
+    """``starts`` on the host."""
+    tip: _Tip
+    version: int
+
+    @property
+    def is_tip(self) -> bool:
+        return self.version == self.tip.version
+
+    @classmethod
+    def build(cls, index: Tensor, offsets: Tensor, lengths: Tensor, capacity: Tensor) -> "Slots":
+        starts = lengths_to_offsets(capacity)
+        return cls(index, offsets, starts.to(index.device), lengths, capacity, starts.tolist(), _Tip(), 0)
+
+    def same_rows(self, other: "Slots") -> bool:
+        return self is other or (self.index.device == other.index.device and torch.equal(self.capacity, other.capacity)
+                                 and torch.equal(self.lengths, other.lengths) and torch.equal(self.index, other.index))
+
+    def to(self, device) -> "Slots":
+        index = self.index.to(device)
+        if index is self.index:  # not moved: the same slots, still the only ones that may append
+            return self
+        return Slots(index, self.offsets.to(device), self.starts.to(device), self.lengths, self.capacity,
+                     self.host_starts, _Tip(), 0)
+
+    def used_rows(self, starts: list[int] | Tensor) -> Selection:
+        """The pool rows of the used rows, packed order, in a pool whose slots start at ``starts``."""
+        if self.lengths.numel() == 1:
+            first = int(starts[0])
+            return slice(first, first + int(self.lengths[0]))
+        total = int(self.lengths.sum())
+        seg = segment_ids(self.offsets, total)
+        return starts[seg] + torch.arange(total, device=seg.device) - self.offsets[seg]
+
+
+@dataclass(eq=False)
+class GrowingCache:
+    """A full layer's cache: pools ``k_pool, v_pool [P, Hkv, Dh]`` laid out by ``slots`` (``Slots``).
+
+    A full layer never drops a row, so a step appends each user's new K/V in the spare rows of its slot,
+    in place; when a slot is full, the pool is laid out again with that slot doubled (one copy of the used
+    rows; a slot fills again only once its user's rows have doubled). Appending in place also needs the
+    state to be the newest one of its pool (``Slots.is_tip``); stepping an older state copies first, so
+    states a caller still holds never change. Everything a caller reads is the used rows: ``user(b)``,
+    ``num_bytes``, and the ``LayerCache`` fields as properties (``k, v, idx, offsets`` packed, no summaries:
+    a full layer's events read none).
+    """
+
+    k_pool: Tensor
+    v_pool: Tensor
+    slots: Slots
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> "GrowingCache":
+        rows = torch.zeros(0, heads, head_dim, dtype=dtype, device=device)
+        return cls.stack([{"k": rows, "v": rows, "idx": torch.zeros(0, dtype=torch.int64, device=device)}] * batch)
+
+    @classmethod
+    def stack(cls, users: list[dict[str, Tensor]]) -> "GrowingCache":
+        """Per-user tensors (``user(b)``; any summary rows must be empty) -> one cache, each slot with spare
+        rows (``slot_capacity``)."""
+        if any(u["sidx"].numel() for u in users if "sidx" in u):
+            raise ValueError("a full layer's cache keeps no summary rows")
+        first = users[0]["k"]
+        lengths = torch.tensor([u["idx"].shape[0] for u in users], dtype=torch.int64)
+        capacity = slot_capacity(lengths)
+        starts = lengths_to_offsets(capacity).tolist()
+        k_pool = torch.zeros(starts[-1], *first.shape[1:], dtype=first.dtype, device=first.device)
+        v_pool = torch.zeros_like(k_pool)
+        index = torch.full((starts[-1],), UNUSED, dtype=torch.int64, device=first.device)
+        for b, u in enumerate(users):
+            rows = slice(starts[b], starts[b] + int(lengths[b]))
+            index[rows], k_pool[rows], v_pool[rows] = u["idx"], u["k"], u["v"]
+        slots = Slots.build(index, lengths_to_offsets(lengths).to(first.device), lengths, capacity)
+        return cls(k_pool, v_pool, slots)
+
+    # ---- the LayerCache view: the used rows -------------------------------------------------------------
+    def user(self, b: int) -> dict[str, Tensor]:
+        first = self.slots.host_starts[b]
+        rows = slice(first, first + int(self.slots.lengths[b]))
+        none = self.k_pool[:0]
+        return {"k": self.k_pool[rows], "v": self.v_pool[rows], "idx": self.slots.index[rows], "sk": none,
+                "sv": none, "sidx": self.slots.index[:0]}
+
+    def packed(self) -> LayerCache:
+        """The same rows as a ``LayerCache`` (a copy, except for one user)."""
+        rows = self.slots.used_rows(self.slots.starts)
+        none = self.k_pool[:0]
+        return LayerCache(take(self.k_pool, rows), take(self.v_pool, rows), take(self.slots.index, rows),
+                          self.slots.offsets, none, none, self.slots.index[:0],
+                          torch.zeros_like(self.slots.offsets))
+
+    @property
+    def k(self) -> Tensor:
+        return self.packed().k
+
+    @property
+    def v(self) -> Tensor:
+        return self.packed().v
+
+    @property
+    def idx(self) -> Tensor:
+        return take(self.slots.index, self.slots.used_rows(self.slots.starts))
+
+    @property
+    def offsets(self) -> Tensor:
+        return self.slots.offsets
+
+    @property
+    def sk(self) -> Tensor:
+        return self.k_pool[:0]
+
+    @property
+    def sv(self) -> Tensor:
+        return self.v_pool[:0]
+
+    @property
+    def sidx(self) -> Tensor:
+        return self.slots.index[:0]
+
+    @property
+    def s_offsets(self) -> Tensor:
+        return torch.zeros_like(self.slots.offsets)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the used rows (what ``user(b)`` gives and a store keeps); spare rows not counted."""
+        row = (self.k_pool[0].numel() * self.k_pool.element_size() + self.v_pool[0].numel() * self.v_pool.element_size()
+               + self.slots.index.element_size()) if self.k_pool.shape[0] else 0
+        return int(self.slots.lengths.sum()) * row
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes the pools take, spare rows included."""
+        return sum(t.numel() * t.element_size() for t in (self.k_pool, self.v_pool, self.slots.index))
+
+    def to(self, device, moved: dict | None = None) -> "GrowingCache":
+        """``moved``: as in ``LayerCache.to`` (layers sharing slots keep sharing them)."""
+        moved = {} if moved is None else moved
+        out = []
+        for t, move in ((self.k_pool, lambda t: t.to(device)), (self.v_pool, lambda t: t.to(device)),
+                        (self.slots, lambda s: s.to(device))):
+            if id(t) not in moved:
+                moved[id(t)] = (t, move(t))
+            out.append(moved[id(t)][1])
+        return GrowingCache(*out)
+
+
+@dataclass
+class GrowthPlan:
+    """What a step does to the full layers whose caches share one ``Slots``: the slots after the step,
+    whether the pools are laid out again first (``moved``: old pool rows -> new pool rows of the used rows,
+    None when appending in place), the pool rows of the step's new events (``written``), and the
+    attention (torch: the padded problem, its event columns as pool rows; Triton: None)."""
+
+    slots: Slots
+    moved: tuple[Selection, Selection] | None
+    written: Selection
+    attention: CachedPlan | None
+    summary_rows: Tensor | None
+    """``[B, Smax]`` rows of the step's new summaries per padded summary column (torch, several users)."""
+
+    def apply(self, pool: Tensor, new: Tensor) -> Tensor:
+        """This layer's pool after the step, with the step's new rows ``new [Tn, Hkv, Dh]`` written."""
+        if self.moved is not None:
+            src, dst = self.moved
+            out = pool.new_zeros((self.slots.index.shape[0], *pool.shape[1:]))
+            out[dst] = take(pool, src)
+            pool = out
+        if isinstance(self.written, slice):
+            pool[self.written] = new
+        elif new.shape[0]:
+            pool.index_copy_(0, self.written, new)
+        return pool
+
+
+def plan_growth(tokens: StepTokens, slots: Slots) -> GrowthPlan:
+    """The step's new events appended to each user's slot: in place when every slot has room and ``slots``
+    is the newest of its pool; else the pool laid out again (slots that overflow get ``slot_capacity``
+    rows, at least double). The new identities are written to the slots' index here, once for all layers
+    (so once per step and slots, whatever the rules: ``StepTokens.growth``). One device sync (the new rows
+    per user). No attention yet (``plan_grown_attention``)."""
+    device = slots.index.device
+    one_user = slots.lengths.numel() == 1
+    new_lengths = offsets_to_lengths(tokens.offsets).cpu()
+    lengths = slots.lengths + new_lengths
+    in_place = slots.is_tip and bool((lengths <= slots.capacity).all())
+    if in_place:
+        capacity, index, tip, version, moved = slots.capacity, slots.index, slots.tip, slots.version + 1, None
+        starts, host_starts = slots.starts, slots.host_starts
+    else:
+        capacity = torch.where(lengths > slots.capacity, slot_capacity(lengths), slots.capacity)
+        host_starts = lengths_to_offsets(capacity).tolist()
+        starts = torch.tensor(host_starts, dtype=torch.int64, device=device)
+        tip, version = _Tip(), 0
+        src, dst = slots.used_rows(slots.starts), slots.used_rows(host_starts if one_user else starts)
+        moved = (src, dst)
+        index = torch.full((host_starts[-1],), UNUSED, dtype=torch.int64, device=device)
+        index[dst] = take(slots.index, src)
+    n = tokens.num_events
+    if one_user:  # its slot starts at pool row 0
+        written: Selection = slice(int(slots.lengths[0]), int(lengths[0]))
+        index[written] = tokens.positions
+    else:
+        seg = segment_ids(tokens.offsets, n)
+        old_lengths = offsets_to_lengths(slots.offsets)
+        written = starts[seg] + old_lengths[seg] + torch.arange(n, device=device) - tokens.offsets[seg]
+        index.index_copy_(0, written, tokens.positions)
+    tip.version = version
+    after = Slots(index, slots.offsets + tokens.offsets, starts, lengths, capacity, host_starts, tip, version)
+    return GrowthPlan(after, moved, written, None, None)
+
+
+def plan_grown_attention(tokens: StepTokens, rule: KsaRule, growth: GrowthPlan, backend: str,
+                         dtype: torch.dtype) -> GrowthPlan:
+    """``growth`` with the attention of the step's queries under ``rule`` (a full layer's) against the
+    grown slots: for torch, ``plan_cached_attention`` with each user's event columns read from its slot
+    (pool rows) and its summary columns from the step's new summaries (``summary_rows``)."""
+    if rule.window is not None or rule.events_see_summaries:
+        raise ValueError(f"a GrowingCache holds a full layer's rows (window=None), not those of {rule}")
+    if backend != "torch" or not tokens.queries.index.numel():
+        return growth
+    slots, summaries = growth.slots, Rows(tokens.sum_offsets, tokens.sum_ids)
+    if slots.lengths.numel() == 1:  # one user: its slot's used rows are the padded problem
+        attention = plan_cached_attention(tokens.queries, Rows(slots.offsets, slots.index[:growth.written.stop]),
+                                          summaries, rule, dtype)
+        return replace(growth, attention=attention)
+    attention = plan_cached_attention(tokens.queries, Rows(slots.offsets, slots.index), summaries, rule, dtype,
+                                      event_starts=slots.starts[:-1])
+    width = attention.event_width
+    summary_rows = (attention.key_rows[:, width:] - slots.index.numel()).clamp_(min=0)
+    attention = replace(
+        attention, key_rows=attention.key_rows[:, :width],
+        query_rows=attention.query_rows if tokens.q_rows is None else tokens.q_rows[attention.query_rows],
+        out_rows=attention.out_rows if tokens.stream_rows is None else attention.out_rows[tokens.stream_rows])
+    return replace(growth, attention=attention, summary_rows=summary_rows)
+
+
+def _grow_step(q: Tensor, k: Tensor, v: Tensor, tokens: StepTokens, rule: KsaRule, state: GrowingCache,
+               backend: str, scale: float | None) -> tuple[Tensor, GrowingCache]:
+    """``ksa_step_attention`` for a ``GrowingCache``: the new event K/V written into the pools, then the
+    queries against each user's slot and the step's own summaries (never kept: a full layer's events read
+    none). The torch path builds the same padded keys as the ``LayerCache`` path (padding columns may hold
+    other finite rows; they are masked), so outputs are bitwise the same on CPU."""
+    plan = tokens.growth(rule, state.slots, backend, q.dtype)
+    n = tokens.num_events
+    k_pool, v_pool = plan.apply(state.k_pool, k[:n]), plan.apply(state.v_pool, v[:n])
+    after = GrowingCache(k_pool, v_pool, plan.slots)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not q.shape[0]:
+        return q, after
+    if plan.attention is not None:
+        att = plan.attention
+        if att.key_rows is None:  # one user: its slot's used rows, then the step's summaries
+            used = plan.written.stop
+            keys, values = k_pool[:used], v_pool[:used]
+            if k.shape[0] > n:
+                keys, values = torch.cat([keys, k[n:]]), torch.cat([values, v[n:]])
+            keys, values = keys[None], values[None]
+        else:
+            keys, values = k_pool[att.key_rows], v_pool[att.key_rows]
+            if plan.summary_rows.shape[1]:
+                keys = torch.cat([keys, k[n:][plan.summary_rows]], dim=1)
+                values = torch.cat([values, v[n:][plan.summary_rows]], dim=1)
+        return attend_padded(att, q, keys, values, scale), after
+    # Triton (or flex, whose step form is the torch op): the pools as they are, spare rows included (their
+    # identity is never visible, their K/V are zeros), each user's keys its whole slot: no copy.
+    slots = plan.slots
+    out = ksa_cached_attention(q if tokens.q_rows is None else q[tokens.q_rows], tokens.queries,
+                               KeyRows(slots.starts, slots.index, k_pool, v_pool),
+                               KeyRows(tokens.sum_offsets, tokens.sum_ids, k[n:], v[n:]),
+                               rule, scale=scale, backend=backend)
+    return (out if tokens.stream_rows is None else out[tokens.stream_rows]), after
