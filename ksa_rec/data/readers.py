@@ -51,7 +51,8 @@ _TMP_ROW = "__ksa_rec_row__"  # polars' row index name while reading; a file may
 _RAW_LINE = "__ksa_rec_line__"  # a line format's raw text, kept for BadRow.raw
 _ML_COLUMNS = (USER, ITEM, "rating", TIME)  # headerless MovieLens files, in field order
 _INT64_LIMIT = 2.0**63
-_MISSING_TEXT = ("", "nan", "NaN", "NAN", "Nan")
+MISSING_TEXT = ("", "nan", "NaN", "NAN", "Nan")
+"""Id text read as a missing value (a float NaN written as text by a dataframe library)."""
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,7 @@ def _id_expr(name: str, dtype: pl.DataType, source: str, file: str) -> pl.Expr:
     if dtype == pl.String:
         text = col.str.strip_chars()
         # "nan"/"NaN" is what a float NaN becomes when a dataframe library writes text.
-        return pl.when(text.is_in(_MISSING_TEXT)).then(None).otherwise(text)
+        return pl.when(text.is_in(MISSING_TEXT)).then(None).otherwise(text)
     if dtype.is_integer():
         return col.cast(pl.String)
     if dtype.is_float():

@@ -224,7 +224,7 @@ class Admission:
         applied = {user: w.tensors() for user, w in windows.items() if w.changed}
         self._users_applied.update(applied)
         self.counts.users = len(self._users_applied)
-        return Admitted(frame.filter(pl.Series(keep)), applied)
+        return Admitted(frame if keep.all() else frame.filter(pl.Series(keep)), applied)
 
     def _count_applied(self, frame: pl.DataFrame, keep: np.ndarray, unknown_item: np.ndarray) -> None:
         self.counts.applied += int(keep.sum())

@@ -48,22 +48,25 @@ class StreamEngine:
         self.model = serving.model
         self.schema = LogSchema(features=tuple(sorted(serving.features)))
         self.num_gap_buckets = self.model.encoder_cfg.time_gap_buckets
+        self._empty: UserState | None = None
 
     def decode_states(self, user_ids: list[str], blobs: dict[str, bytes]) -> list[UserState]:
-        """States of ``user_ids`` (a new user starts empty)."""
-        empty = None
+        """States of ``user_ids`` (a new user starts empty: one shared state, never changed in place)."""
         states = []
         for user in user_ids:
             if user in blobs:
                 state = UserState.from_bytes(blobs[user], self.serving.model_id, user)
                 states.append(state.cast(self.model.item_weight.dtype))
             else:
-                empty = empty or self._empty_state()
-                states.append(empty)
+                states.append(self._empty_state())
         return states
 
     def _empty_state(self) -> UserState:
-        return UserState.empty(self.model.empty_states(1), self.model.encoder_cfg.dim, self.model.item_weight.dtype)
+        # Built once: the step reads old states (stack_states copies them) and builds new ones.
+        if self._empty is None:
+            self._empty = UserState.empty(self.model.empty_states(1), self.model.encoder_cfg.dim,
+                                          self.model.item_weight.dtype)
+        return self._empty
 
     def encode_state(self, state: UserState) -> bytes:
         """A state's blob, float tensors in the store's dtype (``state_dtype``)."""
@@ -74,7 +77,8 @@ class StreamEngine:
         """One step over the admitted events of a micro-batch (``admitted``: one part per admission, their
         users disjoint, each in input order): the new states' blobs, with their replay windows, and the
         touched users' top-K. What ``stream`` and ``serve`` commit."""
-        frame = pl.concat([part.frame for part in admitted], how="vertical")
+        frames = [part.frame for part in admitted]
+        frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
         new_states, recs = self.update(frame, states)
         for part in admitted:
             part.stamp(new_states)
@@ -86,7 +90,8 @@ class StreamEngine:
         their fresh recommendations. ``frame`` holds admitted events only (``serving.admission``: replays, late
         and malformed events were sorted out before)."""
         users, order, lengths = _group_by_user(frame)
-        ordered = frame[order]
+        # Already grouped (one event per user, say): no gather, which costs more than the rest on a tiny frame.
+        ordered = frame if bool((np.diff(order) > 0).all()) else frame[order]
         items = self.serving.items.encode(ordered[ITEM])
         timestamps = ordered[TIME].to_numpy()
         rows = ordered[ROW].to_numpy()
@@ -142,10 +147,21 @@ class StreamEngine:
 def _group_by_user(frame: pl.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Users in order of first appearance, the row order that groups each user's events (input order
     kept within a user), and events per user."""
-    users = frame[USER].unique(maintain_order=True)
-    index = frame[USER].replace_strict(users, pl.int_range(len(users), eager=True), return_dtype=pl.Int64).to_numpy()
+    if frame.height <= _FEW:  # a serving micro-batch: a dict beats polars' per-call cost
+        first: dict[str, int] = {}
+        index = np.fromiter((first.setdefault(u, len(first)) for u in frame[USER].to_list()), dtype=np.int64,
+                            count=frame.height)
+        users = list(first)
+    else:
+        unique = frame[USER].unique(maintain_order=True)
+        index = frame[USER].replace_strict(unique, pl.int_range(len(unique), eager=True),
+                                           return_dtype=pl.Int64).to_numpy()
+        users = unique.to_list()
     order = np.argsort(index, kind="stable")
-    return users.to_list(), order, np.bincount(index, minlength=len(users)).astype(np.int64)
+    return users, order, np.bincount(index, minlength=len(users)).astype(np.int64)
+
+
+_FEW = 1024
 
 
 __all__ = ["Recommendations", "StreamEngine"]

@@ -28,6 +28,34 @@ def test_round_trip_is_exact():
     assert all(torch.equal(a[k], b[k]) for a, b in zip(back.layers, state.layers) for k in a)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blob_is_laid_out_as_safetensors_save_lays_it_out(dtype):
+    """``to_bytes`` writes the safetensors file itself (faster); same header entries and the same data bytes
+    as ``safetensors.torch.save``, also for cached rows that are slices of a batch tensor."""
+    import json
+    import struct
+
+    batch = torch.randn(5, 2, 4)
+    state = _state().cast(dtype)
+    state.layers[0] = {**state.layers[0], "k": batch[1:4].to(dtype), "v": batch[:, :, ::2][2:5].to(dtype)}
+    ours = state.to_bytes("m1")
+    tensors = {"vector": state.vector, "seen": state.seen, "recent_ids": state.recent_ids,
+               "recent_ts": state.recent_ts}
+    for i, layer in enumerate(state.layers):
+        tensors.update({f"l{i}.{k}": v.clone() for k, v in layer.items()})
+    meta = {"format": STATE_FORMAT, "version": "2", "model_id": "m1", "event_count": "8",
+            "last_timestamp": "1234", "last_item": "17", "layers": "2"}
+    theirs = st_save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=meta)
+
+    def split(blob):
+        (n,) = struct.unpack("<Q", blob[:8])
+        return n, json.loads(blob[8:8 + n]), blob[8 + n:]
+
+    assert split(ours) == split(theirs)
+    back = UserState.from_bytes(ours, "m1", "u")
+    assert torch.equal(back.layers[0]["v"], state.layers[0]["v"]) and back.vector.dtype == dtype
+
+
 def test_a_v1_state_asks_for_a_rebuild():
     blob = st_save({"vector": torch.zeros(2)}, metadata={"format": STATE_FORMAT, "version": "1", "model_id": "m1"})
     with pytest.raises(StateError, match="^user 'u': state is a v1 user state, .* rebuild the store") as err:

@@ -68,7 +68,7 @@ class Applier:
         states: dict[str, UserState] = {}
         parts = []
         for i, request in enumerate(requests):
-            before = gate.counts.as_dict()
+            before = _snapshot(gate.counts)
             try:
                 gate.reject_malformed(request.bad_rows, REQUEST)
                 mine = dict(zip(request.users, self.engine.decode_states(request.users, blobs)))
@@ -76,7 +76,7 @@ class Applier:
             except (DataError, StateError) as err:
                 outcomes[i] = error(422, str(err))
                 continue
-            after = gate.counts.as_dict()
+            after = _snapshot(gate.counts)
             counts[i] = {name: after[name] - before[name] for name in _COUNTED}
             states.update(mine)
             if admitted.frame.height:
@@ -118,6 +118,10 @@ class Applier:
         except StateError as err:
             return error(409, str(err))
         return Outcome(200, _by_user(self.engine.recommend([user], [state], [0], top_k=k))[user])
+
+
+def _snapshot(counts: StreamCounts) -> dict[str, int]:
+    return {name: getattr(counts, name) for name in _COUNTED}
 
 
 def _by_user(recs: Recommendations) -> dict[str, dict]:
