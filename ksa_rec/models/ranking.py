@@ -58,6 +58,8 @@ class Exclusions:
         if values is None or not values.numel():
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return cls(empty, empty)
+        if offsets.numel() == 2:  # one row: every pair is row 0
+            return cls(torch.zeros(values.numel(), dtype=torch.int64, device=device), values.to(device))
         return cls(segment_ids(offsets, values.numel()).to(device), values.to(device))
 
     def plus(self, rows: Tensor, items: Tensor) -> Exclusions:

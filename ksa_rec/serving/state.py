@@ -128,7 +128,8 @@ def _safetensors_bytes(tensors: dict[str, Tensor], meta: dict[str, str]) -> byte
     chunks, offset = [], 0
     for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
         t = tensors[name]
-        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        # An empty tensor may come with stride 0 (``torch.from_numpy`` of an empty array), which view refuses.
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
