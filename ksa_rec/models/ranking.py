@@ -58,6 +58,8 @@ class Exclusions:
         if values is None or not values.numel():
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return cls(empty, empty)
+        if offsets.numel() == 2:  # one row: every pair is row 0
+            return cls(torch.zeros(values.numel(), dtype=torch.int64, device=device), values.to(device))
         return cls(segment_ids(offsets, values.numel()).to(device), values.to(device))
 
     def plus(self, rows: Tensor, items: Tensor) -> Exclusions:
@@ -70,10 +72,14 @@ class Exclusions:
         return out
 
 
-def mask_chunk(scores: Tensor, start: int, exclusions: Exclusions) -> Tensor:
+def mask_chunk(scores: Tensor, start: int, exclusions: Exclusions, whole: bool = False) -> Tensor:
     """Set, in place, the scores of PAD/OOV and of each row's excluded items to -inf; ``scores [B, n]``
-    are items ``[start, start + n)``. Returns ``scores``."""
+    are items ``[start, start + n)``; ``whole``: they are the whole table (every excluded item is among
+    them, no filtering). Returns ``scores``."""
     scores[:, : max(0, RESERVED_IDS - start)] = float("-inf")
+    if whole:
+        scores[exclusions.rows, exclusions.items] = float("-inf")
+        return scores
     inside = (exclusions.items >= start) & (exclusions.items < start + scores.shape[1])
     scores[exclusions.rows[inside], exclusions.items[inside] - start] = float("-inf")
     return scores
@@ -87,9 +93,10 @@ def masked_score_chunks(user_vecs: Tensor, item_weight: Tensor, exclusions: Excl
     Args:
         user_vecs: ``[B, dim]``; item_weight: ``[num_items, dim]``; scores are their dot products.
     """
+    whole = item_weight.shape[0] <= item_chunk
     for start in range(0, item_weight.shape[0], item_chunk):
         scores = user_vecs @ item_weight[start: start + item_chunk].t()
-        yield start, mask_chunk(scores, start, exclusions)
+        yield start, mask_chunk(scores, start, exclusions, whole)
 
 
 class RankCounter:

@@ -76,12 +76,18 @@ class SeqRecModel(nn.Module):
 
         Returns ``(user vectors [B, dim] after each user's newest event, the new states)``; equal to
         ``user_vectors`` over the whole histories."""
-        lengths = batch.offsets[1:] - batch.offsets[:-1]
-        if bool((lengths == 0).any()):
-            raise ValueError("step needs at least one new event per user")
+        if batch.batch_size == 1:  # one user (a serving request): its first and newest rows, no index tensors
+            if not batch.positions.numel():
+                raise ValueError("step needs at least one new event per user")
+            first, last = slice(0, 1), slice(-1, None)
+        else:
+            lengths = batch.offsets[1:] - batch.offsets[:-1]
+            if bool((lengths == 0).any()):
+                raise ValueError("step needs at least one new event per user")
+            first, last = batch.offsets[:-1], batch.offsets[1:] - 1
         tokens, time_part = self.embedding(batch.features)
-        out, states = self.encoder.step(tokens, batch.offsets, batch.positions[batch.offsets[:-1]], time_part, states)
-        return out[batch.offsets[1:] - 1], states
+        out, states = self.encoder.step(tokens, batch.offsets, batch.positions[first], time_part, states)
+        return out[last], states
 
     def loss(self, batch: SequenceBatch) -> Tensor:
         """Next-item loss at every event that has a target."""

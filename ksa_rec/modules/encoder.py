@@ -169,8 +169,12 @@ class SequenceEncoder(nn.Module):
         """
         k, S = self.cfg.chunk_size, self.cfg.summary_tokens
         n = tokens.shape[0]
-        seg = segment_ids(offsets, n)
-        positions = event_count[seg] + torch.arange(n, device=tokens.device) - offsets[seg]
+        if offsets.numel() == 2:  # one user (a serving request): its events follow its count, no gathers
+            seg = torch.zeros(n, dtype=torch.int64, device=tokens.device) if self.with_summaries else None
+            positions = event_count + torch.arange(n, device=tokens.device)
+        else:
+            seg = segment_ids(offsets, n)
+            positions = event_count[seg] + torch.arange(n, device=tokens.device) - offsets[seg]
         next_index = event_count + offsets[1:] - offsets[:-1]
         block_states = states[:len(self.blocks)]
         open_chunk = states[len(self.blocks)] if self.keeps_open_chunk else None

@@ -230,7 +230,10 @@ class Admission:
         self.counts.applied += int(keep.sum())
         self.counts.unknown_items += int((keep & unknown_item).sum())
         for name, vocab in self.features.items():
-            unknown = (vocab.encode(frame[name]) == OOV_ID) & frame[name].is_not_null().to_numpy()
+            values = frame[name]
+            unknown = vocab.encode(values) == OOV_ID
+            if values.null_count():  # a null is no unknown category (is_not_null costs a polars query)
+                unknown &= values.is_not_null().to_numpy()
             self.counts.unknown_categories += int((keep & unknown).sum())
 
     def _late(self, frame: pl.DataFrame, i: int, last_ts: int) -> BadRow:

@@ -84,7 +84,7 @@ class StreamEngine:
             part.stamp(new_states)
         return {user: self.encode_state(state) for user, state in new_states.items()}, recs
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def update(self, frame: pl.DataFrame, states: dict[str, UserState]) -> tuple[dict[str, UserState], Recommendations]:
         """Apply one micro-batch. ``states`` holds every user of ``frame``; returns their new states and
         their fresh recommendations. ``frame`` holds admitted events only (``serving.admission``: replays, late
@@ -98,9 +98,14 @@ class StreamEngine:
         old = [states[u] for u in users]
         gaps = time_gaps(old, lengths, timestamps)
         device = self.serving.device
-        batch = self._batch(ordered, items, gaps, lengths, old).to(device)
-        vectors, states_out = self.model.step(batch, self.model.stack_states([s.layers for s in old], device))
-        caches = [state.to("cpu") for state in states_out]
+        # On the host nothing moves: no .to() walk over the batch's and the states' tensors.
+        on_host = device.type == "cpu"
+        batch = self._batch(ordered, items, gaps, lengths, old)
+        if not on_host:
+            batch = batch.to(device)
+        stacked = self.model.stack_states([s.layers for s in old], None if on_host else device)
+        vectors, states_out = self.model.step(batch, stacked)
+        caches = states_out if on_host else [state.to("cpu") for state in states_out]
         ends = np.cumsum(lengths)
         new_states = {}
         for b, user in enumerate(users):
@@ -113,7 +118,7 @@ class StreamEngine:
         recs = self.recommend(users, [new_states[u] for u in users], [int(rows[e - 1]) for e in ends])
         return new_states, recs
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def recommend(self, users: list[str], states: list[UserState], last_rows: list[int],
                   top_k: int | None = None) -> Recommendations:
         """Top-K (``top_k``, default the engine's) of each user from its state."""

@@ -77,7 +77,8 @@ class UserState:
                    "recent_ts": self.recent_ts}
         for i, layer in enumerate(self.layers):
             tensors.update({f"l{i}.{key}": value for key, value in layer.items()})
-        tensors = {name: t.detach().cpu() for name, t in tensors.items()}
+        tensors = {name: t if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu()
+                   for name, t in tensors.items()}
         meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION), "model_id": model_id,
                 "event_count": str(self.event_count), "last_timestamp": str(self.last_timestamp),
                 "last_item": str(self.last_item), "layers": str(len(self.layers))}
@@ -128,7 +129,11 @@ def _safetensors_bytes(tensors: dict[str, Tensor], meta: dict[str, str]) -> byte
     chunks, offset = [], 0
     for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
         t = tensors[name]
-        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        if t.dtype == torch.bfloat16:  # numpy has no bf16: its bytes through a uint8 view
+            # (an empty tensor may have stride 0, from ``torch.from_numpy`` of an empty array: view refuses it)
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        else:  # numpy writes C order whatever the strides
+            data = t.numpy().tobytes()
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)

@@ -135,6 +135,13 @@ def test_late_events_are_refused_and_change_nothing(server):
     assert httpx.get(server.url + "/recommendations/late").json()["event_count"] == 1
 
 
+def test_a_new_user_whose_first_event_is_an_unknown_item(server):
+    """Its seen set stays empty (an empty np.union1d, stride 0): the state is stored, not a 500."""
+    response = httpx.post(server.url + "/events", json={"events": [_event(user_id="oov-first", item_id="never")]})
+    assert response.status_code == 200 and response.json()["counts"]["applied"] == 1
+    assert httpx.get(server.url + "/recommendations/oov-first").json()["event_count"] == 1
+
+
 def test_recommendations_refusals(server):
     assert httpx.get(server.url + "/recommendations/nobody").status_code == 404
     for query in ({"k": "0"}, {"k": "x"}, {"k": "1001"}, {"top": "3"}):

@@ -28,6 +28,18 @@ def test_round_trip_is_exact():
     assert all(torch.equal(a[k], b[k]) for a, b in zip(back.layers, state.layers) for k in a)
 
 
+def test_empty_tensors_with_stride_zero_encode():
+    """A user whose only events are unknown items has an empty seen set, built by ``torch.from_numpy`` of
+    an empty ``np.union1d``: stride 0, which a byte view refuses (the service answered 500 to it)."""
+    import numpy as np
+
+    seen = torch.from_numpy(np.union1d(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
+    state = _state()
+    state.seen = seen
+    back = UserState.from_bytes(state.to_bytes("m1"), "m1", "u")
+    assert back.seen.shape == (0,) and back.seen.dtype == torch.int64
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blob_is_laid_out_as_safetensors_save_lays_it_out(dtype):
     """``to_bytes`` writes the safetensors file itself (faster); same header entries and the same data bytes

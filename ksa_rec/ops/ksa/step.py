@@ -34,6 +34,7 @@ Two state types:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -381,8 +382,12 @@ MIN_CAPACITY = 16
 def slot_capacity(lengths: Tensor) -> Tensor:
     """Slot rows for users holding ``lengths [B]`` rows (CPU int64): the smallest power of two above the
     length (at least ``MIN_CAPACITY``), so a slot always has a spare row and a full slot doubles."""
-    bits = torch.tensor([int(n).bit_length() for n in lengths.tolist()], dtype=torch.int64)
-    return torch.clamp(torch.ones_like(bits) << bits, min=MIN_CAPACITY)
+    return torch.tensor([_slot_rows(n) for n in lengths.tolist()], dtype=torch.int64)
+
+
+def _slot_rows(length: int) -> int:
+    """``slot_capacity`` of one user, on the host."""
+    return max(MIN_CAPACITY, 1 << int(length).bit_length())
 
 
 class _Tip:
@@ -481,16 +486,22 @@ class GrowingCache:
         if any(u["sidx"].numel() for u in users if "sidx" in u):
             raise ValueError("a full layer's cache keeps no summary rows")
         first = users[0]["k"]
-        lengths = torch.tensor([u["idx"].shape[0] for u in users], dtype=torch.int64)
-        capacity = slot_capacity(lengths)
-        starts = lengths_to_offsets(capacity).tolist()
+        # Sizes on the host (Python ints): a serving micro-batch stacks a user or two, where tensor ops on
+        # [B]-sized tensors cost more than the copies.
+        lengths = [u["idx"].shape[0] for u in users]
+        capacity = [_slot_rows(n) for n in lengths]
+        starts = list(accumulate(capacity, initial=0))
         k_pool = torch.zeros(starts[-1], *first.shape[1:], dtype=first.dtype, device=first.device)
         v_pool = torch.zeros_like(k_pool)
         index = torch.full((starts[-1],), UNUSED, dtype=torch.int64, device=first.device)
         for b, u in enumerate(users):
-            rows = slice(starts[b], starts[b] + int(lengths[b]))
-            index[rows], k_pool[rows], v_pool[rows] = u["idx"], u["k"], u["v"]
-        slots = Slots.build(index, lengths_to_offsets(lengths).to(first.device), lengths, capacity)
+            if lengths[b]:
+                rows = slice(starts[b], starts[b] + lengths[b])
+                index[rows], k_pool[rows], v_pool[rows] = u["idx"], u["k"], u["v"]
+        offsets = torch.tensor(list(accumulate(lengths, initial=0)), dtype=torch.int64, device=first.device)
+        slots = Slots(index, offsets, torch.tensor(starts, dtype=torch.int64, device=first.device),
+                      torch.tensor(lengths, dtype=torch.int64), torch.tensor(capacity, dtype=torch.int64), starts,
+                      _Tip(), 0)
         return cls(k_pool, v_pool, slots)
 
     # ---- the LayerCache view: the used rows -------------------------------------------------------------
