@@ -143,7 +143,7 @@ class RecCLI(LightningCLI):
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         fit = {"epochs": trainer.current_epoch, "stopped_by": self._stop_reason(),
-               "seconds": round(getattr(self, "fit_seconds", 0.0), 1)}
+               "seconds": round(self.fit_seconds, 1)}
         score = trainer.checkpoint_callback.best_model_score if best else None
         if score is not None:  # what model selection compares: the monitored validation metric of the kept checkpoint
             fit["best_val"] = {trainer.checkpoint_callback.monitor: float(score)}
