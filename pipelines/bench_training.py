@@ -24,6 +24,11 @@ next-item predictions); bf16 autocast on CUDA, float32 on CPU. Timed: the median
 ``--steps`` steps after ``--warmup`` (GPU synchronised per step); peak memory: the most allocated during the
 timed steps. A model that runs out of memory is a row saying so.
 
+``--profile N`` (where a goal is missed, where does the time go?) adds, after the timed steps, ``--steps``
+profiled ones (``torch.profiler``) and reports per row: device-busy ms per step against the wall ms (a step
+whose device is idle most of the time is bound by the host: launches, syncs, Python), kernel launches per
+step, and the N kernels that take the most device time (off CUDA: the N ops with the most self CPU time).
+
 ``--out PREFIX`` writes ``PREFIX.json`` and ``PREFIX.md``. Rows carry ``--label`` (and the git commit of the
 imported ``ksa_rec``); a run with a new label adds its rows to an existing ``PREFIX.json`` (a run with the
 same label replaces that label's rows), and the report compares every label with the first one.
@@ -35,6 +40,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +87,7 @@ def pattern(unit: str, layers: int) -> str:
 
 
 def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: int, num_items: int,
-          device: torch.device) -> dict:
+          device: torch.device, profile_top: int = 0) -> dict:
     """One (configuration, pattern, L) measurement."""
     torch.manual_seed(0)
     span = CHUNK * WINDOW
@@ -108,8 +114,44 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
         torch.cuda.reset_peak_memory_stats(device)
     ms = median_ms(step, warmup=0, reps=steps, device=device)
     events = users * length
-    return {"users": users, "events": events, "step_ms": ms, "events_per_s": events / (ms * 1e-3),
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    row = {"users": users, "events": events, "step_ms": ms, "events_per_s": events / (ms * 1e-3),
+           "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    if profile_top:
+        row["profile"] = profile_steps(step, steps, device, profile_top)
+    return row
+
+
+def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
+    """Where ``steps`` calls of ``step`` spend their time: wall and device-busy ms per step, kernel launches
+    per step and the ``top`` kernels by device time (CUDA); off CUDA the ``top`` ops by self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    totals: dict[str, list[float]] = {}  # name -> [us, calls]
+    if on_cuda:  # every kernel, memcpy and memset the steps ran on the device
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                entry = totals.setdefault(event.name, [0.0, 0])
+                entry[0] += event.time_range.elapsed_us()
+                entry[1] += 1
+    else:
+        for event in prof.key_averages():
+            totals[event.key] = [float(event.self_cpu_time_total), event.count]
+    busy_us = sum(us for us, _ in totals.values())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"what": "cuda kernels" if on_cuda else "cpu ops (self time)", "wall_ms": wall_ms,
+            "busy_ms": busy_us / 1e3 / steps, "launches": sum(n for _, n in totals.values()) / steps,
+            "top": [{"name": name, "ms": us / 1e3 / steps, "calls": n / steps,
+                     "share": us / busy_us if busy_us else 0.0} for name, (us, n) in ranked]}
 
 
 def run(args, device: torch.device, label: str, commit: str | None) -> list[dict]:
@@ -122,7 +164,8 @@ def run(args, device: torch.device, label: str, commit: str | None) -> list[dict
                 row = {"label": label, "commit": commit, "config": name, "dim": size.dim, "heads": size.heads,
                        "layers": size.layers, "pattern": pat, "length": length, "status": "ok"}
                 try:
-                    row |= bench(size, pat, length, args.tokens, args.warmup, args.steps, args.num_items, device)
+                    row |= bench(size, pat, length, args.tokens, args.warmup, args.steps, args.num_items, device,
+                                 args.profile)
                 except torch.OutOfMemoryError:
                     row["status"] = "out of memory"
                 if device.type == "cuda":
@@ -208,7 +251,40 @@ def markdown(payload: dict) -> str:
               f"{last['steps']} steps after {last['warmup']}", "", HSTU_REFERENCE, ""]
     for config in dict.fromkeys(r["config"] for r in rows):
         lines += config_tables(rows, config, labels)
+    lines += profile_tables(rows)
     return "\n".join(lines) + "\n"
+
+
+def _short(name: str, width: int = 90) -> str:
+    name = name.replace("|", "/")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def profile_tables(rows: list[dict]) -> list[str]:
+    """``--profile``: one summary table (busy vs wall, launches) and each row's top kernels."""
+    profiled = [r for r in rows if r.get("profile")]
+    if not profiled:
+        return []
+    what = profiled[0]["profile"]["what"]
+    on_cuda = what == "cuda kernels"
+    busy, count = ("device busy", "launches") if on_cuda else ("self CPU", "op calls")
+    note = ("device busy = the summed time of the CUDA kernels, copies and sets (one stream, so busy < wall "
+            "means the device waited for the host)" if on_cuda else
+            "off CUDA: the summed self CPU time of every op, and every op call (nested ones too)")
+    out = ["## Where the time goes (`--profile`)", "", f"Profiled steps after the timed ones; {note}.", "",
+           f"| label | config | pattern | L | wall ms / step | {busy} ms / step | {busy} / wall | {count} / step |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in profiled:
+        p = r["profile"]
+        out.append(f"| {r['label']} | {r['config']} | `{r['pattern']}` | {r['length']:,} | {p['wall_ms']:.2f} | "
+                   f"{p['busy_ms']:.2f} | {p['busy_ms'] / p['wall_ms']:.0%} | {p['launches']:.0f} |")
+    for r in profiled:
+        p = r["profile"]
+        out += ["", f"### `{r['pattern']}`, {r['config']}, L = {r['length']:,}, label `{r['label']}`: top {what}", "",
+                "| name | ms / step | calls / step | share of busy |", "|---|---|---|---|"]
+        out += [f"| `{_short(k['name'])}` | {k['ms']:.3f} | {k['calls']:.0f} | {k['share']:.0%} |" for k in p["top"]]
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--label", default="this", help="names this run's rows (old code beside new)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile --steps steps per row and report its N most expensive kernels")
     parser.add_argument("--quick", action="store_true", help="smoke run: L = 64, 128; 256 events per step; 1 step")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md (rows of other labels are kept)")
     args = parser.parse_args(argv)

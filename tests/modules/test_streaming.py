@@ -33,15 +33,16 @@ def _histories(lengths, seed=0):
 
 def _full_pass(enc, tokens, times):
     lengths = [t.shape[0] for t in tokens]
-    offsets = lengths_to_offsets(torch.tensor(lengths))
-    positions = torch.cat([torch.arange(n) for n in lengths])
+    device = tokens[0].device
+    offsets = lengths_to_offsets(torch.tensor(lengths)).to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     return enc(torch.cat(tokens), offsets, positions, torch.cat(times))
 
 
 def _streamed(enc, tokens, times, pieces):
     """``pieces[b]``: list of piece sizes for user b; all users step together, round by round."""
     B = len(tokens)
-    caches = enc.empty_states(B, torch.float64, "cpu")
+    caches = enc.empty_states(B, tokens[0].dtype, tokens[0].device)
     done = [0] * B
     outputs = [[] for _ in range(B)]
     rounds = max(len(p) for p in pieces)
@@ -49,8 +50,9 @@ def _streamed(enc, tokens, times, pieces):
         sizes = [p[r] if r < len(p) else 0 for p in pieces]
         new = [tokens[b][done[b]:done[b] + sizes[b]] for b in range(B)]
         new_t = [times[b][done[b]:done[b] + sizes[b]] for b in range(B)]
-        out, caches = enc.step(torch.cat(new), lengths_to_offsets(torch.tensor(sizes)), torch.tensor(done),
-                               torch.cat(new_t), caches)
+        device = tokens[0].device
+        out, caches = enc.step(torch.cat(new), lengths_to_offsets(torch.tensor(sizes)).to(device),
+                               torch.tensor(done, device=device), torch.cat(new_t), caches)
         for b, chunk in enumerate(out.split(sizes)):
             outputs[b].append(chunk)
             done[b] += sizes[b]
@@ -105,6 +107,27 @@ def test_chunk_seeded_summaries_stream_like_the_full_pass(pattern, seed):
     for b, n in enumerate(lengths):
         kept = open_chunk.user(b)["x"]
         assert kept.shape[0] == n % 4 and torch.equal(kept, tokens[b][n - n % 4:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("summary_init", ["slot", "chunk"])
+@pytest.mark.parametrize("pattern", ["ksa*3,full", "ksa,ksa", "full,full", "sca,full", "swa,ksa", "full,ksa"])
+def test_cuda_step_with_default_backends_equals_full_pass(pattern, summary_init):
+    """On CUDA with the backends a user gets (Triton training and decode kernels, SDPA, the growing cache
+    of full layers) at the serving sizes' k = 8, W = 32: streamed in random pieces = one full pass."""
+    rnd = random.Random(0)
+    torch.manual_seed(0)
+    enc = SequenceEncoder(EncoderConfig(pattern=pattern, dim=64, num_heads=4, dropout=0.0, chunk_size=8, window=32,
+                                        summary_init=summary_init, time_gap_buckets=0)).cuda().eval()
+    lengths = [700, 1, 0, 333, 64]
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randn(n, 64, generator=g).cuda() for n in lengths]
+    times = [torch.randn(n, 64, generator=g).cuda() for n in lengths]
+    with torch.inference_mode():
+        full = _full_pass(enc, tokens, times)
+        streamed, _ = _streamed(enc, tokens, times, [_random_pieces(n, rnd) for n in lengths])
+    torch.testing.assert_close(streamed, full, atol=2e-3, rtol=2e-3)
 
 
 def test_ksa_state_is_bounded_by_the_ring_and_the_summaries():

@@ -79,6 +79,20 @@ def test_bench_training_smoke_merges_labels(tmp_path):
     assert "`new` / `old`: events/s ratio" in md and "HSTU" in md and "hybrid" not in md
 
 
+def test_bench_training_profile_reports_where_the_step_time_goes(tmp_path):
+    out = tmp_path / "training"
+    _run("bench_training.py", "--quick", "--configs", "dim64", "--lengths", "64", "--kinds", "ksa", "--steps", "2",
+         "--profile", "4", "--out", str(out))
+    (row,) = json.loads(out.with_name("training.json").read_text())["rows"]
+    prof = row["profile"]
+    assert prof["what"] == "cpu ops (self time)" and len(prof["top"]) == 4
+    assert 0 < prof["busy_ms"] <= prof["wall_ms"] * 1.05 and prof["launches"] > 100
+    ranked = [k["ms"] for k in prof["top"]]
+    assert ranked == sorted(ranked, reverse=True) and all(0 < k["share"] <= 1 for k in prof["top"])
+    md = out.with_name("training.md").read_text()
+    assert "## Where the time goes" in md and "self CPU ms / step" in md and f"`{prof['top'][0]['name']}`" in md
+
+
 @pytest.fixture(scope="module")
 def kernels(load_pipeline):
     return load_pipeline("bench_kernels")
