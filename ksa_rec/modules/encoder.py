@@ -94,10 +94,13 @@ class SequenceEncoder(nn.Module):
         """Summary-stream input tokens ``[Ts, dim]``: each slot's learned embedding, plus the time part of its
         chunk's last event (row ``last_rows`` of ``time_part``), plus, with ``summary_init: chunk``, the
         pooled event inputs of its slice ``slices [Ts, k // S, dim]``."""
-        xs = self.summary_embedding[slot]
+        # Gathers as embedding / index_select, not ``t[idx]``: on CUDA the backward of advanced indexing
+        # sorts and then sums each row's duplicates serially, and every summary reads one of S rows (5.4 ms a
+        # 65K-event step at dim 64, a third of the device time: docs/results/training-speed.md).
+        xs = nn.functional.embedding(slot, self.summary_embedding)
         if self.summary_pool is not None:
             xs = xs + self.summary_pool(slices.mean(1))
-        return xs if time_part is None else xs + time_part[last_rows]
+        return xs if time_part is None else xs + time_part.index_select(0, last_rows)
 
     def slice_positions(self, chunk: Tensor, slot: Tensor) -> Tensor:
         """Absolute event indices ``[Ts, k // S]`` of the slice of chunk ``chunk`` that summary slot ``slot``
@@ -124,7 +127,8 @@ class SequenceEncoder(nn.Module):
             # chunk numbers count from each user's first event in the batch (a chunk boundary)
             slices = None
             if self.keeps_open_chunk:
-                slices = tokens[offsets[user][:, None] + self.slice_positions(chunk, slot)]
+                rows = offsets[user][:, None] + self.slice_positions(chunk, slot)
+                slices = tokens.index_select(0, rows.flatten()).view(*rows.shape, -1)
             xs = self.summary_inputs(slot, offsets[user] + chunk * k + k - 1, time_part, slices)
             # A summary takes the position of an event of its chunk: the rotary tables are that event's.
             rows = offsets[user] + summary_position(chunk, slot, k, S)
