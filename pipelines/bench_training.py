@@ -19,9 +19,10 @@ and so on at 8).
 
 One step = TorchRec embedding lookup, encoder forward, sampled-softmax loss (1,024 uniform negatives over
 a 100K-item table, no in-batch ones: those cost tokens^2 and would hide the attention), backward and
-AdamW, on ``--tokens`` events (65,536) split into users of L events (every L makes the same number of
-next-item predictions); bf16 autocast on CUDA, float32 on CPU. Timed: the median wall-clock step of
-``--steps`` steps after ``--warmup`` (GPU synchronised per step); peak memory: the most allocated during the
+AdamW (``build_adamw``, the optimizer ``fit`` uses: fused on CUDA), on ``--tokens`` events (65,536) split
+into users of L events (every L makes the same number of next-item predictions); bf16 autocast on CUDA,
+float32 on CPU. Timed: the median wall-clock step of ``--steps`` steps after ``--warmup`` (GPU synchronised
+per step); peak memory: the most allocated during the
 timed steps. A model that runs out of memory is a row saying so.
 
 ``--profile N`` (where a goal is missed, where does the time go?) adds, after the timed steps, ``--steps``
@@ -55,6 +56,7 @@ from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
 from ksa_rec.modules.config import EncoderConfig  # noqa: E402
 from ksa_rec.modules.losses import LossConfig  # noqa: E402
 from ksa_rec.modules.mka import MkaConfig  # noqa: E402
+from ksa_rec.training.module import OptimConfig, build_adamw  # noqa: E402
 
 CHUNK, WINDOW = 8, 32
 NEGATIVES = 1024
@@ -95,7 +97,7 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
                         mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK))
     model = SeqRecModel(cfg, LossConfig(kind="sampled", num_uniform_negatives=NEGATIVES, in_batch_negatives=False),
                         DataSpec(num_items=num_items)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = build_adamw(model, OptimConfig(lr=1e-3))  # what fit uses: fused on CUDA
     users = max(1, tokens // length)
     batch = random_training_batch(users, length, num_items, torch.Generator().manual_seed(1)).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

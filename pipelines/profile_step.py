@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ksa_rec.training.cli import run_lightning
+from ksa_rec.training.module import build_adamw
 
 
 def main(argv: list[str]) -> None:
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = cli.model.to(device)
     module.trainer = None
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    optimizer = build_adamw(module, module.optim_cfg)
     loader = _forever(cli.datamodule.train_dataloader())
 
     def step():

@@ -184,12 +184,7 @@ class RecModule(pl.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # The fused CUDA kernel: one launch per step instead of several per parameter.
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda")
+        optimizer = build_adamw(self, cfg)
         if not cfg.warmup_steps and not cfg.cosine_steps:
             return optimizer
 
@@ -203,6 +198,18 @@ class RecModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def build_adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """The training optimizer of ``model`` (``fit`` and the benchmarks use this one): AdamW, weight decay on
+    weight matrices only, the fused kernel when the parameters are on CUDA."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    # The fused CUDA kernel: one launch per step instead of several per parameter.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=on_cuda)
 
 
 def _bucket_names(prefix: str, edges: tuple[int, ...]) -> tuple[str, ...]:
