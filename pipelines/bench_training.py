@@ -89,7 +89,7 @@ def pattern(unit: str, layers: int) -> str:
 
 
 def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: int, num_items: int,
-          device: torch.device, profile_top: int = 0) -> dict:
+          device: torch.device, profile_top: int = 0, compile_loss: bool = False) -> dict:
     """One (configuration, pattern, L) measurement."""
     torch.manual_seed(0)
     span = CHUNK * WINDOW
@@ -102,21 +102,27 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
     batch = random_training_batch(users, length, num_items, torch.Generator().manual_seed(1)).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
+    # --compile: what torch.compile makes of the same step (graph breaks fall back to eager; compile time
+    # is spent in the warm-up steps and reported apart)
+    loss_fn = torch.compile(model.loss, dynamic=False) if compile_loss else model.loss
+
     def step() -> None:
         with autocast:
-            loss = model.loss(batch)
+            loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    started = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
+    warmup_s = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = median_ms(step, warmup=0, reps=steps, device=device)
     events = users * length
-    row = {"users": users, "events": events, "step_ms": ms, "events_per_s": events / (ms * 1e-3),
+    row = {"users": users, "events": events, "step_ms": ms, "events_per_s": events / (ms * 1e-3), "warmup_s": warmup_s,
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if profile_top:
         row["profile"] = profile_steps(step, steps, device, profile_top)
@@ -167,9 +173,14 @@ def run(args, device: torch.device, label: str, commit: str | None) -> list[dict
                        "layers": size.layers, "pattern": pat, "length": length, "status": "ok"}
                 try:
                     row |= bench(size, pat, length, args.tokens, args.warmup, args.steps, args.num_items, device,
-                                 args.profile)
+                                 args.profile, args.compile)
                 except torch.OutOfMemoryError:
                     row["status"] = "out of memory"
+                except Exception as err:  # noqa: BLE001 -- a compiler failure is a result of --compile, not a crash
+                    if not args.compile:
+                        raise
+                    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    row["status"] = "compile failed: " + first_line[:200]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)
@@ -245,7 +256,8 @@ def markdown(payload: dict) -> str:
     lines = header("Training throughput by attention pattern and history length", last["command"],
                    last["machine"], last["date"])
     for label, run_info in runs.items():
-        lines.append(f"- label `{label}`: ksa_rec commit {run_info['commit'] or 'unknown'}; "
+        compiled = " (`--compile`: the loss under torch.compile)" if run_info.get("compile") else ""
+        lines.append(f"- label `{label}`{compiled}: ksa_rec commit {run_info['commit'] or 'unknown'}; "
                      f"`{run_info['command']}` on {machine_line(run_info['machine'])}, {run_info['date']}")
     lines += [f"- one step: embedding lookup, encoder, sampled softmax ({NEGATIVES} uniform negatives), backward, "
               f"AdamW; {last['tokens']:,} events per step split into users of L events; k = {CHUNK}, "
@@ -301,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--label", default="this", help="names this run's rows (old code beside new)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model's loss (forward; backward through AOTAutograd): label it so")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile --steps steps per row and report its N most expensive kernels")
     parser.add_argument("--quick", action="store_true", help="smoke run: L = 64, 128; 256 events per step; 1 step")
@@ -312,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     commit = package_commit()
     run_info = {"command": command(__file__, argv), "machine": machine(device), "date": now(), "commit": commit,
-                "tokens": args.tokens, "warmup": args.warmup, "steps": args.steps}
+                "tokens": args.tokens, "warmup": args.warmup, "steps": args.steps, "compile": args.compile}
     payload = {"runs": {}, "rows": []}
     if args.out is not None and (path := args.out.with_name(args.out.name + ".json")).exists():
         payload = json.loads(path.read_text())  # keep the other labels' rows
