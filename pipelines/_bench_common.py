@@ -118,7 +118,12 @@ def package_commit() -> str | None:
         return None
     lines = out.stdout.split()
     # an exported tree inside another checkout (no .git of its own) must not report the outer one's commit
-    return lines[1] if len(lines) == 2 and Path(lines[0]).resolve() == root else None
+    if len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return None
+    # a tree copied over an older .git (the GPU machine's copy) or edited since: not that commit's code
+    changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                              "ksa_rec"], capture_output=True, text=True, timeout=10).stdout.strip()
+    return f"{lines[1]}+uncommitted" if changed else lines[1]
 
 
 def now() -> str:

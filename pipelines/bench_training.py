@@ -179,8 +179,9 @@ def run(args, device: torch.device, label: str, commit: str | None) -> list[dict
                 except Exception as err:  # noqa: BLE001 -- a compiler failure is a result of --compile, not a crash
                     if not args.compile:
                         raise
-                    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                    row["status"] = "compile failed: " + first_line[:200]
+                    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+                    # a compiler subprocess's own error is the last line of the message
+                    row["status"] = "compile failed: " + " ... ".join(dict.fromkeys([lines[0], lines[-1]]))[:300]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)

@@ -142,3 +142,27 @@ def test_bench_score_scaling_skips_what_cannot_fit(load_pipeline):
     refusal = bench.memory_refusal(4, 150.0, 500.0)
     assert refusal.startswith("skipped: about 600 GB of host memory (4 x the 1-process peak 150.0 GB), 500 GB")
     assert bench.memory_refusal(8, None, 500.0) is None  # no 1-process measurement: nothing to judge by
+
+
+def test_package_commit_says_when_the_code_is_not_that_commit(load_pipeline, tmp_path, monkeypatch):
+    """A benchmark row names the commit it measured; a tree edited since (or copied over an older .git, as
+    on the GPU machine) is marked, so a row never claims a commit whose code it did not run."""
+    import types
+
+    common = load_pipeline("_bench_common")
+    pkg = tmp_path / "ksa_rec"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("VERSION = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "ksa_rec")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    monkeypatch.setitem(sys.modules, "ksa_rec", types.SimpleNamespace(__file__=str(pkg / "__init__.py")))
+    assert common.package_commit() == head
+    (pkg / "__init__.py").write_text("VERSION = 2\n")
+    assert common.package_commit() == f"{head}+uncommitted"
