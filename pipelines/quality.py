@@ -204,6 +204,16 @@ STUDIES: dict[str, list[Run]] = {
             ("ksa*3,full[chunk]", "ksa*3,full", CHUNK),
             ("ksa,full,ksa,full[chunk]", "ksa,full,ksa,full", CHUNK),
         ]],
+    # The rest of issue 15's grid at 4 layers (pattern x summary_init x loss), with SCA again for pairing on the
+    # machine that runs it (the same run as above: one run when both studies are asked for). Sized for a CPU.
+    "long-range-cpu-summaries-4l-rest": [
+        Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra], seeded=True)
+        for name, p, extra in [
+            ("sca*4", "sca*4", []),
+            ("ksa*4[chunk]", "ksa*4", CHUNK),
+            ("ksa*4[slot]", "ksa*4", SLOT),
+            ("ksa*4[slot,rec0.3]", "ksa*4", [*SLOT, *REC]),
+        ]],
     # Why do summaries not carry the long-range evidence? Lossless summaries (S = k: one summary token
     # per event) separate "compression loses it" from "the model does not learn to look it up".
     "long-range-cpu-diagnostics": [

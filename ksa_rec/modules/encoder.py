@@ -95,8 +95,8 @@ class SequenceEncoder(nn.Module):
         chunk's last event (row ``last_rows`` of ``time_part``), plus, with ``summary_init: chunk``, the
         pooled event inputs of its slice ``slices [Ts, k // S, dim]``."""
         # Gathers as embedding / index_select, not ``t[idx]``: on CUDA the backward of advanced indexing
-        # sorts and then sums each row's duplicates serially, and every summary reads one of S rows (5.4 ms a
-        # 65K-event step at dim 64, a third of the device time: docs/results/training-speed.md).
+        # sorts and then sums each row's duplicates serially, and every summary reads one of S rows (5.4 of a
+        # 65K-event step's 18.5 device ms at dim 64 on an H100: docs/results/training-speed.md).
         xs = nn.functional.embedding(slot, self.summary_embedding)
         if self.summary_pool is not None:
             xs = xs + self.summary_pool(slices.mean(1))
