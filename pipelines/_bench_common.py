@@ -111,18 +111,18 @@ def package_commit() -> str | None:
     import ksa_rec
 
     root = Path(ksa_rec.__file__).resolve().parents[1]
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10).stdout
+
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        lines = git("rev-parse", "--show-toplevel", "--short", "HEAD").split()
+        # an exported tree inside another checkout (no .git of its own) must not report the outer one's commit
+        if len(lines) != 2 or Path(lines[0]).resolve() != root:
+            return None
+        # a tree copied over an older .git (the GPU machine's copy) or edited since: not that commit's code
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "ksa_rec").strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
-    lines = out.stdout.split()
-    # an exported tree inside another checkout (no .git of its own) must not report the outer one's commit
-    if len(lines) != 2 or Path(lines[0]).resolve() != root:
-        return None
-    # a tree copied over an older .git (the GPU machine's copy) or edited since: not that commit's code
-    changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
-                              "ksa_rec"], capture_output=True, text=True, timeout=10).stdout.strip()
     return f"{lines[1]}+uncommitted" if changed else lines[1]
 
 

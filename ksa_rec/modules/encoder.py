@@ -127,8 +127,8 @@ class SequenceEncoder(nn.Module):
             # chunk numbers count from each user's first event in the batch (a chunk boundary)
             slices = None
             if self.keeps_open_chunk:
-                rows = offsets[user][:, None] + self.slice_positions(chunk, slot)
-                slices = tokens.index_select(0, rows.flatten()).view(*rows.shape, -1)
+                slice_rows = offsets[user][:, None] + self.slice_positions(chunk, slot)
+                slices = tokens.index_select(0, slice_rows.flatten()).view(*slice_rows.shape, -1)
             xs = self.summary_inputs(slot, offsets[user] + chunk * k + k - 1, time_part, slices)
             # A summary takes the position of an event of its chunk: the rotary tables are that event's.
             rows = offsets[user] + summary_position(chunk, slot, k, S)
