@@ -40,6 +40,9 @@ class EncoderConfig:
     """Hidden width of each feed-forward block, as a multiple of dim."""
     dropout: float = 0.2
     """Dropout on inputs, attention outputs and feed-forward outputs."""
+    event_mask: float = 0.0
+    """Training only: probability that an event's whole input token is zeroed (item masking, a cheap sequence
+    augmentation: the event keeps its position and its target, the model loses what it was). 0 disables."""
     chunk_size: int = 8
     """KSA/SCA chunk size k (events per chunk); histories are truncated at multiples of it."""
     window: int = 32
@@ -76,6 +79,7 @@ class EncoderConfig:
         require((self.dim // self.num_heads) % 2 == 0, "encoder.dim",
                 "dim / num_heads must be even (RoPE rotates pairs)")
         require(0.0 <= self.dropout < 1.0, "encoder.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(0.0 <= self.event_mask < 1.0, "encoder.event_mask", f"must be in [0, 1), got {self.event_mask}")
         require(self.chunk_size >= 1, "encoder.chunk_size", f"must be >= 1, got {self.chunk_size}")
         require(self.window >= 0, "encoder.window", f"must be >= 0, got {self.window}")
         require(self.summary_tokens >= 1 and self.chunk_size % self.summary_tokens == 0,

@@ -120,6 +120,10 @@ class SequenceEncoder(nn.Module):
             max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
         cos, sin = self.rope.tables(positions, tokens.dtype)
         layout = StreamLayout(offsets=offsets, max_len=max_len, positions=positions, cos=cos, sin=sin)
+        if self.training and self.cfg.event_mask > 0:
+            # Whole tokens, before anything reads them: the summaries' chunk pooling sees the masked events too.
+            keep = torch.rand(tokens.shape[0], 1, device=tokens.device) >= self.cfg.event_mask
+            tokens = tokens * keep.to(tokens.dtype)
         x, xs = self.input_dropout(tokens), None
         if self.with_summaries:
             k, S = self.cfg.chunk_size, self.cfg.summary_tokens

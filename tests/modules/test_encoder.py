@@ -178,3 +178,25 @@ def test_chunk_seeding_is_unused_without_a_summary_stream():
     tokens, offsets, positions = _inputs(LENGTHS)
     torch.testing.assert_close(_encoder("sca,full", summary_init="chunk")(tokens, offsets, positions),
                                _encoder("sca,full")(tokens, offsets, positions), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", ["full,full", "ksa,full"])
+def test_event_mask_zeroes_whole_input_tokens_in_training_only(pattern):
+    tokens, offsets, positions = _inputs(LENGTHS)
+    enc = _encoder(pattern, event_mask=0.5, summary_init="chunk")
+    plain = _encoder(pattern, summary_init="chunk")
+    # Evaluation (and so streaming and scoring) never masks.
+    torch.testing.assert_close(enc(tokens, offsets, positions), plain(tokens, offsets, positions), atol=0, rtol=0)
+    enc.train()
+    torch.manual_seed(7)
+    masked = enc(tokens, offsets, positions)
+    torch.manual_seed(7)
+    keep = torch.rand(tokens.shape[0], 1) >= 0.5
+    assert 0 < int(keep.sum()) < tokens.shape[0]
+    # dropout is 0, so training differs from evaluation only by the zeroed events
+    torch.testing.assert_close(masked, plain(tokens * keep, offsets, positions), atol=1e-12, rtol=0)
+
+
+def test_event_mask_out_of_range_names_the_field():
+    with pytest.raises(ValueError, match="encoder.event_mask"):
+        EncoderConfig(event_mask=1.0)
