@@ -185,7 +185,10 @@ STUDIES: dict[str, list[Run]] = {
                              ("full,full[lr1e-3,mask0.15,cos]", "full,full", [*MASK15, *COS]),
                              ("full,full[lr1e-3,2heads]", "full,full", ["--model.encoder.num_heads", "2"]),
                              ("ksa,full[lr1e-3,chunk]", "ksa,full", CHUNK),
-                             ("ksa,full[lr1e-3,chunk,mask0.15]", "ksa,full", [*CHUNK, *MASK15])]],
+                             ("ksa,full[lr1e-3,chunk,mask0.15]", "ksa,full", [*CHUNK, *MASK15]),
+                             # round 2: around the row seed 0 selected (2 heads)
+                             ("full,full[lr1e-3,4heads]", "full,full", ["--model.encoder.num_heads", "4"]),
+                             ("ksa,full[lr1e-3,chunk,2heads]", "ksa,full", [*CHUNK, "--model.encoder.num_heads", "2"])]],
     # ML-1M (SASRec's file, len 200): the shipped config (dim 64, 2 heads, dropout 0.2, lr 1e-3) and a wider one.
     "ml-1m-sweep": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *extra], seeded=True)
                     for name, p, extra in [
