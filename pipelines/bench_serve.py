@@ -6,6 +6,7 @@ How to run (repository root; needs ``redis-server`` on PATH for the Redis store;
     python pipelines/bench_serve.py --out OUT                       # trains the smoke model (configs/smoke.yaml)
     python pipelines/bench_serve.py --checkpoint CKPT --events EVENTS.parquet --stores sqlite --out OUT
     python pipelines/bench_serve.py --rates 50 100 200 --duration 5 --out OUT     # fewer, shorter steps
+    python pipelines/bench_serve.py --accelerator gpu --out OUT      # the server runs the model on the GPU
 
 For each store it starts a fresh store (a SQLite file, or its own ``redis-server`` with ``appendfsync
 always``, as durable per commit as SQLite's ``synchronous=FULL``) and ``ksa-rec serve`` on a free loopback
@@ -183,7 +184,8 @@ def bench_store(kind: str, args, checkpoint: Path, events: Path, procs: Processe
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     procs.start([sys.executable, "-m", "ksa_rec.cli", "serve", "--checkpoint", str(checkpoint), "--state", state,
-                 "--port", str(port), "--accelerator", "cpu", "--batch-window-ms", str(args.batch_window_ms)],
+                 "--port", str(port), "--accelerator", args.accelerator,
+                 "--batch-window-ms", str(args.batch_window_ms)],
                 args.out / f"serve-{kind}.log")
     wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, 180, "ksa-rec serve")
     per_rate = [min(args.max_requests, int(rate * args.duration)) for rate in args.rates]
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as an error")
     p.add_argument("--give-up-ms", type=float, default=1000.0, help="stop rising once p99 exceeds this")
     p.add_argument("--batch-window-ms", type=float, default=1.0)
+    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where the server runs the model")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, help="only rewrite the table and plot of this serve-load.json")
     args = p.parse_args(argv)
@@ -304,7 +307,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         checkpoint, events = train_smoke(args.out / "smoke")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
             f"{platform.python_implementation()} {platform.python_version()}", "loadavg_start": os.getloadavg(),
-            "checkpoint": str(checkpoint), "argv": sys.argv[1:]}
+            "checkpoint": str(checkpoint), "argv": sys.argv[1:], "accelerator": args.accelerator}
+    if args.accelerator == "gpu":
+        import torch
+
+        meta["machine"] += f", {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     procs = Processes()
     rows = []
     try:
