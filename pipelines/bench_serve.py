@@ -75,7 +75,8 @@ class Processes:
 
     def start(self, cmd: list[str], log: Path) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
         self.procs.append(proc)
         return proc
 
