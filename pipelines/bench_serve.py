@@ -55,9 +55,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(check, timeout: float, what: str) -> None:
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until ``check()`` holds; a ``proc`` that exits first stops the wait at once, with its log's last line."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            lines = log.read_text(errors="replace").strip().splitlines() if log is not None and log.exists() else []
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before it came up"
+                               + (f": {lines[-1]}" if lines else ""))
         try:
             if check():
                 return
@@ -102,9 +107,10 @@ def start_store(kind: str, work: Path, procs: Processes) -> str:
     data = work / "redis"
     shutil.rmtree(data, ignore_errors=True)  # a fresh store: Redis 7 keeps its AOF in a subfolder
     data.mkdir()
-    procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                 "--appendfsync", "always", "--dir", str(data)], work / "redis.log")
-    wait_for(lambda: redis.Redis(port=port).ping(), 30, "redis-server")
+    log = work / "redis.log"
+    proc = procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                        "yes", "--appendfsync", "always", "--dir", str(data)], log)
+    wait_for(lambda: redis.Redis(port=port).ping(), 30, "redis-server", proc, log)
     return f"redis://127.0.0.1:{port}/0"
 
 
@@ -184,11 +190,11 @@ def bench_store(kind: str, args, checkpoint: Path, events: Path, procs: Processe
     state = start_store(kind, args.out, procs)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    procs.start([sys.executable, "-m", "ksa_rec.cli", "serve", "--checkpoint", str(checkpoint), "--state", state,
-                 "--port", str(port), "--accelerator", args.accelerator,
-                 "--batch-window-ms", str(args.batch_window_ms)],
-                args.out / f"serve-{kind}.log")
-    wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, 180, "ksa-rec serve")
+    log = args.out / f"serve-{kind}.log"
+    server = procs.start([sys.executable, "-m", "ksa_rec.cli", "serve", "--checkpoint", str(checkpoint), "--state",
+                          state, "--port", str(port), "--accelerator", args.accelerator,
+                          "--batch-window-ms", str(args.batch_window_ms)], log)
+    wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, 180, "ksa-rec serve", server, log)
     per_rate = [min(args.max_requests, int(rate * args.duration)) for rate in args.rates]
     bodies = make_requests(events, args.users, args.warmup + sum(per_rate))
     asyncio.run(run_rate(url, bodies[:args.warmup], 20.0, args.timeout))

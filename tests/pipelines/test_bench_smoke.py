@@ -166,3 +166,15 @@ def test_package_commit_says_when_the_code_is_not_that_commit(load_pipeline, tmp
     assert common.package_commit() == head
     (pkg / "__init__.py").write_text("VERSION = 2\n")
     assert common.package_commit() == f"{head}+uncommitted"
+
+
+def test_bench_serve_stops_waiting_when_the_server_exits(load_pipeline, tmp_path):
+    """A server that dies at start (a missing module on the GPU machine) fails the run at once with its
+    log's last line, instead of after the 180 s start-up wait."""
+    bench_serve = load_pipeline("bench_serve")
+    log = tmp_path / "serve.log"
+    proc = bench_serve.Processes().start([sys.executable, "-c", "print('ModuleNotFoundError: x'); raise SystemExit(3)"],
+                                         log)
+    proc.wait(30)
+    with pytest.raises(RuntimeError, match=r"server exited with status 3 before it came up: ModuleNotFoundError: x"):
+        bench_serve.wait_for(lambda: False, 60, "server", proc, log)
