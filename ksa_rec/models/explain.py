@@ -75,16 +75,14 @@ def explain_user(model: SeqRecModel, batch: SequenceBatch) -> KsaExplanation:
     is_summary = torch.arange(n + C * S, device=ident.device) >= n
     sources, usage, events = [], [], []
     for i in sorted(captured):
-        x, xs, layout = captured[i]
+        h, layout = captured[i]
         attn = model.encoder.blocks[i].attn
-        q, key, _ = attn.rotate(attn.qkv(x), layout.cos, layout.sin)
-        qs, ks, _ = attn.rotate(attn.qkv_sum(xs), layout.sum_cos, layout.sum_sin)
-        queries, keys = torch.cat([q, qs]), torch.cat([key, ks])
+        queries, keys, _ = attn.project(h, layout.num_events, layout.cos, layout.sin)
         scores = torch.einsum("qhd,khd->hqk", queries, keys) * queries.shape[-1] ** -0.5
         mask = attn.rule(True).visible(ident[:, None], is_summary[:, None], ident[None], is_summary[None])
         weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).mean(0)  # [n+CS, n+CS]
-        slot0 = n + torch.arange(C, device=x.device) * S
-        chunk_events = (torch.arange(C, device=x.device) * k)[:, None] + torch.arange(k, device=x.device)
+        slot0 = n + torch.arange(C, device=h.device) * S
+        chunk_events = (torch.arange(C, device=h.device) * k)[:, None] + torch.arange(k, device=h.device)
         sources.append(weights[slot0[:, None], chunk_events])
         usage.append(weights[n - 1, n:].reshape(C, S).sum(1) if C else weights.new_zeros(0))
         events.append(weights[n - 1, :n])

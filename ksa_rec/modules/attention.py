@@ -2,10 +2,11 @@
 
 Every kind implements ``AttentionLayer``:
 
-- ``forward(x, xs, layout)``: the training pass over a jagged batch (events, and the summary stream when
-  the encoder carries one) -> outputs before the residual;
-- ``step(h, layout, state)``: the streaming pass over a step's new tokens against the layer's per-user
-  state -> outputs and the new state (equal to ``forward`` over the whole histories);
+- ``forward(h, layout)``: the training pass over a jagged batch (its events, then the summary stream when
+  the encoder carries one, as one tensor) -> outputs before the residual;
+- ``step(h, layout, state)``: the streaming pass over a step's new tokens (events, then summaries, the
+  same way) against the layer's per-user state -> outputs and the new state (equal to ``forward`` over
+  the whole histories);
 - ``empty_state`` / ``stack_states``: the state type it keeps (``LayerCache`` for the kinds below, a
   ``GrowingCache`` appended in place for full layers, ``MkaState`` / ``FastMkaState`` for the memory
   kinds); every state has ``user(b)``, ``to(device)``, ``num_bytes`` and ``stack(users)``;
@@ -48,8 +49,9 @@ if TYPE_CHECKING:
 class StreamLayout:
     """Where the tokens of a jagged batch sit; shared by every layer of one forward pass.
 
-    ``offsets [B+1]`` and rotary tables ``cos, sin [T, 1, Dh/2]`` for events; the ``sum_*`` fields
-    describe the summary stream (``None`` when the encoder has none).
+    The stream is the ``T`` events (``offsets [B+1]``, absolute ``positions [T]``), then the summary tokens
+    when the encoder carries them (``summary_index`` order); ``cos, sin [T + Ts, 1, Dh/2]`` are the rotary
+    tables of the whole stream (a summary takes those of an event of its chunk).
     """
 
     offsets: Tensor
@@ -57,8 +59,10 @@ class StreamLayout:
     positions: Tensor
     cos: Tensor
     sin: Tensor
-    sum_cos: Tensor | None = None
-    sum_sin: Tensor | None = None
+
+    @property
+    def num_events(self) -> int:
+        return self.positions.numel()
 
 
 @dataclass
@@ -82,8 +86,9 @@ class AttentionLayer(nn.Module):
     """The layer can move a summary stream forward (a pattern mixing a kind without this and one that
     reads summaries is refused)."""
 
-    def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, Tensor | None]:
-        """``x [T, dim]``, ``xs [Ts, dim]`` or None (normed) -> outputs of the same shapes, before the residual."""
+    def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
+        """The stream ``h [T + Ts, dim]`` (normed; Ts = 0 without summaries) -> outputs of that shape, before
+        the residual."""
         raise NotImplementedError
 
     def step(self, h: Tensor, layout: StepLayout, state):
@@ -127,14 +132,21 @@ class RuleAttention(AttentionLayer):
         q, k = apply_rotary(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)
         return q, k, qkv[:, 2]
 
-    def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, Tensor | None]:
-        q, k, v = self.rotate(self.qkv(x), layout.cos, layout.sin)
-        if xs is None:
-            return self.out(self.attend_events(q, k, v, layout).flatten(1)), None
-        qs, ks, vs = self.rotate(self.qkv_sum(xs), layout.sum_cos, layout.sum_sin)
-        out, out_sum = ksa_attention(q, k, v, qs, ks, vs, layout.offsets, self.rule(True),
+    def project(self, h: Tensor, num_events: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A stream ``h [N, dim]`` (its first ``num_events`` rows events, the rest summaries) -> rotated q, k, v
+        ``[N, H, Dh]``: each stream through its own projection, then both rotated at once."""
+        qkv = self.qkv(h) if h.shape[0] == num_events else torch.cat([self.qkv(h[:num_events]),
+                                                                       self.qkv_sum(h[num_events:])])
+        return self.rotate(qkv, cos, sin)
+
+    def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
+        n = layout.num_events
+        q, k, v = self.project(h, n, layout.cos, layout.sin)
+        if h.shape[0] == n:
+            return self.out(self.attend_events(q, k, v, layout).flatten(1))
+        out, out_sum = ksa_attention(q[:n], k[:n], v[:n], q[n:], k[n:], v[n:], layout.offsets, self.rule(True),
                                      backend=self.cfg.attention_backend, check_offsets=False)
-        return self.out(out.flatten(1)), self.out(out_sum.flatten(1))
+        return self.out(torch.cat([out, out_sum]).flatten(1))
 
     def attend_events(self, q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout) -> Tensor:
         """Events only (no summary stream): the rule with S = 0."""
@@ -144,9 +156,7 @@ class RuleAttention(AttentionLayer):
 
     def step(self, h: Tensor, layout: StepLayout, state: LayerCache | GrowingCache
              ) -> tuple[Tensor, LayerCache | GrowingCache]:
-        n = layout.tokens.num_events
-        qkv = self.qkv(h) if h.shape[0] == n else torch.cat([self.qkv(h[:n]), self.qkv_sum(h[n:])])
-        q, k, v = self.rotate(qkv, layout.cos, layout.sin)
+        q, k, v = self.project(h, layout.tokens.num_events, layout.cos, layout.sin)
         out, state = ksa_step_attention(q, k, v, layout.tokens, self.rule(layout.with_summaries), state,
                                         backend=self.cfg.attention_backend)
         return self.out(out.flatten(1)), state
@@ -215,8 +225,8 @@ class MemoryAttention(AttentionLayer):
             raise ValueError(f"{self.kind} layers cannot carry a summary stream")
         self.memory = self.memory_class(cfg.dim, cfg.num_heads, cfg.mka)
 
-    def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, None]:
-        return self.memory(x, layout.offsets, layout.positions, layout.cos, layout.sin, check_inputs=False), None
+    def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
+        return self.memory(h, layout.offsets, layout.positions, layout.cos, layout.sin, check_inputs=False)
 
     def step(self, h: Tensor, layout: StepLayout, state):
         tokens = layout.tokens

@@ -30,7 +30,8 @@ class FeedForward(nn.Sequential):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block; events and summaries share everything but Q/K/V projections."""
+    """One pre-norm transformer block; events and summaries share everything but Q/K/V projections, so both
+    streams go through it as one tensor (events, then summaries), in training as in a streaming step."""
 
     def __init__(self, kind: str, cfg: EncoderConfig, with_summaries: bool):
         super().__init__()
@@ -40,25 +41,19 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_mult, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, xs: Tensor | None, layout: StreamLayout) -> tuple[Tensor, Tensor | None]:
-        a, a_sum = self.attn(self.attn_norm(x), None if xs is None else self.attn_norm(xs), layout)
-        return self.residual_and_ffn(x, xs, a, a_sum)
+    def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
+        """``h [T + Ts, dim]``: the batch's events, then its summaries (``StreamLayout``)."""
+        return self.residual_and_ffn(h, self.attn(self.attn_norm(h), layout))
 
-    def step(self, x: Tensor, sl: StepLayout, state):
+    def step(self, h: Tensor, sl: StepLayout, state):
         """Streaming form of ``forward`` for the step's tokens (events, then summaries: ``StepLayout``);
-        returns ``(x, state)``. Both streams share the norms and the FFN, so they go through them as one."""
-        a, state = self.attn.step(self.attn_norm(x), sl, state)
-        x = x + self.dropout(a)
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), state
+        returns ``(h, state)``."""
+        a, state = self.attn.step(self.attn_norm(h), sl, state)
+        return self.residual_and_ffn(h, a), state
 
-    def residual_and_ffn(self, x: Tensor, xs: Tensor | None, a: Tensor, a_sum: Tensor | None):
-        x = x + self.dropout(a)
-        if xs is None:
-            return x + self.dropout(self.ffn(self.ffn_norm(x))), None
-        # One FFN call over both streams: same weights, one larger matmul.
-        both = torch.cat([x, xs + self.dropout(a_sum)])
-        both = both + self.dropout(self.ffn(self.ffn_norm(both)))
-        return both[: x.shape[0]], both[x.shape[0]:]
+    def residual_and_ffn(self, h: Tensor, a: Tensor) -> Tensor:
+        h = h + self.dropout(a)
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
 
 
 class SequenceEncoder(nn.Module):
@@ -119,12 +114,11 @@ class SequenceEncoder(nn.Module):
         if max_len is None:
             max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
         cos, sin = self.rope.tables(positions, tokens.dtype)
-        layout = StreamLayout(offsets=offsets, max_len=max_len, positions=positions, cos=cos, sin=sin)
         if self.training and self.cfg.event_mask > 0:
             # Whole tokens, before anything reads them: the summaries' chunk pooling sees the masked events too.
             keep = torch.rand(tokens.shape[0], 1, device=tokens.device) >= self.cfg.event_mask
             tokens = tokens * keep.to(tokens.dtype)
-        x, xs = self.input_dropout(tokens), None
+        h, n = self.input_dropout(tokens), tokens.shape[0]
         if self.with_summaries:
             k, S = self.cfg.chunk_size, self.cfg.summary_tokens
             user, chunk, slot = summary_index(offsets, k, S)
@@ -136,13 +130,14 @@ class SequenceEncoder(nn.Module):
             xs = self.summary_inputs(slot, offsets[user] + chunk * k + k - 1, time_part, slices)
             # A summary takes the position of an event of its chunk: the rotary tables are that event's.
             rows = offsets[user] + summary_position(chunk, slot, k, S)
-            layout.sum_cos, layout.sum_sin = cos[rows], sin[rows]
-            xs = self.input_dropout(xs)
+            cos, sin = torch.cat([cos, cos[rows]]), torch.cat([sin, sin[rows]])
+            h = torch.cat([h, self.input_dropout(xs)])
+        layout = StreamLayout(offsets=offsets, max_len=max_len, positions=positions, cos=cos, sin=sin)
         for i, block in enumerate(self.blocks):
             if read_summaries is not None and block.attn.reads_summaries and (i > 0 or self.keeps_open_chunk):
-                read_summaries.append(xs)
-            x, xs = block(x, xs, layout)
-        return self.final_norm(x)
+                read_summaries.append(h[n:])
+            h = block(h, layout)
+        return self.final_norm(h if h.shape[0] == n else h[:n])
 
     # ---- streaming -----------------------------------------------------------------------------------------
     def empty_states(self, batch: int, dtype: torch.dtype, device) -> list:

@@ -111,7 +111,9 @@ def test_runs_under_bf16_autocast(pattern):
 def _first_summary_inputs(enc, tokens, offsets, positions):
     """The summary stream entering the first layer (what its summary keys are made from)."""
     captured = {}
-    hook = enc.blocks[0].attn.register_forward_hook(lambda mod, args, out: captured.update(xs=args[1]))
+    # the layer's input is the stream: the events, then the summaries
+    hook = enc.blocks[0].attn.register_forward_hook(
+        lambda mod, args, out: captured.update(xs=args[0][args[1].num_events:]))
     try:
         enc(tokens, offsets, positions)
     finally:

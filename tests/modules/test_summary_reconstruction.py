@@ -32,7 +32,9 @@ def _batch(lengths: list[int], generator: torch.Generator) -> SequenceBatch:
 def _reference(model: SeqRecModel, batch: SequenceBatch) -> torch.Tensor:
     """The same loss written per summary: states entering layer 1, user by user, chunk by chunk."""
     seen = []
-    hook = model.encoder.blocks[1].register_forward_pre_hook(lambda _, args: seen.append(args[1]))
+    # a block's input is the stream: the events, then the summaries
+    hook = model.encoder.blocks[1].register_forward_pre_hook(
+        lambda _, args: seen.append(args[0][args[1].num_events:]))
     model.encode(batch)
     hook.remove()
     states, k, S = seen[0], model.encoder_cfg.chunk_size, model.encoder_cfg.summary_tokens
