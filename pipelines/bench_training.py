@@ -28,7 +28,8 @@ timed steps. A model that runs out of memory is a row saying so.
 ``--profile N`` (where a goal is missed, where does the time go?) adds, after the timed steps, ``--steps``
 profiled ones (``torch.profiler``) and reports per row: device-busy ms per step against the wall ms (a step
 whose device is idle most of the time is bound by the host: launches, syncs, Python), kernel launches per
-step, and the N kernels that take the most device time (off CUDA: the N ops with the most self CPU time).
+step, host reads per step (ops that bring a tensor's value to the host: on CUDA each waits for the device),
+and the N kernels that take the most device time (off CUDA: the N ops with the most self CPU time).
 
 ``--out PREFIX`` writes ``PREFIX.json`` and ``PREFIX.md``. Rows carry ``--label`` (and the git commit of the
 imported ``ksa_rec``); a run with a new label adds its rows to an existing ``PREFIX.json`` (a run with the
@@ -129,6 +130,9 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
     return row
 
 
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
 def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
     """Where ``steps`` calls of ``step`` spend their time: wall and device-busy ms per step, kernel launches
     per step and the ``top`` kernels by device time (CUDA); off CUDA the ``top`` ops by self CPU time."""
@@ -156,8 +160,12 @@ def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
             totals[event.key] = [float(event.self_cpu_time_total), event.count]
     busy_us = sum(us for us, _ in totals.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    # Ops that bring a tensor's value to the host (item / int / bool, nonzero and boolean-mask indexing): on
+    # CUDA each waits for the device to drain, so the host cannot queue the next launches ahead of it.
+    host_reads = sum(e.count for e in prof.key_averages() if e.key in HOST_READS)
     return {"what": "cuda kernels" if on_cuda else "cpu ops (self time)", "wall_ms": wall_ms,
             "busy_ms": busy_us / 1e3 / steps, "launches": sum(n for _, n in totals.values()) / steps,
+            "host_reads": host_reads / steps,
             "top": [{"name": name, "ms": us / 1e3 / steps, "calls": n / steps,
                      "share": us / busy_us if busy_us else 0.0} for name, (us, n) in ranked]}
 
@@ -286,13 +294,18 @@ def profile_tables(rows: list[dict]) -> list[str]:
     note = ("device busy = the summed time of the CUDA kernels, copies and sets (one stream, so busy < wall "
             "means the device waited for the host)" if on_cuda else
             "off CUDA: the summed self CPU time of every op, and every op call (nested ones too)")
-    out = ["## Where the time goes (`--profile`)", "", f"Profiled steps after the timed ones; {note}.", "",
-           f"| label | config | pattern | L | wall ms / step | {busy} ms / step | {busy} / wall | {count} / step |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["## Where the time goes (`--profile`)", "", f"Profiled steps after the timed ones; {note}. Host reads = "
+           "ops that bring a tensor's value to the host (`aten::_local_scalar_dense`: item / int / bool; "
+           "`aten::nonzero`: boolean-mask indexing); on CUDA each waits for the device to drain.", "",
+           f"| label | config | pattern | L | wall ms / step | {busy} ms / step | {busy} / wall | {count} / step "
+           "| host reads / step |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in profiled:
         p = r["profile"]
+        reads = p.get("host_reads")  # absent in rows written before it was counted
         out.append(f"| {r['label']} | {r['config']} | `{r['pattern']}` | {r['length']:,} | {p['wall_ms']:.2f} | "
-                   f"{p['busy_ms']:.2f} | {p['busy_ms'] / p['wall_ms']:.0%} | {p['launches']:.0f} |")
+                   f"{p['busy_ms']:.2f} | {p['busy_ms'] / p['wall_ms']:.0%} | {p['launches']:.0f} | "
+                   f"{'-' if reads is None else f'{reads:.0f}'} |")
     for r in profiled:
         p = r["profile"]
         out += ["", f"### `{r['pattern']}`, {r['config']}, L = {r['length']:,}, label `{r['label']}`: top {what}", "",

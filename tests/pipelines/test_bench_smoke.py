@@ -87,6 +87,8 @@ def test_bench_training_profile_reports_where_the_step_time_goes(tmp_path):
     prof = row["profile"]
     assert prof["what"] == "cpu ops (self time)" and len(prof["top"]) == 4
     assert 0 < prof["busy_ms"] <= prof["wall_ms"] * 1.05 and prof["launches"] > 100
+    # a ksa step reads at least its summary count on the host (summary_index)
+    assert prof["host_reads"] >= 1
     ranked = [k["ms"] for k in prof["top"]]
     assert ranked == sorted(ranked, reverse=True) and all(0 < k["share"] <= 1 for k in prof["top"])
     md = out.with_name("training.md").read_text()
