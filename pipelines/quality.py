@@ -160,17 +160,6 @@ STUDIES: dict[str, list[Run]] = {
             ("sca,ksa[chunk]", "sca,ksa", ["--model.encoder.summary_init", "chunk"]),
             ("ksa,full[slot]", "ksa,full", ["--model.encoder.summary_init", "slot"]),
         ]],
-    # Issue 15's two-phase layer (encoder.summary_keys: output): the 2-layer recipe against itself with summary
-    # keys from the ksa layer's own summary outputs, and the paper's slot summaries with them (CPU-sized).
-    "long-range-cpu-two-phase": [
-        Run(f"lr2-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra], seeded=True)
-        for name, p, extra in [
-            ("ksa,full[chunk]", "ksa,full", ["--model.encoder.summary_init", "chunk"]),
-            ("ksa,full[chunk,keys-out]", "ksa,full", ["--model.encoder.summary_init", "chunk",
-                                                      "--model.encoder.summary_keys", "output"]),
-            ("ksa,full[slot,keys-out]", "ksa,full", ["--model.encoder.summary_init", "slot",
-                                                     "--model.encoder.summary_keys", "output"]),
-        ]],
     # The long-history recipe on real data (issue 15 study 3): ML-100K's histories (mean ~106 events, longest
     # 737) run past its raw window (8 chunks of 8), so summaries matter for its longer users.
     "ml-100k-summaries": [Run(f"ml-100k-{name}", "ml-100k", "ml-100k/u.data", [*_pattern(p), *extra], seeded=True)

@@ -144,22 +144,9 @@ class RuleAttention(AttentionLayer):
         q, k, v = self.project(h, n, layout.cos, layout.sin)
         if h.shape[0] == n:
             return self.out(self.attend_events(q, k, v, layout).flatten(1))
-        rule = self.rule(True)
-        out, out_sum = ksa_attention(q[:n], k[:n], v[:n], q[n:], k[n:], v[n:], layout.offsets, rule,
+        out, out_sum = ksa_attention(q[:n], k[:n], v[:n], q[n:], k[n:], v[n:], layout.offsets, self.rule(True),
                                      backend=self.cfg.attention_backend, check_offsets=False)
-        if not self.summary_keys_from_output(rule):
-            return self.out(torch.cat([out, out_sum]).flatten(1))
-        # Two-phase (summary_keys: output): the events read each summary as it is after this layer's attention
-        # over its chunk, so a second pass with those keys gives the events' outputs.
-        out_sum = self.out(out_sum.flatten(1))
-        after = nn.functional.rms_norm(h[n:] + out_sum, (h.shape[-1],))
-        _, ks, vs = self.rotate(self.qkv_sum(after), layout.cos[n:], layout.sin[n:])
-        out = ksa_attention(q[:n], k[:n], v[:n], q[n:], ks, vs, layout.offsets, rule,
-                            backend=self.cfg.attention_backend, check_offsets=False)[0]
-        return torch.cat([self.out(out.flatten(1)), out_sum])
-
-    def summary_keys_from_output(self, rule: KsaRule) -> bool:
-        return self.cfg.summary_keys == "output" and rule.events_see_summaries
+        return self.out(torch.cat([out, out_sum]).flatten(1))
 
     def attend_events(self, q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout) -> Tensor:
         """Events only (no summary stream): the rule with S = 0."""
@@ -169,9 +156,6 @@ class RuleAttention(AttentionLayer):
 
     def step(self, h: Tensor, layout: StepLayout, state: LayerCache | GrowingCache
              ) -> tuple[Tensor, LayerCache | GrowingCache]:
-        if layout.with_summaries and self.summary_keys_from_output(self.rule(True)):
-            raise NotImplementedError("encoder.summary_keys: output is a training experiment (issue 15); the "
-                                      "streaming step needs summary_keys: input")
         q, k, v = self.project(h, layout.tokens.num_events, layout.cos, layout.sin)
         out, state = ksa_step_attention(q, k, v, layout.tokens, self.rule(layout.with_summaries), state,
                                         backend=self.cfg.attention_backend)

@@ -55,11 +55,6 @@ class EncoderConfig:
     """A summary's first-layer input: "slot" (its learned slot embedding, as the KSA paper) or "chunk" (also a
     learned map of the mean of its chunk slice's event inputs, so first-layer summaries carry content). Like
     window, unused by patterns without a ksa layer."""
-    summary_keys: str = "input"
-    """Where a ksa layer's summary keys and values (what its events read) come from: "input" (each summary's
-    input to the layer, KSA.md section 3, as the paper) or "output" (an experiment, issue 15's two-phase layer:
-    the summary after this layer's own attention over its chunk, at the cost of a second attention pass;
-    training and scoring only, the streaming step refuses it)."""
     rope_base: float = 10000.0
     """Base of the rotary position embedding's frequencies."""
     time_gap_buckets: int = 0
@@ -92,8 +87,6 @@ class EncoderConfig:
         require(self.max_summaries is None or self.max_summaries >= 0, "encoder.max_summaries", "must be None or >= 0")
         require(self.summary_init in ("slot", "chunk"), "encoder.summary_init",
                 f"must be slot or chunk, got {self.summary_init!r}")
-        require(self.summary_keys in ("input", "output"), "encoder.summary_keys",
-                f"must be input or output, got {self.summary_keys!r}")
         require(self.time_gap_buckets >= 0, "encoder.time_gap_buckets", "must be >= 0")
         require(self.attention_backend in (None, "torch", "flex", "triton"), "encoder.attention_backend",
                 f"must be null, torch, flex or triton, got {self.attention_backend!r}")

@@ -202,39 +202,3 @@ def test_event_mask_zeroes_whole_input_tokens_in_training_only(pattern):
 def test_event_mask_out_of_range_names_the_field():
     with pytest.raises(ValueError, match="encoder.event_mask"):
         EncoderConfig(event_mask=1.0)
-
-
-@pytest.mark.parametrize("pattern", ["ksa,ksa", "ksa,full"])
-def test_summary_keys_from_output_keep_causality_and_users_apart(pattern):
-    enc = _encoder(pattern, summary_keys="output")
-    tokens, offsets, positions = _inputs([37])
-    base = enc(tokens, offsets, positions)
-    for j in (3, 4, 17, 36):
-        changed = tokens.clone()
-        changed[j] += 1.0
-        out = enc(changed, offsets, positions)
-        assert torch.allclose(out[:j], base[:j], atol=1e-12), f"event {j} leaked into the past"
-    tokens, offsets, positions = _inputs(LENGTHS)
-    together = enc(tokens, offsets, positions)
-    for b, n in enumerate(LENGTHS):
-        lo, hi = int(offsets[b]), int(offsets[b + 1])
-        assert torch.allclose(together[lo:hi], enc(tokens[lo:hi], torch.tensor([0, n]), positions[lo:hi]), atol=1e-10)
-
-
-def test_summary_keys_from_output_change_only_what_events_read_of_summaries():
-    """One ksa layer, k = 4, W = 2: events of chunks 0-2 read no summary, so both settings agree there; later
-    events read summaries, whose keys now come from the layer's own summary outputs."""
-    tokens, offsets, positions = _inputs([37])
-    by_input = _encoder("ksa")(tokens, offsets, positions)
-    by_output = _encoder("ksa", summary_keys="output")(tokens, offsets, positions)
-    torch.testing.assert_close(by_output[:12], by_input[:12], atol=0, rtol=0)
-    assert not torch.allclose(by_output[12:], by_input[12:])
-
-
-def test_summary_keys_from_output_refuse_the_streaming_step():
-    enc = _encoder("ksa,full", summary_keys="output")
-    states = enc.empty_states(1, torch.float64, "cpu")
-    with pytest.raises(NotImplementedError, match="summary_keys: output is a training experiment"):
-        enc.step(torch.randn(5, 16, dtype=torch.float64), torch.tensor([0, 5]), torch.tensor([0]), None, states)
-    with pytest.raises(ValueError, match="encoder.summary_keys"):
-        EncoderConfig(summary_keys="both")
