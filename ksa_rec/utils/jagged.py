@@ -66,9 +66,15 @@ def validate_offsets(offsets: Tensor, total: int, *, name: str = "offsets") -> N
         raise ValueError(f"{name} must be a 1-D tensor of B+1 entries, got shape {tuple(offsets.shape)}")
     if offsets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must be int64 (or int32), got {offsets.dtype}")
+    # Every check in one host read (each read of a CUDA tensor is a sync); the reads below only word the
+    # message of a layout already known to be bad.
+    bad = (offsets[0] != 0) | (offsets[-1] != total)
+    if offsets.numel() > 1:
+        bad = bad | (offsets[1:] < offsets[:-1]).any()
+    if not bool(bad):
+        return
     if int(offsets[0]) != 0:
         raise ValueError(f"{name}[0] must be 0, got {int(offsets[0])}")
     if int(offsets[-1]) != total:
         raise ValueError(f"{name}[-1] = {int(offsets[-1])} does not match the {total} rows given")
-    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-        raise ValueError(f"{name} must be non-decreasing")
+    raise ValueError(f"{name} must be non-decreasing")
