@@ -96,8 +96,9 @@ class SeqRecModel(nn.Module):
         generator = self.sharded_items.prefetch(batch) if self.sharded_items is not None else None
         summaries: list[Tensor] | None = [] if self.loss_cfg.summary_reconstruction > 0 else None
         hidden = self.encode(batch, summaries)
-        has_target = batch.targets >= RESERVED_IDS
-        hidden, targets = hidden[has_target], batch.targets[has_target]
+        # The rows once (one host read, a CUDA sync), then both gathers: a boolean mask per gather reads twice.
+        rows = torch.nonzero(batch.targets >= RESERVED_IDS).squeeze(1)
+        hidden, targets = hidden[rows], batch.targets[rows]
         if self.loss_cfg.kind == "ce":
             loss = full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature,
                                       self.loss_cfg.label_smoothing)
