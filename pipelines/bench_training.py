@@ -148,6 +148,7 @@ def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
             step()
         sync(device)
     wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    cpu_ops = prof.key_averages()  # aggregating the events is the slow part: once, for both uses below
     totals: dict[str, list[float]] = {}  # name -> [us, calls]
     if on_cuda:  # every kernel, memcpy and memset the steps ran on the device
         for event in prof.events():
@@ -156,13 +157,13 @@ def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
                 entry[0] += event.time_range.elapsed_us()
                 entry[1] += 1
     else:
-        for event in prof.key_averages():
+        for event in cpu_ops:
             totals[event.key] = [float(event.self_cpu_time_total), event.count]
     busy_us = sum(us for us, _ in totals.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     # Ops that bring a tensor's value to the host (item / int / bool, nonzero and boolean-mask indexing): on
     # CUDA each waits for the device to drain, so the host cannot queue the next launches ahead of it.
-    host_reads = sum(e.count for e in prof.key_averages() if e.key in HOST_READS)
+    host_reads = sum(e.count for e in cpu_ops if e.key in HOST_READS)
     return {"what": "cuda kernels" if on_cuda else "cpu ops (self time)", "wall_ms": wall_ms,
             "busy_ms": busy_us / 1e3 / steps, "launches": sum(n for _, n in totals.values()) / steps,
             "host_reads": host_reads / steps,
