@@ -219,6 +219,9 @@ STUDIES: dict[str, list[Run]] = {
     "ml-1m-converged": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *extra], seeded=True)
                         for name, p, extra in [("full*3-128", "full*3", []),
                                                ("whole-ksa,full*2[chunk]-128", "ksa,full,full", [*WHOLE, *CHUNK])]],
+    # What the whole history alone gives at that size: full attention and SCA over it.
+    "ml-1m-converged-whole": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *WHOLE], seeded=True)
+                              for name, p in [("whole-full*3-128", "full*3"), ("whole-sca*3-128", "sca*3")]],
     # Issue 15 study 3 on the small sets: full, SCA and the 2-layer KSA recipe at each config's settings.
     "real-summaries": [Run(f"{data}-{name}", config, path, [*_pattern(p), *span, *extra], seeded=True)
                        for data, config, path, span in [("beauty", "beauty", BEAUTY, [*BEAUTY_SPAN, *BEAUTY_OLD]),
