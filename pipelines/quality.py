@@ -59,6 +59,11 @@ REC = ["--model.loss.summary_reconstruction", "0.3"]
 # Scoring a whole history of 2,304 events per user needs smaller evaluation batches than len 200 (the
 # metrics do not depend on the batch size).
 WHOLE = ["--data.max_len", "2304", "--data.eval_batch_size", "128"]
+# synthetic-long-cpu.yaml's catalogue and mix, for data at other lengths (long-range-gpu-dense).
+DENSE = [arg for key, value in [("num_items", 1500), ("num_categories", 12), ("num_series", 24),
+                                ("episodes_per_series", 24), ("num_niche_categories", 4),
+                                ("niche_items_per_category", 24), ("long_range_fraction", 0.08)]
+         for arg in (f"--data.synthetic.{key}", str(value))]
 LS = ["--model.loss.label_smoothing", "0.1"]
 LR3 = ["--model.optim.lr", "0.001"]
 MASK15 = ["--model.encoder.event_mask", "0.15"]
@@ -236,6 +241,15 @@ STUDIES: dict[str, list[Run]] = {
                        for name, p, extra in [("full,full", "full,full", []), ("sca,sca", "sca,sca", []),
                                               ("ksa,full[chunk]", "ksa,full", CHUNK),
                                               ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC])]],
+    # Study 2 again on a denser catalogue: configs/synthetic-long-cpu.yaml's items, series and mix (where every
+    # kind learned the far-back lookup) at synthetic-long-2l's lengths (1,500-6,000 events, gaps up to 3,000).
+    # In long-range-gpu no model learned the lookup: 120 series x 40 episodes among 8,000 items, each seen
+    # rarely.
+    "long-range-gpu-dense": [Run(f"lrgd-{name}", "synthetic-long-2l", None, [*_pattern(p), *DENSE, *extra],
+                                 seeded=True)
+                             for name, p, extra in [("full,full", "full,full", []), ("sca,sca", "sca,sca", []),
+                                                    ("ksa,full[chunk]", "ksa,full", CHUNK),
+                                                    ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC])]],
     # Issue 15 study 1 at 4 layers (CPU-sized data, as long-range-cpu-summaries at 2).
     "long-range-cpu-summaries-4l": [
         Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra], seeded=True)
