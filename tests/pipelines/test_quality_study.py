@@ -104,3 +104,26 @@ def test_studies_that_share_a_run_run_it_once(quality):
     clash = quality.Run("x", "beauty", None, ["--a"])
     with pytest.raises(SystemExit, match="run x has different settings"):
         quality.unique([clash, quality.Run("x", "beauty", None, ["--b"])])
+
+
+def test_studies_run_before_a_config_changed_pin_the_settings_they_ran(quality):
+    """configs/ml-1m-sasrec.yaml moved from dim 64 / 2 heads to dim 128 / 4 heads after the first ML-1M sweep:
+    that sweep's dim-64 row and every ml-1m-history run still train at dim 64 with 2 heads."""
+    sweep_row = [r for r in quality.STUDIES["ml-1m-sweep"] if r.name == "ml-1m-full,full"]
+    first = sweep_row + quality.STUDIES["ml-1m-history"]
+    for run in first:
+        args = dict(zip(run.overrides[::2], run.overrides[1::2]))
+        assert args["--model.encoder.dim"] == "64" and args["--model.encoder.num_heads"] == "2", run.name
+    converged = quality.STUDIES["ml-1m-converged"] + quality.STUDIES["ml-1m-converged-whole"]
+    assert not any("--model.encoder.dim" in r.overrides for r in converged)  # the shipped config as it is
+
+
+def test_only_that_names_no_run_is_an_error(quality, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("sys.argv", ["quality.py", "--study", "ml-1m-converged", "--only", "ml-1m-full*3-128",
+                                     "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        quality.main()
+    assert stop.value.code == 2
+    assert "no run of ['ml-1m-converged'] is named ['ml-1m-full*3-128'] (seeded runs end in -s<seed>)" \
+        in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
