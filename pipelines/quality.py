@@ -205,6 +205,19 @@ STUDIES: dict[str, list[Run]] = {
                              ("full,full[lr1e-3,4heads]", "full,full", ["--model.encoder.num_heads", "4"]),
                              ("ksa,full[lr1e-3,chunk,2heads]", "ksa,full",
                               [*CHUNK, "--model.encoder.num_heads", "2"])]],
+    # Beauty, round 3 (not run yet): what the converged sweep left out, one change each from the shipped config
+    # (2 heads, lr 1e-3, dropout 0.5, batch 256), the shipped config itself beside them in the same call.
+    "beauty-converged-3": [Run(f"beauty-r3-{name}", "beauty", BEAUTY, [*_pattern(p), *BEAUTY_SPAN, *extra], seeded=True)
+                           for name, p, extra in [
+                               ("full,full", "full,full", []),
+                               ("full,full[drop0.3]", "full,full", ["--model.encoder.dropout", "0.3"]),
+                               ("full,full[drop0.4]", "full,full", ["--model.encoder.dropout", "0.4"]),
+                               ("full,full[warm500]", "full,full", ["--model.optim.warmup_steps", "500"]),
+                               ("full,full[batch128]", "full,full", ["--data.batch_size", "128"]),
+                               ("full,full[batch512,lr2e-3]", "full,full",
+                                ["--data.batch_size", "512", "--model.optim.lr", "0.002"]),
+                               ("full,full[wd0.05]", "full,full", ["--model.optim.weight_decay", "0.05"]),
+                               ("ksa,full[chunk]", "ksa,full", CHUNK)]],
     # ML-1M (SASRec's file, len 200): the config as first shipped (dim 64, 2 heads, dropout 0.2, lr 1e-3) and a
     # wider one (which validation selected; the config ships it now).
     "ml-1m-sweep": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *extra], seeded=True)
