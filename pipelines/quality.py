@@ -258,7 +258,7 @@ STUDIES: dict[str, list[Run]] = {
     # Study 2 again on a denser catalogue: configs/synthetic-long-cpu.yaml's items, series and mix (where every
     # kind learned the far-back lookup) at synthetic-long-2l's lengths (1,500-6,000 events, gaps up to 3,000).
     # In long-range-gpu no model learned the lookup: 120 series x 40 episodes among 8,000 items, each seen
-    # rarely.
+    # rarely. A CPU-sized check of this study (long-range.md 2d) says the catalogue alone does not change that.
     "long-range-gpu-dense": [Run(f"lrgd-{name}", "synthetic-long-2l", None, [*_pattern(p), *DENSE, *extra],
                                  seeded=True)
                              for name, p, extra in [("full,full", "full,full", []), ("sca,sca", "sca,sca", []),
