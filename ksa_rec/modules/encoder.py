@@ -137,7 +137,7 @@ class SequenceEncoder(nn.Module):
             if read_summaries is not None and block.attn.reads_summaries and (i > 0 or self.keeps_open_chunk):
                 read_summaries.append(h[n:])
             h = block(h, layout)
-        return self.final_norm(h if h.shape[0] == n else h[:n])
+        return self.final_norm(h[:n])  # the events (a view)
 
     # ---- streaming -----------------------------------------------------------------------------------------
     def empty_states(self, batch: int, dtype: torch.dtype, device) -> list:
