@@ -16,7 +16,6 @@ causal convention ``2 * B * H * L_max^2 * D`` forward; varlen kernels do ``2 * H
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ksa_rec.ops.backend import varlen_causal_kwargs
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -79,13 +80,12 @@ def dense_calls(events: list[Tensor], offsets: Tensor, lengths: list[int], event
 
 def _varlen_call(events: list[Tensor], cu: Tensor, max_len: int, grad: Tensor, flops: float) -> Call:
     name = "varlen flash"
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError as err:
-        return Call(name, "dense", None, [], [], flops, unavailable=f"torch {torch.__version__}: {err}")
-    # the causal flag changed between torch releases: is_causal=True, later window_size=(-1, 0)
-    causal = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
-              else {"window_size": (-1, 0)})
+    causal = varlen_causal_kwargs()
+    if causal is None:
+        why = f"torch {torch.__version__}: no torch.nn.attention.varlen"
+        return Call(name, "dense", None, [], [], flops, unavailable=why)
+    from torch.nn.attention.varlen import varlen_attn
+
     return Call(name, "dense", lambda: (varlen_attn(*events, cu, cu, max_len, max_len, **causal),), events, [grad],
                 flops)
 

@@ -88,6 +88,10 @@ TWO_LAYER_KINDS = [(p, p) for p in ("full,full", "ksa,full", "ksa,ksa", "sca,sca
                                     "mka,mka", "fastmka,full", "fastmka,fastmka")]
 
 
+def _width(dim: int, heads: int) -> list[str]:
+    return ["--model.encoder.dim", str(dim), "--model.encoder.num_heads", str(heads)]
+
+
 def _spans(chunk: int, window: int) -> list[str]:
     events = str(chunk * window)
     return ["--model.encoder.chunk_size", str(chunk), "--model.encoder.window", str(window),
@@ -241,6 +245,11 @@ STUDIES: dict[str, list[Run]] = {
     # What the whole history alone gives at that size: full attention and SCA over it.
     "ml-1m-converged-whole": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *WHOLE], seeded=True)
                               for name, p in [("whole-full*3-128", "full*3"), ("whole-sca*3-128", "sca*3")]],
+    # Issue 18, the ML-1M gap: deeper and wider than the shipped full*3 at dim 128 (the goal row is HSTU with 8
+    # blocks); len 200, as the protocol.
+    "ml-1m-deep": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *_width(dim, heads)], seeded=True)
+                   for name, p, dim, heads in [("full*4-256", "full*4", 256, 8), ("full*6-128", "full*6", 128, 4),
+                                               ("full*8-64", "full*8", 64, 2)]],
     # Issue 15 study 3 on the small sets: full, SCA and the 2-layer KSA recipe at each config's settings.
     "real-summaries": [Run(f"{data}-{name}", config, path, [*_pattern(p), *span, *extra], seeded=True)
                        for data, config, path, span in [("beauty", "beauty", BEAUTY, [*BEAUTY_SPAN, *BEAUTY_OLD]),

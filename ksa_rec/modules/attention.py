@@ -183,7 +183,8 @@ class FullAttention(RuleAttention):
         return GrowingCache.stack(users)
 
     def attend_events(self, q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout) -> Tensor:
-        # Plain causal attention: SDPA's fused kernels beat any masked form of the same rule.
+        # Plain causal attention: fused dense or varlen kernels beat any masked form of the same rule
+        # (``resolve_full_path`` picks which).
         return causal_attention(q, k, v, layout.offsets, max_len=layout.max_len, check_offsets=False)
 
 

@@ -180,3 +180,21 @@ def test_bench_serve_stops_waiting_when_the_server_exits(load_pipeline, tmp_path
     proc.wait(30)
     with pytest.raises(RuntimeError, match=r"server exited with status 3 before it came up: ModuleNotFoundError: x"):
         bench_serve.wait_for(lambda: False, 60, "server", proc, log)
+
+
+def test_bench_full_paths_times_the_paths_the_rule_picks_from(load_pipeline, tmp_path):
+    bench = load_pipeline("bench_full_paths")
+    log = tmp_path / "log.txt"  # sasrec lines: 5 users of 4-30 events (2 held out each)
+    log.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + i) % 40) for i in range(n)) + "\n"
+                           for u, n in enumerate([30, 4, 12, 25, 9], start=1)))
+    assert sorted(bench.user_lengths(log)) == [2, 7, 10, 23, 28]
+    bench.main(["--data", str(log), "--batch", "4", "--batches", "1", "--max-len", "8", "0", "--uniform", "6",
+                "--dim", "8", "--heads", "2", "--dtypes", "fp32", "--out", str(tmp_path / "fp")])
+    rows = json.loads((tmp_path / "fp.json").read_text())["rows"]
+    assert [r["batches"] for r in rows] == ["log.txt, last 8", "log.txt, whole", "uniform 6"]
+    jagged, uniform = rows[1], rows[2]
+    assert jagged["rule_picks"] == ["padded"] and uniform["rule_picks"] == ["dense"]
+    assert jagged["padded_over_real"] > 1 and uniform["padded_over_real"] == 1
+    assert jagged["ms"]["dense"] == "jagged batches" and isinstance(jagged["ms"]["padded"], float)
+    assert all(isinstance(uniform["ms"][p], float) for p in ("dense", "ksa", "padded"))
+    assert "| uniform 6 | fp32 |" in (tmp_path / "fp.md").read_text()
