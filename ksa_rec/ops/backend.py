@@ -94,7 +94,7 @@ def resolve_full_path(device: torch.device, dtype: torch.dtype, rows: int, batch
     - ``"varlen"``: CUDA, fp16/bf16, users of different lengths: FlashAttention's varlen kernel
       (``torch.nn.attention.varlen``) on the jagged rows, no padding;
     - ``"ksa"``: CUDA in fp32 (no varlen kernel takes it), or a varlen kernel that cannot run here: the KSA
-      op's full rule, jagged, on its own backend (Triton);
+      op's full rule, jagged, on Triton (head dims up to 128);
     - ``"padded"``: otherwise (CPU): right-pad to ``max_len`` and SDPA with ``is_causal``.
     """
     if rows == batch * max_len:
@@ -103,7 +103,7 @@ def resolve_full_path(device: torch.device, dtype: torch.dtype, rows: int, batch
         chosen = "padded"
     elif dtype in HALF_DTYPES and same_heads and head_dim % 8 == 0 and head_dim <= 256 and varlen_causal_kwargs():
         chosen = "varlen"
-    elif resolve_backend(None, device, dtype) == "triton":
+    elif head_dim <= 128 and resolve_backend(None, device, dtype) == "triton":  # the kernel's largest head dim
         chosen = "ksa"
     else:
         chosen = "padded"

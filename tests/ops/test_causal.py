@@ -95,6 +95,7 @@ def test_the_rule():
     assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 16, True) == "ksa"
     assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 16, False) == "ksa"  # GQA
     assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 12, True) == "ksa"  # head dim not a multiple of 8
+    assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 256, True) == "padded"  # beyond the KSA kernel's 128
 
 
 def test_the_causal_flag_of_this_torch():
