@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ksa_rec.ops.backend import resolve_full_path, varlen_causal_kwargs
+from ksa_rec.ops.backend import resolve_full_path, triton_import_error, varlen_causal_kwargs
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.utils.jagged import lengths_to_offsets
 
@@ -89,12 +89,13 @@ def test_the_rule():
     assert resolve_full_path(CPU, torch.float32, 11, 3, 4, 16, True) == "padded"
     assert resolve_full_path(CPU, torch.bfloat16, 11, 3, 4, 16, True) == "padded"
     # padding on CUDA: the jagged kernels (the KSA op where varlen flash cannot take the inputs)
-    half = "varlen" if varlen_causal_kwargs() is not None else "ksa"
+    ksa = "ksa" if triton_import_error() is None else "padded"  # the KSA op's full rule needs Triton
+    half = "varlen" if varlen_causal_kwargs() is not None else ksa
     assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 16, True) == half
     assert resolve_full_path(CUDA, torch.float16, 11, 3, 4, 64, True) == half
-    assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 16, True) == "ksa"
-    assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 16, False) == "ksa"  # GQA
-    assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 12, True) == "ksa"  # head dim not a multiple of 8
+    assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 16, True) == ksa
+    assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 16, False) == ksa  # GQA
+    assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 12, True) == ksa  # head dim not a multiple of 8
     assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 256, True) == "padded"  # beyond the KSA kernel's 128
 
 
