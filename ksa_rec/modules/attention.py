@@ -29,7 +29,7 @@ Adding a kind means one class here and one row in ``KINDS``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -59,6 +59,8 @@ class StreamLayout:
     positions: Tensor
     cos: Tensor
     sin: Tensor
+    op_tables: dict = field(default_factory=dict)
+    """What the attention op may share between the layers of this pass (``ksa_attention``'s ``tables``)."""
 
     @property
     def num_events(self) -> int:
@@ -135,24 +137,29 @@ class RuleAttention(AttentionLayer):
     def project(self, h: Tensor, num_events: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A stream ``h [N, dim]`` (its first ``num_events`` rows events, the rest summaries) -> rotated q, k, v
         ``[N, H, Dh]``: each stream through its own projection, then both rotated at once."""
-        qkv = self.qkv(h) if h.shape[0] == num_events else torch.cat([self.qkv(h[:num_events]),
-                                                                       self.qkv_sum(h[num_events:])])
-        return self.rotate(qkv, cos, sin)
+        if h.shape[0] == num_events:
+            return self.rotate(self.qkv(h), cos, sin)
+        # split, not two slices: its backward is one concatenation, where each slice's is a zero-filled copy
+        events, summaries = h.split([num_events, h.shape[0] - num_events])
+        return self.rotate(torch.cat([self.qkv(events), self.qkv_sum(summaries)]), cos, sin)
 
     def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
         n = layout.num_events
         q, k, v = self.project(h, n, layout.cos, layout.sin)
         if h.shape[0] == n:
             return self.out(self.attend_events(q, k, v, layout).flatten(1))
-        out, out_sum = ksa_attention(q[:n], k[:n], v[:n], q[n:], k[n:], v[n:], layout.offsets, self.rule(True),
-                                     backend=self.cfg.attention_backend, check_offsets=False)
+        sizes = [n, h.shape[0] - n]
+        (q, q_sum), (k, k_sum), (v, v_sum) = q.split(sizes), k.split(sizes), v.split(sizes)
+        out, out_sum = ksa_attention(q, k, v, q_sum, k_sum, v_sum, layout.offsets, self.rule(True),
+                                     backend=self.cfg.attention_backend, check_offsets=False,
+                                     tables=layout.op_tables)
         return self.out(torch.cat([out, out_sum]).flatten(1))
 
     def attend_events(self, q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout) -> Tensor:
         """Events only (no summary stream): the rule with S = 0."""
         none = q.new_zeros((0, *q.shape[1:]))
         return ksa_attention(q, k, v, none, none, none, layout.offsets, self.rule(False),
-                             backend=self.cfg.attention_backend, check_offsets=False)[0]
+                             backend=self.cfg.attention_backend, check_offsets=False, tables=layout.op_tables)[0]
 
     def step(self, h: Tensor, layout: StepLayout, state: LayerCache | GrowingCache
              ) -> tuple[Tensor, LayerCache | GrowingCache]:

@@ -133,7 +133,8 @@ def test_first_layer_summaries_carry_their_chunk_only_when_chunk_seeded(summary_
     assert differs == ([c == 2 for c in range(5)] if summary_init == "chunk" else [False] * 5)
 
 
-def _dense_ksa_attention(q, k, v, q_sum, k_sum, v_sum, offsets, rule, *, scale=None, backend=None, check_offsets=True):
+def _dense_ksa_attention(q, k, v, q_sum, k_sum, v_sum, offsets, rule, *, scale=None, backend=None, check_offsets=True,
+                         tables=None):
     """ksa_attention computed by the dense oracle (heads repeated for GQA)."""
     rep = q.shape[1] // k.shape[1]
     k, v, k_sum, v_sum = (x.repeat_interleave(rep, dim=1) for x in (k, v, k_sum, v_sum))
@@ -202,3 +203,28 @@ def test_event_mask_zeroes_whole_input_tokens_in_training_only(pattern):
 def test_event_mask_out_of_range_names_the_field():
     with pytest.raises(ValueError, match="encoder.event_mask"):
         EncoderConfig(event_mask=1.0)
+
+
+@pytest.mark.slow
+def test_layers_of_one_pass_share_the_kernels_block_tables(monkeypatch):
+    """`ksa*3,full` on Triton (the interpreter on CPU): one set of block tables per rule for the whole
+    forward and backward pass (the KSA rule and the full-with-summaries rule), not one per layer and pass;
+    results equal the torch backend's."""
+    from ksa_rec.ops.ksa import triton_op
+
+    built = []
+    original_init = triton_op._Plan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self.__class__)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_op._Plan, "__init__", counting_init)
+    tokens, offsets, positions = _inputs(LENGTHS)
+    on_triton = _encoder("ksa*3,full", attention_backend="triton").float()
+    x = tokens.float().requires_grad_()
+    out = on_triton(x, offsets, positions)
+    out.sum().backward()
+    assert len(built) == 2
+    want = _encoder("ksa*3,full").float()(tokens.float(), offsets, positions)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)

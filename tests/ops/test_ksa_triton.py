@@ -166,6 +166,41 @@ def test_strided_inputs():
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
 
 
+def test_calls_over_one_batch_share_block_tables(monkeypatch):
+    """The layers of one forward pass pass one ``tables`` dict: the block tables are built once per batch
+    and rule, and the results are those of calls that build their own, forward and backward."""
+    built = []
+    original_init = triton_op._Plan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_op._Plan, "__init__", counting_init)
+    tensors, offsets = _inputs(MIXED, 4, 1, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(DEVICE) for t in (tensors[0], tensors[3])]
+    rule, config = _rule(4, 3), _small_config()
+
+    def call(tables, offsets):
+        leaves = [t.detach().float().requires_grad_() for t in tensors]
+        out = triton_op.ksa_attention_triton(*leaves, offsets, rule, config=config, tables=tables)
+        _backward(out, [g.float() for g in grads])
+        return [o.detach() for o in out] + [t.grad for t in leaves]
+
+    alone = call(None, offsets)
+    assert len(built) == 1
+    tables = {}
+    shared = [call(tables, offsets) for _ in range(3)]  # three layers of one pass
+    assert len(built) == 2, "the three calls over one offsets tensor built their tables once"
+    assert len(built[1]._built) >= 2  # event and summary tables, kept for the later calls and backward passes
+    for got in shared:
+        for a, b in zip(got, alone):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    call(tables, offsets.clone())  # same values, another tensor: the dict does not vouch for it
+    assert len(built) == 3
+
+
 def test_rejects_bad_inputs():
     tensors, offsets = _inputs([5, 9], 4, 1)
     f32 = [t.float() for t in tensors]

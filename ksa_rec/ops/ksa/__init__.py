@@ -24,7 +24,7 @@ BACKENDS = ("torch", "flex", "triton")
 
 def ksa_attention(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_sum: Tensor,
                   offsets: Tensor, rule: KsaRule, *, scale: float | None = None, backend: str | None = None,
-                  check_offsets: bool = True) -> tuple[Tensor, Tensor]:
+                  check_offsets: bool = True, tables: dict | None = None) -> tuple[Tensor, Tensor]:
     """Kwai Summary Attention over a jagged batch of users (KSA.md section 3), differentiable.
 
     Two jagged streams (KSA.md section 5). Example, k = 2, S = 1, lengths (5, 1)::
@@ -45,6 +45,10 @@ def ksa_attention(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor,
         backend: None (auto), ``"torch"``, ``"flex"`` or ``"triton"`` (``ksa_rec.ops.backend``).
         check_offsets: False skips the checks that read the values of ``offsets`` (and the summary row
             count derived from them): they sync a GPU. For callers that validated the layout already.
+        tables: a dict that the calls over one ``offsets`` tensor share (the layers of one forward pass, whose
+            backward passes run while it is alive): the Triton backend keeps its block tables there, so they
+            are built once per batch and rule instead of once per layer and pass. The caller must not change
+            ``offsets`` while the dict is in use. Other backends ignore it.
 
     Returns:
         ``(out (sum_b n_b, H, D), out_sum (sum_b S*(n_b//k), H, D))`` in the dtype of q.
@@ -59,7 +63,8 @@ def ksa_attention(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor,
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[0] == 0:  # no events (B = 0 or only empty users): nothing to launch on any backend
         return q[:0].clone(), q_sum[:0].clone()
-    return backend_function(name)(q, k, v, q_sum, k_sum, v_sum, offsets, rule, scale=scale)
+    extra = {"tables": tables} if name == "triton" else {}
+    return backend_function(name)(q, k, v, q_sum, k_sum, v_sum, offsets, rule, scale=scale, **extra)
 
 
 def backend_function(name: str):

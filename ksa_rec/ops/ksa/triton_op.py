@@ -112,16 +112,24 @@ class _Plan:
     def __init__(self, offsets: Tensor, total: int, total_sum: int, spec: _Spec):
         self.spec = spec
         self.total, self.total_sum = total, total_sum
+        self.source = offsets  # what _shared_plan compares (the caller's tensor, before any cast)
         self.users = offsets.numel() - 1
         offsets = offsets.to(torch.int64)
         self.ev_off = offsets[:-1]
         self.lengths = offsets[1:] - self.ev_off
         self.n_sum = torch.div(self.lengths, spec.chunk, rounding_mode="floor") * spec.sums
         self.sum_off = torch.cumsum(self.n_sum, 0) - self.n_sum
+        self._built: dict[tuple[str, int, int], Tensor] = {}
 
     def _table(self, rows: Tensor, total: int, block: int, kind: int) -> Tensor:
         """kind 1 / 2: sorted by decreasing work (longest-processing-time order: long programs start
-        first, short ones fill the tail); kind 0: user-major order."""
+        first, short ones fill the tail); kind 0: user-major order. Built once per (rows, kind, block)."""
+        key = ("events" if rows is self.lengths else "summaries", kind, block)
+        if key not in self._built:
+            self._built[key] = self._build(rows, total, block, kind)
+        return self._built[key]
+
+    def _build(self, rows: Tensor, total: int, block: int, kind: int) -> Tensor:
         s = self.spec
         upper = _upper_blocks(total, self.users, block)
         table = torch.empty((upper, 4), dtype=torch.int32, device=rows.device)
@@ -149,6 +157,17 @@ class _Plan:
 
     def summary_keys(self, block: int) -> Tensor:
         return self._table(self.n_sum, self.total_sum, block, kind=2 if self.spec.has_sum else 0)
+
+
+def _shared_plan(tables: dict | None, offsets: Tensor, total: int, total_sum: int, spec: _Spec) -> _Plan:
+    """The plan of this batch and rule from ``tables`` (built there on first use), or a new one."""
+    if tables is None:
+        return _Plan(offsets, total, total_sum, spec)
+    key = ("ksa_triton_plan", spec, total, total_sum)
+    plan = tables.get(key)
+    if plan is None or plan.source is not offsets:
+        plan = tables[key] = _Plan(offsets, total, total_sum, spec)
+    return plan
 
 
 # ---- launches ------------------------------------------------------------------------------------------
@@ -265,8 +284,7 @@ class _KsaTritonFunction(torch.autograd.Function):
     """Saves q, k, v (both streams), the outputs, the log2-sum-exp per (head, row) and the block tables."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_sum, k_sum, v_sum, offsets, spec: _Spec):
-        plan = _Plan(offsets, q.shape[0], q_sum.shape[0], spec)
+    def forward(ctx, q, k, v, q_sum, k_sum, v_sum, plan: _Plan):
         out, out_s, lse, lse_s, ev_table, sum_table = _forward(q, k, v, q_sum, k_sum, v_sum, plan)
         ctx.save_for_backward(q, k, v, q_sum, k_sum, v_sum, out, out_s, lse, lse_s, ev_table, sum_table)
         ctx.plan = plan
@@ -275,12 +293,12 @@ class _KsaTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_out_s):
         grads = _backward(d_out, d_out_s, *ctx.saved_tensors, ctx.plan)
-        return (*grads, None, None)
+        return (*grads, None)
 
 
 def ksa_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: Tensor, v_sum: Tensor,
                          offsets: Tensor, rule: KsaRule, *, scale: float | None = None,
-                         config: KsaTritonConfig | None = None) -> tuple[Tensor, Tensor]:
+                         config: KsaTritonConfig | None = None, tables: dict | None = None) -> tuple[Tensor, Tensor]:
     """KSA attention over the two-stream jagged layout with fused Triton kernels (differentiable).
 
     Shapes: q ``[T, H, D]``, k, v ``[T, Hk, D]`` (``H % Hk == 0``: grouped-query attention when
@@ -291,6 +309,8 @@ def ksa_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: 
     ``ksa_dense`` under ``rule`` (KSA.md section 3, ``rule.py``).
     Head dims up to 128; one that is not a power of two >= 16 is zero-padded (the scale uses the
     true D). ``config``: tile sizes (tests use small ones); default ``default_config(D, dtype)``.
+    ``tables``: a dict shared by the calls over this ``offsets`` (``ksa_attention``): their block tables are
+    built once and reused.
     The batch layout is not validated here (that would need a device sync): offsets must be a valid
     ``[B+1]`` layout of T rows and ``Ts`` must equal ``S * sum_b (n_b // k)``. Rows are indexed in
     int32 within a user: ``n_b * row_stride < 2**31`` (4M events a user at H*D = 512).
@@ -311,7 +331,8 @@ def ksa_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_sum: Tensor, k_sum: 
         window=UNBOUNDED if rule.window is None else min(rule.window, UNBOUNDED),
         max_sum=UNBOUNDED if rule.max_summaries is None else min(rule.max_summaries, UNBOUNDED),
     )
-    out, out_s = _KsaTritonFunction.apply(q, k, v, q_sum, k_sum, v_sum, offsets, spec)
+    plan = _shared_plan(tables, offsets, q.shape[0], q_sum.shape[0], spec)
+    out, out_s = _KsaTritonFunction.apply(q, k, v, q_sum, k_sum, v_sum, plan)
     if d_pad != d:
         out, out_s = out[..., :d], out_s[..., :d]
     return out, out_s
