@@ -192,7 +192,8 @@ class FullAttention(RuleAttention):
     def attend_events(self, q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout) -> Tensor:
         # Plain causal attention: fused dense or varlen kernels beat any masked form of the same rule
         # (``resolve_full_path`` picks which).
-        return causal_attention(q, k, v, layout.offsets, max_len=layout.max_len, check_offsets=False)
+        return causal_attention(q, k, v, layout.offsets, max_len=layout.max_len, check_offsets=False,
+                                backend=self.cfg.attention_backend)
 
 
 class KsaAttention(RuleAttention):

@@ -86,7 +86,7 @@ def triton_import_error() -> str | None:
 
 
 def resolve_full_path(device: torch.device, dtype: torch.dtype, rows: int, batch: int, max_len: int,
-                      head_dim: int, same_heads: bool) -> str:
+                      head_dim: int, same_heads: bool, requested: str | None = None) -> str:
     """How causal attention over ``batch`` users (``rows`` events, the longest ``max_len``) runs:
 
     - ``"dense"``: every user has ``max_len`` events: SDPA on a view, its own backend choice (cuDNN or
@@ -94,7 +94,8 @@ def resolve_full_path(device: torch.device, dtype: torch.dtype, rows: int, batch
     - ``"varlen"``: CUDA, fp16/bf16, users of different lengths: FlashAttention's varlen kernel
       (``torch.nn.attention.varlen``) on the jagged rows, no padding;
     - ``"ksa"``: CUDA in fp32 (no varlen kernel takes it), or a varlen kernel that cannot run here: the KSA
-      op's full rule, jagged, on Triton (head dims up to 128);
+      op's full rule, jagged, on Triton (head dims up to 128; not when ``requested``, the layer's attention
+      backend, names another one);
     - ``"padded"``: otherwise (CPU): right-pad to ``max_len`` and SDPA with ``is_causal``.
     """
     if rows == batch * max_len:
@@ -103,7 +104,7 @@ def resolve_full_path(device: torch.device, dtype: torch.dtype, rows: int, batch
         chosen = "padded"
     elif dtype in HALF_DTYPES and same_heads and head_dim % 8 == 0 and head_dim <= 256 and varlen_causal_kwargs():
         chosen = "varlen"
-    elif head_dim <= 128 and resolve_backend(None, device, dtype) == "triton":  # the kernel's largest head dim
+    elif requested in (None, "triton") and head_dim <= 128 and resolve_backend(requested, device, dtype) == "triton":
         chosen = "ksa"
     else:
         chosen = "padded"

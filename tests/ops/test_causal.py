@@ -97,6 +97,12 @@ def test_the_rule():
     assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 16, False) == ksa  # GQA
     assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 12, True) == ksa  # head dim not a multiple of 8
     assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 256, True) == "padded"  # beyond the KSA kernel's 128
+    # the layer's backend: another than Triton keeps the KSA kernel out (varlen is torch's own kernel)
+    assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 16, True, "triton") == ksa
+    assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 16, True, "torch") == "padded"
+    assert resolve_full_path(CUDA, torch.float32, 11, 3, 4, 16, True, "flex") == "padded"
+    assert resolve_full_path(CUDA, torch.bfloat16, 11, 3, 4, 16, True, "torch") == (
+        "varlen" if varlen_causal_kwargs() is not None else "padded")
 
 
 def test_the_causal_flag_of_this_torch():

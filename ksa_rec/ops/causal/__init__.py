@@ -17,7 +17,8 @@ from ksa_rec.utils.jagged import jagged_to_padded, padded_to_jagged, validate_of
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_len: int | None = None,
-                     scale: float | None = None, check_offsets: bool = True, path: str | None = None) -> Tensor:
+                     scale: float | None = None, check_offsets: bool = True, path: str | None = None,
+                     backend: str | None = None) -> Tensor:
     """Causal self-attention within each user.
 
     Args:
@@ -26,6 +27,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_le
         max_len: ``max_b n_b`` if the caller knows it (saves a device->host sync).
         check_offsets: False skips validating ``offsets`` (device syncs), for callers that did it once.
         path: one of ``FULL_PATHS`` to force a kernel (tests, benchmarks); None applies the rule.
+        backend: the caller's attention backend (``ksa_rec.ops.backend``): the KSA op's full rule runs only
+            where it is None (auto) or ``"triton"``, and then on it.
     Returns:
         ``(sum_b n_b, H, D)``.
     """
@@ -37,7 +40,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_le
         max_len = int((offsets[1:] - offsets[:-1]).max())
     batch = offsets.numel() - 1
     if path is None:
-        path = resolve_full_path(q.device, q.dtype, q.shape[0], batch, max_len, q.shape[-1], k.shape[1] == q.shape[1])
+        path = resolve_full_path(q.device, q.dtype, q.shape[0], batch, max_len, q.shape[-1], k.shape[1] == q.shape[1],
+                                 backend)
     elif path not in FULL_PATHS:
         raise ValueError(f"causal attention path must be one of {', '.join(FULL_PATHS)}, got {path!r}")
     if path == "varlen":
@@ -50,7 +54,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_le
 
         none = q.new_zeros((0, *q.shape[1:]))
         return ksa_attention(q, k, v, none, none[:, :k.shape[1]], none[:, :k.shape[1]], offsets,
-                             KsaRule(1, None, 0), scale=scale, check_offsets=False)[0]
+                             KsaRule(1, None, 0), scale=scale, backend=backend, check_offsets=False)[0]
     heads, kv_heads = q.shape[1], k.shape[1]
     if path == "dense":
         if q.shape[0] != batch * max_len:
