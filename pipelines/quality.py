@@ -209,8 +209,9 @@ STUDIES: dict[str, list[Run]] = {
                              ("full,full[lr1e-3,4heads]", "full,full", ["--model.encoder.num_heads", "4"]),
                              ("ksa,full[lr1e-3,chunk,2heads]", "ksa,full",
                               [*CHUNK, "--model.encoder.num_heads", "2"])]],
-    # Beauty, round 3 (not run yet): what the converged sweep left out, one change each from the shipped config
-    # (2 heads, lr 1e-3, dropout 0.5, batch 256), the shipped config itself beside them in the same call.
+    # Beauty, round 3 (seed 0 run on 2026-12-06, quality-real.md): what the converged sweep left out, one
+    # change each from the shipped config (2 heads, lr 1e-3, dropout 0.5, batch 256), the shipped config itself
+    # beside them in the same call.
     "beauty-converged-3": [Run(f"beauty-r3-{name}", "beauty", BEAUTY, [*_pattern(p), *BEAUTY_SPAN, *extra], seeded=True)
                            for name, p, extra in [
                                ("full,full", "full,full", []),
@@ -227,7 +228,7 @@ STUDIES: dict[str, list[Run]] = {
     "ml-1m-sweep": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *extra], seeded=True)
                     for name, p, extra in [
                         ("full,full", "full,full", ML1M_64),
-                        ("full*3-128", "full*3", ["--model.encoder.dim", "128", "--model.encoder.num_heads", "4"])]],
+                        ("full*3-128", "full*3", _width(128, 4))]],
     # Issue 15 study 3 on ML-1M: the usual 200 most recent events against each user's whole history (longest
     # 2,277; max_len 2,304 cuts nothing), full attention and the 2-layer KSA recipes.
     "ml-1m-history": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *ML1M_64, *extra], seeded=True)

@@ -193,7 +193,7 @@ class FullAttention(RuleAttention):
         # Plain causal attention: fused dense or varlen kernels beat any masked form of the same rule
         # (``resolve_full_path`` picks which).
         return causal_attention(q, k, v, layout.offsets, max_len=layout.max_len, check_offsets=False,
-                                backend=self.cfg.attention_backend)
+                                backend=self.cfg.attention_backend, tables=layout.op_tables)
 
 
 class KsaAttention(RuleAttention):

@@ -108,7 +108,7 @@ def resolve_full_path(device: torch.device, dtype: torch.dtype, rows: int, batch
         chosen = "ksa"
     else:
         chosen = "padded"
-    _log_once("full causal", None, device.type, chosen)
+    _log_once("full causal", requested, device.type, chosen)
     return chosen
 
 

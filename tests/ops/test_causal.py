@@ -141,3 +141,26 @@ def test_the_rule_runs_varlen_for_a_jagged_bf16_batch_on_gpu():
     assert resolve_full_path(q.device, q.dtype, q.shape[0], len(GPU_LENGTHS), max(GPU_LENGTHS), 32, True) == "varlen"
     torch.testing.assert_close(causal_attention(q, k, v, offsets), causal_attention(q, k, v, offsets, path="padded"),
                                atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.slow
+def test_ksa_path_on_triton_shares_the_callers_block_tables(monkeypatch):
+    """The full layers of one pass (the KSA op's full rule on Triton; the interpreter on CPU) build the kernel's
+    block tables once, and give the oracle's results."""
+    from ksa_rec.ops.ksa import triton_op
+
+    built = []
+    original_init = triton_op._Plan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_op._Plan, "__init__", counting_init)
+    (q, k, v), _, offsets = _inputs(ODD, 2, 2, 16, torch.float32, CPU)
+    tables = {}
+    outs = [causal_attention(q, k, v, offsets, path="ksa", backend="triton", tables=tables) for _ in range(2)]
+    assert len(built) == 1
+    want = _oracle(q, k, v, ODD)
+    for out in outs:
+        torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)

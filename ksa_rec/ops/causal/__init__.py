@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ksa_rec.ops.backend import FULL_PATHS, resolve_full_path, varlen_causal_kwargs
+from ksa_rec.ops.ksa import KsaRule, ksa_attention
 from ksa_rec.utils.jagged import jagged_to_padded, padded_to_jagged, validate_offsets
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_len: int | None = None,
                      scale: float | None = None, check_offsets: bool = True, path: str | None = None,
-                     backend: str | None = None) -> Tensor:
+                     backend: str | None = None, tables: dict | None = None) -> Tensor:
     """Causal self-attention within each user.
 
     Args:
@@ -28,7 +29,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_le
         check_offsets: False skips validating ``offsets`` (device syncs), for callers that did it once.
         path: one of ``FULL_PATHS`` to force a kernel (tests, benchmarks); None applies the rule.
         backend: the caller's attention backend (``ksa_rec.ops.backend``): the KSA op's full rule runs only
-            where it is None (auto) or ``"triton"``, and then on it.
+            where it is None (auto) or ``"triton"``, and then on it, sharing ``tables`` (``ksa_attention``).
     Returns:
         ``(sum_b n_b, H, D)``.
     """
@@ -50,11 +51,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_le
         cu = offsets.to(torch.int32)
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **varlen_causal_kwargs())
     if path == "ksa":
-        from ksa_rec.ops.ksa import KsaRule, ksa_attention
-
         none = q.new_zeros((0, *q.shape[1:]))
         return ksa_attention(q, k, v, none, none[:, :k.shape[1]], none[:, :k.shape[1]], offsets,
-                             KsaRule(1, None, 0), scale=scale, backend=backend, check_offsets=False)[0]
+                             KsaRule(1, None, 0), scale=scale, backend=backend, check_offsets=False,
+                             tables=tables)[0]
     heads, kv_heads = q.shape[1], k.shape[1]
     if path == "dense":
         if q.shape[0] != batch * max_len:

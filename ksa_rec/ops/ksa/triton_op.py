@@ -119,13 +119,15 @@ class _Plan:
         self.lengths = offsets[1:] - self.ev_off
         self.n_sum = torch.div(self.lengths, spec.chunk, rounding_mode="floor") * spec.sums
         self.sum_off = torch.cumsum(self.n_sum, 0) - self.n_sum
-        self._built: dict[tuple[str, int, int], Tensor] = {}
+        self._built: dict[tuple[bool, int, int], Tensor] = {}
 
-    def _table(self, rows: Tensor, total: int, block: int, kind: int) -> Tensor:
-        """kind 1 / 2: sorted by decreasing work (longest-processing-time order: long programs start
-        first, short ones fill the tail); kind 0: user-major order. Built once per (rows, kind, block)."""
-        key = ("events" if rows is self.lengths else "summaries", kind, block)
+    def _table(self, events: bool, block: int, kind: int) -> Tensor:
+        """Rows of the event (``events``) or summary stream in tiles of ``block``, built once per
+        (stream, block, kind). kind 1 / 2: sorted by decreasing work (longest-processing-time order: long
+        programs start first, short ones fill the tail); kind 0: user-major order."""
+        key = (events, block, kind)
         if key not in self._built:
+            rows, total = (self.lengths, self.total) if events else (self.n_sum, self.total_sum)
             self._built[key] = self._build(rows, total, block, kind)
         return self._built[key]
 
@@ -147,16 +149,16 @@ class _Plan:
         return table
 
     def event_queries(self, block: int) -> Tensor:
-        return self._table(self.lengths, self.total, block, kind=1)
+        return self._table(True, block, kind=1)
 
     def summary_queries(self, block: int) -> Tensor:
-        return self._table(self.n_sum, self.total_sum, block, kind=0)
+        return self._table(False, block, kind=0)
 
     def event_keys(self, block: int) -> Tensor:
-        return self._table(self.lengths, self.total, block, kind=0)
+        return self._table(True, block, kind=0)
 
     def summary_keys(self, block: int) -> Tensor:
-        return self._table(self.n_sum, self.total_sum, block, kind=2 if self.spec.has_sum else 0)
+        return self._table(False, block, kind=2 if self.spec.has_sum else 0)
 
 
 def _shared_plan(tables: dict | None, offsets: Tensor, total: int, total_sum: int, spec: _Spec) -> _Plan:
