@@ -71,6 +71,16 @@ MASK15 = ["--model.encoder.event_mask", "0.15"]
 COS = ["--model.optim.cosine_steps", "8000"]
 
 
+def _cosine_head(temperature: float) -> list[str]:
+    """Score items by cosine similarity at this temperature (HSTU's head: unit vectors, 0.05)."""
+    return ["--model.loss.similarity", "cosine", "--model.loss.temperature", str(temperature)]
+
+
+# HSTU's ML-1M loss: sampled softmax over 128 uniform negatives (shared by the batch here), no in-batch ones.
+SAMPLED128 = ["--model.loss.kind", "sampled", "--model.loss.num_uniform_negatives", "128",
+              "--model.loss.in_batch_negatives", "false"]
+
+
 def _pattern(p: str) -> list[str]:
     return ["--model.encoder.pattern", p]
 
@@ -251,6 +261,20 @@ STUDIES: dict[str, list[Run]] = {
     "ml-1m-deep": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *_width(dim, heads)], seeded=True)
                    for name, p, dim, heads in [("full*4-256", "full*4", 256, 8), ("full*6-128", "full*6", 128, 4),
                                                ("full*8-64", "full*8", 64, 2)]],
+    # Issue 18: the head HSTU's and gSASRec's recipes use (cosine similarity at a low temperature), with full CE
+    # and with HSTU's sampled softmax, at the shipped ML-1M size and at the deep one; and on Beauty's config.
+    "ml-1m-cosine": [Run(f"ml-1m-{name}", "ml-1m-sasrec", ML1M, [*_pattern(p), *_width(dim, heads), *extra],
+                         seeded=True)
+                     for name, p, dim, heads, extra in [
+                         ("full*3-128[cos0.05]", "full*3", 128, 4, _cosine_head(0.05)),
+                         ("full*3-128[cos0.1]", "full*3", 128, 4, _cosine_head(0.1)),
+                         ("full*3-128[cos0.05,sampled128]", "full*3", 128, 4, [*_cosine_head(0.05), *SAMPLED128]),
+                         ("full*8-64[cos0.05]", "full*8", 64, 2, _cosine_head(0.05)),
+                         ("full*8-64[cos0.05,sampled128]", "full*8", 64, 2, [*_cosine_head(0.05), *SAMPLED128])]],
+    "beauty-cosine": [Run(f"beauty-{name}", "beauty", BEAUTY, [*_pattern(p), *BEAUTY_SPAN, *extra], seeded=True)
+                      for name, p, extra in [("full,full[cos0.05]", "full,full", _cosine_head(0.05)),
+                                             ("full,full[cos0.1]", "full,full", _cosine_head(0.1)),
+                                             ("ksa,full[chunk,cos0.05]", "ksa,full", [*CHUNK, *_cosine_head(0.05)])]],
     # Issue 15 study 3 on the small sets: full, SCA and the 2-layer KSA recipe at each config's settings.
     "real-summaries": [Run(f"{data}-{name}", config, path, [*_pattern(p), *span, *extra], seeded=True)
                        for data, config, path, span in [("beauty", "beauty", BEAUTY, [*BEAUTY_SPAN, *BEAUTY_OLD]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ksa_rec.data.batch import SequenceBatch
@@ -18,7 +19,7 @@ class SeqRecModel(nn.Module):
     """Next-item recommender over jagged user histories.
 
     ``encode`` gives a state per event ``(sum_b n_b, dim)``; ``user_vectors`` the state after each
-    user's newest event ``[B, dim]``; scores of item i are ``<state, item_embedding[i]>``. ``step``
+    user's newest event ``[B, dim]``; ``head`` says how a state scores the catalogue. ``step``
     continues per-user streaming states with new events (serving runs this, the same code as training).
     """
 
@@ -48,6 +49,20 @@ class SeqRecModel(nn.Module):
         if self.sharded_items is not None:
             return self.sharded_items.lookup(ids)
         return self.item_weight[ids]
+
+    # ---- the head: how a state scores items (training, evaluation and serving all go through here) ------------
+    def head(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """``hidden [N, dim]`` -> ``(queries [N, dim], items [num_items, dim])``; item i's score for row r is
+        ``queries[r] . items[i]`` (the loss divides it by loss.temperature; a ranking needs no temperature).
+        ``loss.similarity`` dot: the raw vectors; cosine: both at unit length."""
+        return self._unit(hidden), self._unit(self.item_weight)
+
+    def head_item_embeddings(self, ids: Tensor) -> Tensor:
+        """Item ids ``[M]`` -> their rows of ``head``'s item matrix ``[M, dim]``, looked up (sharded or not)."""
+        return self._unit(self.item_embeddings(ids))
+
+    def _unit(self, vectors: Tensor) -> Tensor:
+        return F.normalize(vectors, dim=-1) if self.loss_cfg.similarity == "cosine" else vectors
 
     def encode(self, batch: SequenceBatch, read_summaries: list[Tensor] | None = None) -> Tensor:
         """Event states ``(sum_b n_b, dim)``; ``read_summaries`` as in ``SequenceEncoder.forward``."""
@@ -100,11 +115,11 @@ class SeqRecModel(nn.Module):
         rows = torch.nonzero(batch.targets >= RESERVED_IDS).squeeze(1)
         hidden, targets = hidden[rows], batch.targets[rows]
         if self.loss_cfg.kind == "ce":
-            loss = full_cross_entropy(hidden, targets, self.item_weight, self.loss_cfg.temperature,
+            loss = full_cross_entropy(*self.head(hidden), targets, self.loss_cfg.temperature,
                                       self.loss_cfg.label_smoothing)
         else:
-            loss = sampled_softmax(hidden, targets, self.item_embeddings, self.data_spec.num_items, self.loss_cfg,
-                                   self.item_prob, generator)
+            loss = sampled_softmax(self._unit(hidden), targets, self.head_item_embeddings, self.data_spec.num_items,
+                                   self.loss_cfg, self.item_prob, generator)
         if summaries:
             loss = loss + self.loss_cfg.summary_reconstruction * self.summary_reconstruction_loss(batch, summaries)
         return loss
@@ -125,6 +140,6 @@ class SeqRecModel(nn.Module):
         owner = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)[keep]
         if owner.numel() == 0:  # no complete chunk in the batch: nothing to reconstruct
             return summaries[0].sum() * 0.0
-        losses = [full_cross_entropy(self.encoder.final_norm(states)[owner], items[keep], self.item_weight,
+        losses = [full_cross_entropy(*self.head(self.encoder.final_norm(states)[owner]), items[keep],
                                      self.loss_cfg.temperature) for states in summaries]
         return torch.stack(losses).mean()

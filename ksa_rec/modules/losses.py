@@ -33,8 +33,11 @@ class LossConfig:
     """Sampled softmax: the batch's other targets are negatives too."""
     logq_correction: bool = True
     """Sampled softmax: subtract log of each negative's expected count (Yi et al. 2019)."""
+    similarity: str = "dot"
+    """How the head scores an item for a state: "dot" (their dot product) or "cosine" (both at unit length
+    first, as HSTU's and gSASRec's heads). Ranking in evaluation and serving follows it too."""
     temperature: float = 1.0
-    """Logits are divided by this before the softmax."""
+    """Logits are divided by this before the softmax (cosine logits lie in [-1, 1]: use ~0.05)."""
     label_smoothing: float = 0.0
     """Full CE: this share of each target's probability mass is spread evenly over the catalogue's real
     items (reserved ids excluded); 0 = off."""
@@ -46,6 +49,8 @@ class LossConfig:
         require(self.kind in ("ce", "sampled"), "loss.kind", f"must be 'ce' or 'sampled', got {self.kind!r}")
         require(self.summary_reconstruction >= 0, "loss.summary_reconstruction", "must be >= 0")
         require(self.num_uniform_negatives >= 0, "loss.num_uniform_negatives", "must be >= 0")
+        require(self.similarity in ("dot", "cosine"), "loss.similarity",
+                f"must be 'dot' or 'cosine', got {self.similarity!r}")
         require(self.temperature > 0, "loss.temperature", "must be > 0")
         require(0 <= self.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
         require(self.kind == "ce" or self.label_smoothing == 0, "loss.label_smoothing", "needs loss.kind ce")
@@ -60,9 +65,10 @@ def catalogue_logits(hidden: Tensor, item_weight: Tensor) -> Tensor:
     return logits
 
 
-def full_cross_entropy(hidden: Tensor, targets: Tensor, item_weight: Tensor, temperature: float = 1.0,
+def full_cross_entropy(hidden: Tensor, item_weight: Tensor, targets: Tensor, temperature: float = 1.0,
                        label_smoothing: float = 0.0) -> Tensor:
-    """Mean softmax cross-entropy over the full catalogue. ``hidden [N, dim]``, ``targets [N]``.
+    """Mean softmax cross-entropy over the full catalogue. ``hidden [N, dim]``, ``item_weight [num_items, dim]``,
+    ``targets [N]``.
 
     With ``label_smoothing`` e the target distribution is (1 - e) on the target plus e spread evenly over
     the real items; torch's own smoothing would also spread it over the reserved ids, whose -inf logits

@@ -128,7 +128,7 @@ class StreamEngine:
         if self.exclude_seen:
             exclude_values = torch.cat([s.seen for s in states]).to(device)
             exclude_offsets = lengths_to_offsets(torch.tensor([s.seen.numel() for s in states])).to(device)
-        scores, ids = topk_items(vectors, self.model.item_weight, top_k or self.top_k, exclude_values, exclude_offsets,
+        scores, ids = topk_items(*self.model.head(vectors), top_k or self.top_k, exclude_values, exclude_offsets,
                                  self.item_chunk)
         raw = self.serving.items.raw_ids
         ids_list = ids.cpu().tolist()

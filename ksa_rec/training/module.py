@@ -133,7 +133,7 @@ class RecModule(pl.LightningModule):
         if self.model.sharded_items is not None:  # each process scores the item rows it holds
             return self.model.sharded_items.target_ranks(vecs, batch.eval_targets, seen_values, seen_offsets,
                                                          self.eval_cfg.item_chunk)
-        return target_ranks(vecs, self.model.item_weight, batch.eval_targets, seen_values, seen_offsets,
+        return target_ranks(*self.model.head(vecs), batch.eval_targets, seen_values, seen_offsets,
                             self.eval_cfg.item_chunk)
 
     def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:

@@ -138,10 +138,13 @@ class ShardingConfig:
                              f"got {self.compute_kernel!r}")
 
 
-def require_sampled_loss(loss: LossConfig) -> None:
+def require_shardable_loss(loss: LossConfig) -> None:
     if loss.kind != "sampled":
         raise ValueError(f"loss.kind: {loss.kind!r} needs the whole item table on every process; training with "
                          "sharded tables needs loss.kind: sampled")
+    if loss.similarity != "dot":
+        # A column-wise shard holds part of each row, so a row's length is not known where its score is made.
+        raise ValueError(f"loss.similarity: {loss.similarity!r} is not supported with sharded item tables; use dot")
 
 
 def shard_model(module: nn.Module, config: ShardingConfig, device: torch.device,
@@ -158,7 +161,7 @@ def shard_model(module: nn.Module, config: ShardingConfig, device: torch.device,
     if len(models) != 1:
         raise ValueError(f"shard_model: expected one SeqRecModel inside the module, found {len(models)}")
     model = models[0]
-    require_sampled_loss(model.loss_cfg)
+    require_shardable_loss(model.loss_cfg)
     unknown = set(config.sharding_types) - set(model.embedding.keys)
     if unknown:
         raise ValueError(f"sharding_types: unknown tables {sorted(unknown)}; the model has {model.embedding.keys}")

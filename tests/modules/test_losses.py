@@ -12,7 +12,7 @@ def test_full_ce_excludes_reserved_ids():
     hidden, weight = torch.randn(5, 4), torch.randn(9, 4)
     targets = torch.tensor([2, 3, 8, 5, 2])
     manual = F.cross_entropy((hidden @ weight[2:].t()), targets - 2)
-    assert torch.allclose(full_cross_entropy(hidden, targets, weight), manual, atol=1e-6)
+    assert torch.allclose(full_cross_entropy(hidden, weight, targets), manual, atol=1e-6)
 
 
 def test_sampled_softmax_with_logq_estimates_full_softmax():
@@ -23,7 +23,7 @@ def test_sampled_softmax_with_logq_estimates_full_softmax():
     cfg = LossConfig(kind="sampled", num_uniform_negatives=200_000, in_batch_negatives=False)
     gen = torch.Generator().manual_seed(1)
     sampled = sampled_softmax(hidden, targets, weight.__getitem__, 14, cfg, None, generator=gen)
-    full = full_cross_entropy(hidden, targets, weight)
+    full = full_cross_entropy(hidden, weight, targets)
     assert abs(float(sampled) - float(full)) < 0.02 * float(full)
     # Without the correction the estimate is far off (the negatives' mass is inflated ~U/N times).
     biased = sampled_softmax(hidden, targets, weight.__getitem__, 14,
@@ -62,8 +62,8 @@ def test_label_smoothing_spreads_mass_over_real_items_only():
     eps = 0.2
     real = (hidden @ weight.t())[:, 2:]  # the reserved ids (PAD, OOV) are not items
     want = F.cross_entropy(real, targets - 2, label_smoothing=eps)
-    assert torch.allclose(full_cross_entropy(hidden, targets, weight, label_smoothing=eps), want, atol=1e-6)
-    assert torch.isfinite(full_cross_entropy(hidden, targets, weight, label_smoothing=eps))
+    assert torch.allclose(full_cross_entropy(hidden, weight, targets, label_smoothing=eps), want, atol=1e-6)
+    assert torch.isfinite(full_cross_entropy(hidden, weight, targets, label_smoothing=eps))
 
 
 def test_label_smoothing_needs_full_ce():

@@ -34,6 +34,13 @@ def trained_chunk(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_cosine(tmp_path_factory):
+    """A checkpoint whose head scores by cosine similarity (loss.similarity: cosine)."""
+    return _train(tmp_path_factory.mktemp("trained_cosine"), "ksa,full", "--model.loss.similarity", "cosine",
+                  "--model.loss.temperature", "0.1")
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("trained")
     checkpoint = _train(work, "ksa,full")

@@ -42,6 +42,24 @@ def test_stream_then_topk_equals_score(trained, event_files, tmp_path):
     assert from_store["item_ids"].to_list() == scored.sort("user_id")["item_ids"].to_list()
 
 
+def test_a_cosine_head_streams_and_scores_by_cosine(trained_cosine, event_files, tmp_path):
+    """stream and score rank with the model's head: each listed score is the cosine of the user's state
+    vector and the item's row, in falling order, and streaming equals scoring."""
+    events, _ = event_files
+    streamed, scored = stream_then_score(trained_cosine, events, tmp_path, "--chunk-rows", "23")
+    assert_same_topk(streamed, scored)
+    serving = ServingModel.load(trained_cosine)
+    table = torch.nn.functional.normalize(serving.model.item_weight.detach(), dim=-1)
+    row_of = {raw: i + 2 for i, raw in enumerate(serving.items.raw_ids)}  # ids 0, 1: PAD, OOV
+    states, _ = store_dump(tmp_path / "s.db")
+    for user, blob in states.items():
+        vector = torch.nn.functional.normalize(UserState.from_bytes(blob, serving.model_id, user).vector, dim=-1)
+        record = streamed[user]
+        want = table[[row_of[item] for item in record["item_ids"]]] @ vector
+        assert torch.allclose(torch.tensor(record["scores"]), want, atol=1e-5)
+        assert record["scores"] == sorted(record["scores"], reverse=True)
+
+
 @pytest.mark.slow
 def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path):
     events, _ = event_files
