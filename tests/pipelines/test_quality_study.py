@@ -107,15 +107,27 @@ def test_studies_that_share_a_run_run_it_once(quality):
 
 
 def test_studies_run_before_a_config_changed_pin_the_settings_they_ran(quality):
-    """configs/ml-1m-sasrec.yaml moved from dim 64 / 2 heads to dim 128 / 4 heads after the first ML-1M sweep:
-    that sweep's dim-64 row and every ml-1m-history run still train at dim 64 with 2 heads."""
+    """configs/ml-1m-sasrec.yaml moved from dim 64 / 2 heads to dim 128 / 4 heads after the first ML-1M sweep,
+    then to full*8 at dim 64 / 2 heads; configs/beauty.yaml gained 500 warm-up steps. The studies run before
+    keep training what their result files report."""
+    def args(run):
+        return dict(zip(run.overrides[::2], run.overrides[1::2]))
+
     sweep_row = [r for r in quality.STUDIES["ml-1m-sweep"] if r.name == "ml-1m-full,full"]
-    first = sweep_row + quality.STUDIES["ml-1m-history"]
-    for run in first:
-        args = dict(zip(run.overrides[::2], run.overrides[1::2]))
-        assert args["--model.encoder.dim"] == "64" and args["--model.encoder.num_heads"] == "2", run.name
-    converged = quality.STUDIES["ml-1m-converged"] + quality.STUDIES["ml-1m-converged-whole"]
-    assert not any("--model.encoder.dim" in r.overrides for r in converged)  # the shipped config as it is
+    for run in sweep_row + quality.STUDIES["ml-1m-history"]:
+        assert (args(run)["--model.encoder.dim"], args(run)["--model.encoder.num_heads"]) == ("64", "2"), run.name
+    for run in quality.STUDIES["ml-1m-converged"] + quality.STUDIES["ml-1m-converged-whole"]:
+        assert (args(run)["--model.encoder.dim"], args(run)["--model.encoder.num_heads"]) == ("128", "4"), run.name
+    deep = {r.name: args(r) for r in quality.STUDIES["ml-1m-deep"]}
+    assert (deep["ml-1m-full*8-64"]["--model.encoder.dim"], deep["ml-1m-full*8-64"]["--model.encoder.num_heads"]) \
+        == ("64", "2")  # a row's own width is not overridden by the pin
+    before = quality.SHIPPED_BEFORE["beauty"][1]
+    beauty = [r for study in before for r in quality.STUDIES[study] if r.config == "beauty"]
+    assert beauty and all(args(r)["--model.optim.warmup_steps"] == ("500" if "warm500" in r.name else "0")
+                          for r in beauty)
+    later = quality.STUDIES["beauty-ksa-recipe"]  # a study added after the change runs the config as it ships
+    assert later and all("--model.optim.warmup_steps" not in r.overrides for r in later)
+    assert all(r.overrides.count("--model.optim.warmup_steps") == 1 for r in beauty)  # pinned once, never twice
 
 
 def test_only_that_names_no_run_is_an_error(quality, monkeypatch, capsys, tmp_path):
