@@ -5,6 +5,7 @@ How to run (repository root, a CPU is enough; about a minute on the smoke model)
 
     python pipelines/compare_state_dtype.py --checkpoint CKPT --events EVENTS.parquet --out OUT
     # no --checkpoint: trains the smoke model (configs/smoke.yaml) into OUT first and streams its events
+    # --users N: stream only the first N users of EVENTS (long histories: a few users are enough)
 
 Both stores get the same events, micro-batches of ``--chunk-rows``; bf16 states are rounded at every
 commit, so the error compounds over each user's history. Writes ``OUT/state-dtype.{md,json}``.
@@ -33,6 +34,16 @@ def train_smoke(work: Path) -> tuple[Path, Path]:
     return next((work / "fit").rglob("last.ckpt")), next((work / "cache" / "synthetic").glob("*.parquet"))
 
 
+def first_users(events: Path, users: int, out: Path) -> Path:
+    """The events of the first ``users`` users of ``events`` (parquet), in their file order, written to ``out``."""
+    import polars as pl
+
+    frame = pl.read_parquet(events)
+    keep = frame["user_id"].unique(maintain_order=True)[:users]
+    frame.filter(pl.col("user_id").is_in(keep.implode())).write_parquet(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     from ksa_rec.cli import main as ksa_rec
     from ksa_rec.serving.artifact import ServingModel
@@ -45,9 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--chunk-rows", type=int, default=64)
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--users", type=int, help="stream only the first N users of --events (in order of appearance)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint, events = (args.checkpoint, args.events) if args.checkpoint else train_smoke(args.out / "smoke")
+    if args.users:
+        events = first_users(events, args.users, args.out / "events.parquet")
     stores = {}
     for dtype in ("fp32", "bf16"):
         stores[dtype] = args.out / f"states-{dtype}.db"
@@ -77,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     fp32_scores = [abs(x) for row in recs["fp32"].scores for x in row]
     result = {
         "checkpoint": str(checkpoint), "events": str(events), "users": len(users), "top_k": args.top_k,
+        "events_per_user": {u: s.event_count for u, s in zip(users, states["fp32"])},
         "chunk_rows": args.chunk_rows, "torch": torch.__version__,
         "blob_bytes_per_user": {d: sum(map(len, blobs[d].values())) / len(users) for d in blobs},
         "state_bytes_per_user": {d: sum(s.cast(torch.bfloat16).num_bytes if d == "bf16" else s.num_bytes

@@ -51,8 +51,9 @@ BEAUTY_SPAN = ["--model.encoder.chunk_size", "2", "--model.encoder.window", "4"]
 # lr 1e-3): the studies run before it pin these, so that their commands still give their result files.
 BEAUTY_1HEAD = ["--model.encoder.num_heads", "1"]
 BEAUTY_OLD = [*BEAUTY_1HEAD, "--model.optim.lr", "0.0005"]
-# configs/ml-1m-sasrec.yaml as it shipped for the first ML-1M sweep (dim 64, 2 heads; now dim 128, 4 heads,
-# full*3): ml-1m-sweep's dim-64 row and ml-1m-history pin it, so that their commands still give their rows.
+# configs/ml-1m-sasrec.yaml as it shipped for the first ML-1M sweep (dim 64, 2 heads, then dim 128 / 4 heads:
+# SHIPPED_BEFORE below): ml-1m-sweep's dim-64 row and ml-1m-history pin it, so that their commands still give
+# their rows.
 ML1M_64 = ["--model.encoder.dim", "64", "--model.encoder.num_heads", "2"]
 CHUNK = ["--model.encoder.summary_init", "chunk"]
 REC = ["--model.loss.summary_reconstruction", "0.3"]
@@ -349,6 +350,9 @@ def _pin(run: Run, study: str) -> Run:
 
 
 STUDIES = {study: [_pin(r, study) for r in runs] for study, runs in STUDIES.items()}
+# Issue 18: the cosine head on a third dataset, against the dot head, at configs/ml-100k.yaml (CPU-sized).
+STUDIES["ml-100k-cosine"] = [Run(f"ml-100k-full,full{tag}", "ml-100k", "ml-100k/u.data", [*_pattern("full,full"), *extra],
+                                 seeded=True) for tag, extra in [("", []), ("[cos0.1]", _cosine_head(0.1))]]
 # Issue 18: the KSA recipe at Beauty's shipped settings (500 warm-up steps since the night sweep).
 STUDIES["beauty-ksa-recipe"] = [Run("beauty-ksa,full[chunk,warm500]", "beauty", BEAUTY,
                                     [*_pattern("ksa,full"), *BEAUTY_SPAN, *CHUNK], seeded=True)]
