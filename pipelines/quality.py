@@ -351,8 +351,9 @@ def _pin(run: Run, study: str) -> Run:
 
 STUDIES = {study: [_pin(r, study) for r in runs] for study, runs in STUDIES.items()}
 # Issue 18: the cosine head on a third dataset, against the dot head, at configs/ml-100k.yaml (CPU-sized).
-STUDIES["ml-100k-cosine"] = [Run(f"ml-100k-full,full{tag}", "ml-100k", "ml-100k/u.data", [*_pattern("full,full"), *extra],
-                                 seeded=True) for tag, extra in [("", []), ("[cos0.1]", _cosine_head(0.1))]]
+STUDIES["ml-100k-cosine"] = [Run(f"ml-100k-full,full{tag}", "ml-100k", "ml-100k/u.data",
+                                 [*_pattern("full,full"), *extra], seeded=True)
+                             for tag, extra in [("", []), ("[cos0.1]", _cosine_head(0.1))]]
 # Issue 18: the KSA recipe at Beauty's shipped settings (500 warm-up steps since the night sweep).
 STUDIES["beauty-ksa-recipe"] = [Run("beauty-ksa,full[chunk,warm500]", "beauty", BEAUTY,
                                     [*_pattern("ksa,full"), *BEAUTY_SPAN, *CHUNK], seeded=True)]
