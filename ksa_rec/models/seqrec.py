@@ -55,7 +55,15 @@ class SeqRecModel(nn.Module):
         """``hidden [N, dim]`` -> ``(queries [N, dim], items [num_items, dim])``; item i's score for row r is
         ``queries[r] . items[i]`` (the loss divides it by loss.temperature; a ranking needs no temperature).
         ``loss.similarity`` dot: the raw vectors; cosine: both at unit length."""
-        return self._unit(hidden), self._unit(self.item_weight)
+        return self.head_queries(hidden), self.head_items()
+
+    def head_queries(self, hidden: Tensor) -> Tensor:
+        """``head``'s queries alone (serving keeps ``head_items`` of its frozen model once)."""
+        return self._unit(hidden)
+
+    def head_items(self) -> Tensor:
+        """``head``'s item matrix ``[num_items, dim]``."""
+        return self._unit(self.item_weight)
 
     def head_item_embeddings(self, ids: Tensor) -> Tensor:
         """Item ids ``[M]`` -> their rows of ``head``'s item matrix ``[M, dim]``, looked up (sharded or not)."""
@@ -118,8 +126,8 @@ class SeqRecModel(nn.Module):
             loss = full_cross_entropy(*self.head(hidden), targets, self.loss_cfg.temperature,
                                       self.loss_cfg.label_smoothing)
         else:
-            loss = sampled_softmax(self._unit(hidden), targets, self.head_item_embeddings, self.data_spec.num_items,
-                                   self.loss_cfg, self.item_prob, generator)
+            loss = sampled_softmax(self.head_queries(hidden), targets, self.head_item_embeddings,
+                                   self.data_spec.num_items, self.loss_cfg, self.item_prob, generator)
         if summaries:
             loss = loss + self.loss_cfg.summary_reconstruction * self.summary_reconstruction_loss(batch, summaries)
         return loss

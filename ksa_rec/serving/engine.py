@@ -4,6 +4,7 @@ top-K recommendations. Plain torch; the Lightning predict loop drives it (``ksa_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -49,6 +50,13 @@ class StreamEngine:
         self.schema = LogSchema(features=tuple(sorted(serving.features)))
         self.num_gap_buckets = self.model.encoder_cfg.time_gap_buckets
         self._empty: UserState | None = None
+
+    @cached_property
+    def _head_items(self) -> torch.Tensor:
+        """The model's head item matrix, made once: serving never changes the weights, and a cosine head would
+        otherwise renormalise the whole catalogue at every micro-batch."""
+        with torch.inference_mode():
+            return self.model.head_items()
 
     def decode_states(self, user_ids: list[str], blobs: dict[str, bytes]) -> list[UserState]:
         """States of ``user_ids`` (a new user starts empty: one shared state, never changed in place)."""
@@ -128,8 +136,8 @@ class StreamEngine:
         if self.exclude_seen:
             exclude_values = torch.cat([s.seen for s in states]).to(device)
             exclude_offsets = lengths_to_offsets(torch.tensor([s.seen.numel() for s in states])).to(device)
-        scores, ids = topk_items(*self.model.head(vectors), top_k or self.top_k, exclude_values, exclude_offsets,
-                                 self.item_chunk)
+        scores, ids = topk_items(self.model.head_queries(vectors), self._head_items, top_k or self.top_k,
+                                 exclude_values, exclude_offsets, self.item_chunk)
         raw = self.serving.items.raw_ids
         ids_list = ids.cpu().tolist()
         return Recommendations(users, [s.event_count for s in states], last_rows,

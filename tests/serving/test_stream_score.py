@@ -23,6 +23,7 @@ from stream_checks import (
 from stream_checks import stream as _stream
 
 from ksa_rec.cli import main as ksa_rec
+from ksa_rec.data.schema import RESERVED_IDS
 from ksa_rec.ops import backend as backend_module
 from ksa_rec.serving.artifact import ServingModel
 from ksa_rec.serving.faults import CRASH_ENV
@@ -50,7 +51,7 @@ def test_a_cosine_head_streams_and_scores_by_cosine(trained_cosine, event_files,
     assert_same_topk(streamed, scored)
     serving = ServingModel.load(trained_cosine)
     table = torch.nn.functional.normalize(serving.model.item_weight.detach(), dim=-1)
-    row_of = {raw: i + 2 for i, raw in enumerate(serving.items.raw_ids)}  # ids 0, 1: PAD, OOV
+    row_of = {raw: i + RESERVED_IDS for i, raw in enumerate(serving.items.raw_ids)}
     states, _ = store_dump(tmp_path / "s.db")
     for user, blob in states.items():
         vector = torch.nn.functional.normalize(UserState.from_bytes(blob, serving.model_id, user).vector, dim=-1)
