@@ -354,6 +354,12 @@ STUDIES = {study: [_pin(r, study) for r in runs] for study, runs in STUDIES.item
 STUDIES["ml-100k-cosine"] = [Run(f"ml-100k-full,full{tag}", "ml-100k", "ml-100k/u.data",
                                  [*_pattern("full,full"), *extra], seeded=True)
                              for tag, extra in [("", []), ("[cos0.1]", _cosine_head(0.1))]]
+# Issue 18, the ML-1M gap: regularisation and schedule around the shipped full*8 at dim 64 (dropout 0.2, no
+# warm-up), one seed each, selected on validation like the rest.
+STUDIES["ml-1m-regularise"] = [Run(f"ml-1m-full*8-64{tag}", "ml-1m-sasrec", ML1M, extra, seeded=True)
+                               for tag, extra in [("[warm500]", ["--model.optim.warmup_steps", "500"]),
+                                                  ("[drop0.1]", ["--model.encoder.dropout", "0.1"]),
+                                                  ("[drop0.3]", ["--model.encoder.dropout", "0.3"])]]
 # Issue 18: the KSA recipe at Beauty's shipped settings (500 warm-up steps since the night sweep).
 STUDIES["beauty-ksa-recipe"] = [Run("beauty-ksa,full[chunk,warm500]", "beauty", BEAUTY,
                                     [*_pattern("ksa,full"), *BEAUTY_SPAN, *CHUNK], seeded=True)]
