@@ -90,12 +90,12 @@ def pattern(unit: str, layers: int) -> str:
 
 
 def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: int, num_items: int,
-          device: torch.device, profile_top: int = 0, compile_loss: bool = False) -> dict:
+          device: torch.device, profile_top: int = 0, compile_loss: bool = False, cuda_graphs: bool = False) -> dict:
     """One (configuration, pattern, L) measurement."""
     torch.manual_seed(0)
     span = CHUNK * WINDOW
     cfg = EncoderConfig(dim=size.dim, num_heads=size.heads, pattern=pat, dropout=0.0, chunk_size=CHUNK, window=WINDOW,
-                        mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK))
+                        mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK), cuda_graphs=cuda_graphs)
     model = SeqRecModel(cfg, LossConfig(kind="sampled", num_uniform_negatives=NEGATIVES, in_batch_negatives=False),
                         DataSpec(num_items=num_items)).to(device)
     optimizer = build_adamw(model, OptimConfig(lr=1e-3))  # what fit uses: fused on CUDA
@@ -127,6 +127,10 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if profile_top:
         row["profile"] = profile_steps(step, steps, device, profile_top)
+    graphs = model.encoder.graphs
+    if graphs is not None:  # what the encoder's passes were: captured, replayed, eager (and why graphs turned off)
+        row["graphs"] = {"captures": graphs.captures, "replays": graphs.replays, "eager": graphs.eager,
+                         "disabled": graphs.disabled}
     return row
 
 
@@ -182,7 +186,7 @@ def run(args, device: torch.device, label: str, commit: str | None) -> list[dict
                        "layers": size.layers, "pattern": pat, "length": length, "status": "ok"}
                 try:
                     row |= bench(size, pat, length, args.tokens, args.warmup, args.steps, args.num_items, device,
-                                 args.profile, args.compile)
+                                 args.profile, args.compile, args.cuda_graphs)
                 except torch.OutOfMemoryError:
                     row["status"] = "out of memory"
                 except Exception as err:  # noqa: BLE001 -- a compiler failure is a result of --compile, not a crash
@@ -328,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--label", default="this", help="names this run's rows (old code beside new)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="model.encoder.cuda_graphs: the encoder's pass replayed from a CUDA graph (captured at "
+                             "the second warm-up step: needs --warmup >= 2)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model's loss (forward; backward through AOTAutograd): label it so")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -341,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     commit = package_commit()
     run_info = {"command": command(__file__, argv), "machine": machine(device), "date": now(), "commit": commit,
-                "tokens": args.tokens, "warmup": args.warmup, "steps": args.steps, "compile": args.compile}
+                "tokens": args.tokens, "warmup": args.warmup, "steps": args.steps, "compile": args.compile,
+                "cuda_graphs": args.cuda_graphs}
     payload = {"runs": {}, "rows": []}
     if args.out is not None and (path := args.out.with_name(args.out.name + ".json")).exists():
         payload = json.loads(path.read_text())  # keep the other labels' rows

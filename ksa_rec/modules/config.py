@@ -61,6 +61,11 @@ class EncoderConfig:
     """> 0 adds an embedding of log2 time gaps to the previous event (0 disables)."""
     attention_backend: str | None = None
     """Attention backend for training, streaming and scoring: null (auto), torch, flex or triton."""
+    cuda_graphs: bool = False
+    """Training on CUDA: replay the encoder's forward and backward from CUDA graphs for batch layouts that repeat
+    (captured the second time a layout is seen; ``ksa_rec.modules.graphs``). Pays where the step is bound by
+    kernel launches (small dims) and batches repeat their layout (fixed-length windows, uniform batches).
+    Evaluation, serving and the CPU always run eagerly."""
     mka: MkaConfig = field(default_factory=MkaConfig)
     """Settings of mka / fastmka layers (MKA.md)."""
 

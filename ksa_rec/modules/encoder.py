@@ -11,17 +11,37 @@ summaries already carry the chunk's content. Streaming keeps the open chunk's ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ksa_rec.modules.attention import KINDS, StepLayout, StreamLayout
 from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.graphs import EncoderGraphs
 from ksa_rec.ops.ksa.layout import summary_index, summary_position
 from ksa_rec.ops.ksa.step import StepTokens, share_layouts
 from ksa_rec.ops.rope import RotaryEmbedding
 from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids, validate_offsets
+
+
+@dataclass
+class PassPlan:
+    """What a training or scoring pass derives from its batch layout alone (``SequenceEncoder.plan``): the
+    same for every batch of that layout, so a captured pass keeps it (``ksa_rec.modules.graphs``).
+
+    ``offsets [B+1]``, ``max_len``; with a summary stream, per summary row (``summary_index`` order): its
+    slot ``[Ts]``, the row of its chunk's last event ``[Ts]`` (time part), the row whose rotary tables it takes
+    ``[Ts]``, and under ``summary_init: chunk`` the rows of its chunk slice ``[Ts, k // S]``; ``op_tables``:
+    what the attention op shares between the layers (``StreamLayout.op_tables``)."""
+
+    offsets: Tensor
+    max_len: int
+    summary_slot: Tensor | None = None
+    summary_last_rows: Tensor | None = None
+    summary_rope_rows: Tensor | None = None
+    slice_rows: Tensor | None = None
+    op_tables: dict = field(default_factory=dict)
 
 
 class FeedForward(nn.Sequential):
@@ -74,6 +94,7 @@ class SequenceEncoder(nn.Module):
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.final_norm = nn.RMSNorm(cfg.dim)
         self.summary_pool = None
+        self.graphs = EncoderGraphs() if cfg.cuda_graphs else None
         if self.with_summaries:
             self.summary_embedding = nn.Parameter(torch.randn(cfg.summary_tokens, cfg.dim) * cfg.dim ** -0.5)
             if cfg.summary_init == "chunk":
@@ -108,11 +129,37 @@ class SequenceEncoder(nn.Module):
                 max_len: int | None = None, read_summaries: list[Tensor] | None = None) -> Tensor:
         """``read_summaries``: if a list, it receives the summary states ``[Ts, dim]`` entering every layer
         that reads summaries and whose summary keys carry chunk content (under ``summary_init: slot`` not
-        the first layer: a summary enters it as its slot embedding), rows in ``summary_index`` order."""
-        # The layout is checked once here; every layer's op then skips the checks that sync a GPU.
-        validate_offsets(offsets, tokens.shape[0])
+        the first layer: a summary enters it as its slot embedding), rows in ``summary_index`` order.
+
+        With ``cuda_graphs`` a training pass on CUDA replays a captured graph where the batch layout repeats
+        (``ksa_rec.modules.graphs``); every other pass, and any pass the graphs decline, runs here eagerly."""
+        if self.graphs is not None and read_summaries is None and self.training and torch.is_grad_enabled():
+            out = self.graphs(self, tokens, offsets, positions, time_part, max_len)
+            if out is not None:
+                return out
+        return self.run(tokens, positions, time_part, self.plan(offsets, tokens.shape[0], max_len), read_summaries)
+
+    def plan(self, offsets: Tensor, num_events: int, max_len: int | None = None) -> PassPlan:
+        """What a pass derives from the layout ``offsets [B+1]`` of ``num_events`` events alone (checked here,
+        once: every layer's op then skips the checks that sync a GPU)."""
+        validate_offsets(offsets, num_events)
         if max_len is None:
             max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+        if not self.with_summaries:
+            return PassPlan(offsets, max_len)
+        k, S = self.cfg.chunk_size, self.cfg.summary_tokens
+        user, chunk, slot = summary_index(offsets, k, S)
+        # chunk numbers count from each user's first event in the batch (a chunk boundary)
+        first = offsets[user]
+        slice_rows = first[:, None] + self.slice_positions(chunk, slot) if self.keeps_open_chunk else None
+        # A summary takes the position of an event of its chunk: the rotary tables are that event's.
+        return PassPlan(offsets, max_len, slot, first + chunk * k + k - 1, first + summary_position(chunk, slot, k, S),
+                        slice_rows)
+
+    def run(self, tokens: Tensor, positions: Tensor, time_part: Tensor | None, plan: PassPlan,
+            read_summaries: list[Tensor] | None = None) -> Tensor:
+        """The pass over a planned layout (``forward``'s arguments; ``plan`` from ``plan``). No host reads: a
+        CUDA graph can capture it."""
         cos, sin = self.rope.tables(positions, tokens.dtype)
         if self.training and self.cfg.event_mask > 0:
             # Whole tokens, before anything reads them: the summaries' chunk pooling sees the masked events too.
@@ -120,19 +167,15 @@ class SequenceEncoder(nn.Module):
             tokens = tokens * keep.to(tokens.dtype)
         h, n = self.input_dropout(tokens), tokens.shape[0]
         if self.with_summaries:
-            k, S = self.cfg.chunk_size, self.cfg.summary_tokens
-            user, chunk, slot = summary_index(offsets, k, S)
-            # chunk numbers count from each user's first event in the batch (a chunk boundary)
             slices = None
-            if self.keeps_open_chunk:
-                slice_rows = offsets[user][:, None] + self.slice_positions(chunk, slot)
-                slices = tokens.index_select(0, slice_rows.flatten()).view(*slice_rows.shape, -1)
-            xs = self.summary_inputs(slot, offsets[user] + chunk * k + k - 1, time_part, slices)
-            # A summary takes the position of an event of its chunk: the rotary tables are that event's.
-            rows = offsets[user] + summary_position(chunk, slot, k, S)
+            if plan.slice_rows is not None:
+                slices = tokens.index_select(0, plan.slice_rows.flatten()).view(*plan.slice_rows.shape, -1)
+            xs = self.summary_inputs(plan.summary_slot, plan.summary_last_rows, time_part, slices)
+            rows = plan.summary_rope_rows
             cos, sin = torch.cat([cos, cos[rows]]), torch.cat([sin, sin[rows]])
             h = torch.cat([h, self.input_dropout(xs)])
-        layout = StreamLayout(offsets=offsets, max_len=max_len, positions=positions, cos=cos, sin=sin)
+        layout = StreamLayout(offsets=plan.offsets, max_len=plan.max_len, positions=positions, cos=cos, sin=sin,
+                              op_tables=plan.op_tables)
         for i, block in enumerate(self.blocks):
             if read_summaries is not None and block.attn.reads_summaries and (i > 0 or self.keeps_open_chunk):
                 read_summaries.append(h[n:])

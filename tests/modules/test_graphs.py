@@ -1,0 +1,172 @@
+"""``model.encoder.cuda_graphs``: the encoder's training pass replayed from CUDA graphs per repeating layout.
+
+On CPU every pass is eager (and equal to a model without graphs); on CUDA a graphed model trains exactly as
+its eager twin: same losses, gradients and weights step after step, under fp32 and bf16 autocast, with
+dropout drawing new masks each replay, with gradient accumulation, and across layouts (a layout seen once
+stays eager, a repeated one is captured)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.encoder import SequenceEncoder
+from ksa_rec.modules.graphs import MAX_GRAPHS, EncoderGraphs
+from ksa_rec.utils.jagged import lengths_to_offsets, positions_in_segment
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _twins(pattern: str, device, dropout: float = 0.0, **kw) -> tuple[SequenceEncoder, SequenceEncoder]:
+    """An eager encoder and a graphed one with the same weights."""
+    torch.manual_seed(0)
+    cfg = dict(dim=32, num_heads=2, pattern=pattern, dropout=dropout, chunk_size=4, window=2, **kw)
+    eager = SequenceEncoder(EncoderConfig(**cfg)).to(device)
+    graphed = SequenceEncoder(EncoderConfig(**cfg, cuda_graphs=True)).to(device)
+    graphed.load_state_dict(eager.state_dict())
+    return eager, graphed
+
+
+def _batch(lengths, device, first_position: int = 0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    positions = positions_in_segment(offsets) + first_position
+    tokens = torch.randn(int(offsets[-1]), 32, generator=g)
+    times = torch.randn(int(offsets[-1]), 32, generator=g)
+    return (tokens.to(device).requires_grad_(), offsets.to(device), positions.to(device), times.to(device),
+            max(lengths))
+
+
+def _loss(enc, tokens, offsets, positions, times, max_len):
+    out = enc(tokens, offsets, positions, times, max_len)
+    return (out.float() ** 2).mean() + out.float()[:, 0].sum() * 1e-2
+
+
+def test_on_cpu_every_pass_is_eager_and_equals_the_model_without_graphs():
+    eager, graphed = _twins("ksa,full", "cpu", summary_init="chunk")
+    for _ in range(3):  # a repeated layout: on CUDA the second pass would capture it
+        batch = _batch([9, 4, 12], "cpu")
+        loss_e, loss_g = _loss(eager, *batch), _loss(graphed, *batch)
+        loss_e.backward()
+        loss_g.backward()
+        assert torch.equal(loss_e, loss_g)
+    for (name, pe), pg in zip(eager.named_parameters(), graphed.parameters()):
+        assert torch.equal(pe.grad, pg.grad), name
+    assert (graphed.graphs.captures, graphed.graphs.replays, graphed.graphs.eager) == (0, 0, 3)
+    assert eager.graphs is None
+
+
+def test_graphs_are_not_state_and_copies_start_without_any():
+    _, graphed = _twins("ksa,ksa", "cpu")
+    graphed.graphs.eager = 5
+    assert not any("graph" in key for key in graphed.state_dict())
+    for clone in (copy.deepcopy(graphed), pickle.loads(pickle.dumps(graphed))):
+        assert isinstance(clone.graphs, EncoderGraphs) and clone.graphs is not graphed.graphs
+        assert clone.graphs.eager == 0
+
+
+def test_evaluation_and_no_grad_passes_bypass_the_graphs():
+    _, graphed = _twins("full,full", "cpu")
+    batch = _batch([5, 7], "cpu")
+    graphed.eval()
+    graphed(*batch)
+    graphed.train()
+    with torch.no_grad():
+        graphed(*batch)
+    assert graphed.graphs.eager == 0  # never consulted
+
+
+def _train_twins(eager, graphed, batches, steps_per_batch: int, autocast: bool, accumulate: int = 1):
+    """Train both with AdamW over ``batches`` (each ``steps_per_batch`` times); compare losses and weights."""
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-2)
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else torch.enable_grad
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
+    for batch in batches:
+        for _ in range(steps_per_batch):
+            for _ in range(accumulate):
+                for enc in (eager, graphed):
+                    tokens = batch[0].detach().clone().requires_grad_()
+                    with ctx():
+                        loss = _loss(enc, tokens, *batch[1:])
+                    loss.backward()
+                    enc._last = (loss.detach(), tokens.grad)
+                torch.testing.assert_close(graphed._last[0], eager._last[0], **tol)
+                torch.testing.assert_close(graphed._last[1], eager._last[1], **tol)
+            for (name, pe), pg in zip(eager.named_parameters(), graphed.parameters()):
+                torch.testing.assert_close(pg.grad, pe.grad, **tol, msg=lambda m, n=name: f"{n}: {m}")
+            opt_e.step()
+            opt_g.step()
+            opt_e.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
+    for (name, pe), pg in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(pg, pe, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("pattern, summary_init", [("ksa,full", "chunk"), ("ksa,ksa", "slot"), ("full,full", "slot"),
+                                                   ("sca,swa", "slot")])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_graphed_training_equals_eager_training(pattern, summary_init, autocast):
+    eager, graphed = _twins(pattern, "cuda", summary_init=summary_init)
+    lengths = [13, 4, 22, 9]
+    # positions change between batches of one layout: they are inputs of the graph, not part of its plan
+    batches = [_batch(lengths, "cuda", first_position=4 * i, seed=i) for i in range(3)]
+    _train_twins(eager, graphed, batches, steps_per_batch=2, autocast=autocast)
+    assert graphed.graphs.disabled is None
+    assert (graphed.graphs.eager, graphed.graphs.captures, graphed.graphs.replays) == (1, 1, 5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gradient_accumulation_sums_each_replay():
+    eager, graphed = _twins("ksa,full", "cuda", summary_init="chunk")
+    batches = [_batch([8, 17, 3], "cuda", seed=i) for i in range(3)]
+    _train_twins(eager, graphed, batches, steps_per_batch=1, autocast=False, accumulate=3)
+    assert graphed.graphs.replays == 8
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_layouts_are_captured_when_they_repeat_and_the_least_recent_dropped():
+    eager, graphed = _twins("ksa,full", "cuda")
+    layouts = [[5 + i, 9, 12] for i in range(MAX_GRAPHS + 1)]
+    batches = [_batch(layout, "cuda", seed=i) for i, layout in enumerate(layouts)]
+    once = [_batch([30, 2], "cuda")]  # seen once: eager, never captured
+    # every layout twice (eager, then captured), then the first again: dropped as the least recent, captured anew
+    _train_twins(eager, graphed, once + batches + batches + batches[:1], steps_per_batch=1, autocast=False)
+    graphs = graphed.graphs
+    assert (graphs.eager, graphs.captures, graphs.replays) == (1 + len(batches), len(batches) + 1, len(batches) + 1)
+    assert len(graphs._graphs) == MAX_GRAPHS
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_pass_that_cannot_be_captured_falls_back_to_eager_with_one_warning():
+    # MKA's forward reads lengths back to the host (its scan sizes), which a capture refuses
+    eager, graphed = _twins("mka,full", "cuda")
+    batches = [_batch([13, 4, 22], "cuda", seed=i) for i in range(2)]
+    with pytest.warns(UserWarning, match="encoder.cuda_graphs: capture failed, training runs eagerly") as caught:
+        _train_twins(eager, graphed, batches, steps_per_batch=2, autocast=False)
+    assert len(caught) == 1
+    assert graphed.graphs.disabled and (graphed.graphs.captures, graphed.graphs.eager) == (0, 4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dropout_draws_new_masks_at_every_replay():
+    _, graphed = _twins("ksa,full", "cuda", dropout=0.3, summary_init="chunk")
+    batch = _batch([12, 7], "cuda")
+    outs = []
+    for _ in range(4):
+        out = graphed(*batch)
+        out.sum().backward()
+        outs.append(out.detach())
+    assert graphed.graphs.replays == 3
+    # new masks each replay, and each replay's output its own copy (the graph's buffer is rewritten)
+    assert not torch.equal(outs[2], outs[3]) and not torch.equal(outs[1], outs[2])
