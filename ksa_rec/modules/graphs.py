@@ -102,6 +102,8 @@ class _CapturedPass:
 
     def __init__(self, encoder: SequenceEncoder, plan: PassPlan, tokens: Tensor, positions: Tensor,
                  time_part: Tensor | None):
+        # The graphs read the plan's tensors (summary rows, the op's block tables) by address: kept alive here.
+        self.plan = plan
         self.params = tuple(p for p in encoder.parameters() if p.requires_grad)
         self.inputs = tuple(_static(t) for t in (tokens, positions, time_part) if t is not None)
         differentiable = [t for t in self.inputs if t.requires_grad] + list(self.params)
@@ -123,6 +125,9 @@ class _CapturedPass:
                 for _ in range(_WARMUP):
                     out = run()
                     grads(out, torch.ones_like(out))
+                    # no warm-up graph may outlive its pass: its parameters' gradient nodes would keep the
+                    # side stream into the capture
+                    del out
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             self.forward = torch.cuda.CUDAGraph()
