@@ -14,8 +14,9 @@ histories, uniform batches. On batches of varied lengths every pass stays eager,
 ``offsets`` (an eager pass reads them anyway, to check them).
 
 Only training passes with gradients on CUDA go through here; evaluation, scoring, streaming and the CPU
-run eagerly. A capture that fails (an op that reads the device under capture) turns graphs off for that
-encoder with one warning naming the error; every pass then runs eagerly (``disabled`` keeps the reason).
+run eagerly. A pass that reads the device back to the host (``mka`` layers do) cannot be captured: the first
+warm-up pass refuses such reads, and graphs turn off for that encoder with one warning naming the op; every
+pass then runs eagerly (``disabled`` keeps the reason).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class EncoderGraphs:
             except Exception as err:  # noqa: BLE001 -- any capture failure falls back to the eager pass
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 self.disabled = f"{type(err).__name__}: {first}"
-                warnings.warn(f"encoder.cuda_graphs: capture failed, training runs eagerly ({self.disabled})",
-                              stacklevel=3)
+                warnings.warn(f"encoder.cuda_graphs: the pass cannot be captured, training runs eagerly "
+                              f"({self.disabled})", stacklevel=3)
                 self.eager += 1
                 return None
             self.captures += 1
@@ -119,12 +120,15 @@ class _CapturedPass:
                     if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
         with autocast:
             torch.cuda.synchronize()
-            side = torch.cuda.Stream()
+            side = _side_stream(tokens.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(_WARMUP):
-                    out = run()
-                    grads(out, torch.ones_like(out))
+                for i in range(_WARMUP):
+                    # The first pass refuses any op that waits on the device (a host read): such a pass cannot be
+                    # captured, and a capture that fails half-way can leave the CUDA generator mid-capture.
+                    with _no_host_reads() if i == 0 else contextlib.nullcontext():
+                        out = run()
+                        grads(out, torch.ones_like(out))
                     # no warm-up graph may outlive its pass: its parameters' gradient nodes would keep the
                     # side stream into the capture
                     del out
@@ -143,6 +147,27 @@ class _CapturedPass:
         by_input = iter(computed)
         self.grads = tuple(next(by_input) if t.requires_grad else None for t in self.inputs) + tuple(
             next(by_input) for _ in self.params)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream per device: the CUDA libraries keep workspaces per stream, so a new stream per capture
+    would add one every time."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _static(t: Tensor) -> Tensor:

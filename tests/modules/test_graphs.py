@@ -151,9 +151,10 @@ def test_a_pass_that_cannot_be_captured_falls_back_to_eager_with_one_warning():
     # MKA's forward reads lengths back to the host (its scan sizes), which a capture refuses
     eager, graphed = _twins("mka,full", "cuda")
     batches = [_batch([13, 4, 22], "cuda", seed=i) for i in range(2)]
-    with pytest.warns(UserWarning, match="encoder.cuda_graphs: capture failed, training runs eagerly") as caught:
+    with pytest.warns(UserWarning, match="encoder.cuda_graphs: the pass cannot be captured, training runs eagerly") \
+            as caught:
         _train_twins(eager, graphed, batches, steps_per_batch=2, autocast=False)
-    assert len(caught) == 1
+    assert len([w for w in caught if "cuda_graphs" in str(w.message)]) == 1
     assert graphed.graphs.disabled and (graphed.graphs.captures, graphed.graphs.eager) == (0, 4)
 
 
