@@ -16,7 +16,9 @@ histories, uniform batches. On batches of varied lengths every pass stays eager,
 Only training passes with gradients on CUDA go through here; evaluation, scoring, streaming and the CPU
 run eagerly. A pass that reads the device back to the host (``mka`` layers do) cannot be captured: the first
 warm-up pass refuses such reads, and graphs turn off for that encoder with one warning naming the op; every
-pass then runs eagerly (``disabled`` keeps the reason).
+pass then runs eagerly (``disabled`` keeps the reason). This check comes before any capture because a capture
+that fails half-way leaves the CUDA generator in capture mode, and the process's next eager dropout then fails
+("Offset increment outside graph capture"); a capture failing for another reason still would.
 """
 
 from __future__ import annotations
