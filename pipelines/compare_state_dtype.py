@@ -8,7 +8,8 @@ How to run (repository root, a CPU is enough; about a minute on the smoke model)
     # --users N: stream only the first N users of EVENTS (long histories: a few users are enough)
 
 Both stores get the same events, micro-batches of ``--chunk-rows``; bf16 states are rounded at every
-commit, so the error compounds over each user's history. Writes ``OUT/state-dtype.{md,json}``.
+commit, so the error compounds over each user's history. Compared: the final states' top-K, and every
+recommendation the two streams wrote along the way (``stepwise``). Writes ``OUT/state-dtype.{md,json}``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,39 @@ def first_users(events: Path, users: int, out: Path) -> Path:
     keep = frame["user_id"].unique(maintain_order=True)[:users]
     frame.filter(pl.col("user_id").is_in(keep.implode())).write_parquet(out)
     return out
+
+
+def stepwise(fp32_recs: Path, bf16_recs: Path, buckets: int = 5) -> list[dict]:
+    """Every recommendation the two streams wrote (one per touched user per micro-batch), paired by user and event
+    count: how often bf16 states gave the same top-K as fp32 ones, along the histories. One row for all steps,
+    then one per bucket of event counts (``buckets`` equal ranges)."""
+    def load(path: Path) -> dict:
+        return {(r["user_id"], r["event_count"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+    a, b = load(fp32_recs), load(bf16_recs)
+    if a.keys() != b.keys():
+        raise ValueError(f"{fp32_recs} and {bf16_recs} hold different (user, event count) steps")
+    steps = []
+    for key in sorted(a, key=lambda k: k[1]):
+        x, y = a[key]["item_ids"], b[key]["item_ids"]
+        errors = [abs(p - q) for p, q in zip(a[key]["scores"], b[key]["scores"])]
+        steps.append((key[1], len(set(x) & set(y)) / max(len(x), 1), x == y, x[:1] == y[:1], max(errors, default=0.0)))
+    top = max(s[0] for s in steps)
+    edges = [round(top * i / buckets) for i in range(buckets + 1)]
+
+    def row(label: str, part: list) -> dict:
+        n = len(part)
+        return {"events": label, "steps": n, "overlap_mean": sum(s[1] for s in part) / n,
+                "overlap_min": min(s[1] for s in part), "same_set": sum(s[1] == 1 for s in part) / n,
+                "same_order": sum(s[2] for s in part) / n, "same_top1": sum(s[3] for s in part) / n,
+                "score_err_max_mean": sum(s[4] for s in part) / n, "score_err_max": max(s[4] for s in part)}
+
+    rows = [row("all", steps)]
+    for lo, hi in zip(edges, edges[1:]):
+        part = [s for s in steps if lo < s[0] <= hi]
+        if part:
+            rows.append(row(f"{lo + 1}-{hi}", part))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "score_abs_err_mean": sum(score_err) / len(score_err), "score_abs_err_max": max(score_err),
         "score_abs_mean_fp32": sum(fp32_scores) / len(fp32_scores),
         "vector_abs_err_max": max(vector_err),
+        "stepwise": stepwise(args.out / "recs-fp32.jsonl", args.out / "recs-bf16.jsonl"),
     }
     (args.out / "state-dtype.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "state-dtype.md").write_text(table(result))
@@ -120,7 +155,14 @@ def table(r: dict) -> str:
         f"| same top-1 | 1 | {r['top1_agreement']:.3f} |",
         f"| score abs error at equal rank (mean / max; mean fp32 score {r['score_abs_mean_fp32']:.3f}) | 0 | "
         f"{r['score_abs_err_mean']:.4f} / {r['score_abs_err_max']:.4f} |",
-        f"| user vector max abs error | 0 | {r['vector_abs_err_max']:.4f} |", ""])
+        f"| user vector max abs error | 0 | {r['vector_abs_err_max']:.4f} |", "",
+        f"Every step of the streams (one recommendation per touched user per micro-batch of {r['chunk_rows']} rows), "
+        "bf16 against fp32, by the user's event count:", "",
+        "| events | steps | top-K overlap (mean / min) | same set | same order | same top-1 | "
+        "largest score error a step (mean / max) |", "|---|---|---|---|---|---|---|",
+        *(f"| {s['events']} | {s['steps']:,} | {s['overlap_mean']:.4f} / {s['overlap_min']:.2f} | "
+          f"{s['same_set']:.4f} | {s['same_order']:.4f} | {s['same_top1']:.4f} | "
+          f"{s['score_err_max_mean']:.4f} / {s['score_err_max']:.4f} |" for s in r["stepwise"]), ""])
 
 
 if __name__ == "__main__":
