@@ -175,7 +175,9 @@ def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
                      "share": us / busy_us if busy_us else 0.0} for name, (us, n) in ranked]}
 
 
-def run(args, device: torch.device, label: str, commit: str | None) -> list[dict]:
+def run(args, device: torch.device, label: str, commit: str | None, on_row=None) -> list[dict]:
+    """Every (configuration, L, pattern) row; ``on_row(rows)`` after each, so that a run killed by a time limit
+    (or a crash) keeps what it measured."""
     rows = []
     for name in args.configs:
         size = CONFIGS[name]
@@ -199,6 +201,8 @@ def run(args, device: torch.device, label: str, commit: str | None) -> list[dict
                     torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -356,15 +360,19 @@ def main(argv: list[str] | None = None) -> int:
         others = {k: v for k, v in payload["runs"].items() if k != args.label}
         if any(v["tokens"] != args.tokens for v in others.values()):
             parser.error(f"{path} holds runs with another --tokens: labels are compared at the same step size")
-    rows = run(args, device, args.label, commit)
+    others = [r for r in payload["rows"] if r["label"] != args.label]
     payload["runs"] = {**{k: v for k, v in payload["runs"].items() if k != args.label}, args.label: run_info}
-    payload["rows"] = [r for r in payload["rows"] if r["label"] != args.label] + rows
-    report = markdown(payload)
-    if args.out is None:
-        print(report)
+
+    def write(rows: list[dict]) -> tuple[Path, Path] | None:
+        payload["rows"] = others + rows
+        return None if args.out is None else write_outputs(args.out, markdown(payload), payload)
+
+    rows = run(args, device, args.label, commit, on_row=write)
+    written = write(rows)
+    if written is None:
+        print(markdown(payload))
     else:
-        md, js = write_outputs(args.out, report, payload)
-        print(f"report: {md}, rows: {js}")
+        print(f"report: {written[0]}, rows: {written[1]}")
     return 0
 
 

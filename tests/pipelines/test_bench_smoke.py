@@ -198,3 +198,26 @@ def test_bench_full_paths_times_the_paths_the_rule_picks_from(load_pipeline, tmp
     assert jagged["ms"]["dense"] == "jagged batches" and isinstance(jagged["ms"]["padded"], float)
     assert all(isinstance(uniform["ms"][p], float) for p in ("dense", "ksa", "padded"))
     assert "| uniform 6 | fp32 |" in (tmp_path / "fp.md").read_text()
+
+
+def test_training_report_keeps_the_rows_measured_before_a_crash(load_pipeline, tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    bench = load_pipeline("bench_training")
+    measured = []
+
+    def fake_bench(size, pat, length, *args, **kwargs):
+        measured.append(pat)
+        if len(measured) == 2:  # the second row dies (a device call's time limit, a crash)
+            raise RuntimeError("killed")
+        return {"users": 1, "events": length, "step_ms": 1.0, "events_per_s": 1000.0, "warmup_s": 0.0, "peak_gib": None}
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    with pytest.raises(RuntimeError, match="killed"):
+        bench.main(["--quick", "--configs", "dim64", "--lengths", "64", "--kinds", "full", "ksa",
+                    "--out", str(tmp_path / "t")])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [(r["pattern"], r["events_per_s"]) for r in rows] == [("full*4", 1000.0)]
+    assert "full*4" in (tmp_path / "t.md").read_text()
