@@ -143,6 +143,10 @@ class _CapturedPass:
             self.backward = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.backward, pool=self.forward.pool(), capture_error_mode="thread_local"):
                 computed = grads(self.out, self.grad_out)
+        # The capture's autograd graph is done with; kept (through the output) it would keep the parameters'
+        # gradient nodes of the capture stream alive, and every later backward would sync with that stream
+        # (torch's "AccumulateGrad node's stream does not match" warning).
+        self.out = self.out.detach()
         # Per input (then parameter) the gradient buffer or None. Handed to autograd as they are, not as
         # detached views: referenced here too, they are copied into ``.grad``, never adopted as it (an adopted
         # buffer would be overwritten by the next replay and double-counted under gradient accumulation).
