@@ -61,6 +61,9 @@ class EncoderConfig:
     """> 0 adds an embedding of log2 time gaps to the previous event (0 disables)."""
     attention_backend: str | None = None
     """Attention backend for training, streaming and scoring: null (auto), torch, flex or triton."""
+    norm_backend: str | None = None
+    """RMSNorm backend (``ksa_rec.ops.norm``): null (auto: the fused Triton kernel on CUDA, torch elsewhere), torch
+    or triton. The residual add before each block's second norm runs in the same kernel."""
     cuda_graphs: bool = False
     """Training on CUDA: replay the encoder's forward and backward from CUDA graphs for batch layouts that repeat
     (captured the second time a layout is seen; ``ksa_rec.modules.graphs``). Pays where the step is bound by
@@ -95,6 +98,8 @@ class EncoderConfig:
         require(self.time_gap_buckets >= 0, "encoder.time_gap_buckets", "must be >= 0")
         require(self.attention_backend in (None, "torch", "flex", "triton"), "encoder.attention_backend",
                 f"must be null, torch, flex or triton, got {self.attention_backend!r}")
+        require(self.norm_backend in (None, "torch", "triton"), "encoder.norm_backend",
+                f"must be null, torch or triton, got {self.norm_backend!r}")
 
     @property
     def layers(self) -> list[str]:

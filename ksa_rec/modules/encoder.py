@@ -21,6 +21,7 @@ from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.graphs import EncoderGraphs
 from ksa_rec.ops.ksa.layout import summary_index, summary_position
 from ksa_rec.ops.ksa.step import StepTokens, share_layouts
+from ksa_rec.ops.norm import add_rms_norm
 from ksa_rec.ops.rope import RotaryEmbedding
 from ksa_rec.utils.jagged import lengths_to_offsets, segment_ids, validate_offsets
 
@@ -44,6 +45,22 @@ class PassPlan:
     op_tables: dict = field(default_factory=dict)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameter, same state dict) run by ``ksa_rec.ops.norm``'s dispatcher, with the residual
+    add before it fusable (``add_and_norm``)."""
+
+    def __init__(self, dim: int, backend: str | None):
+        super().__init__(dim)
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        return add_rms_norm(x, self.weight, self.eps, backend=self.backend)[1]
+
+    def add_and_norm(self, h: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """``(h + a, norm(h + a))``."""
+        return add_rms_norm(h, self.weight, self.eps, residual=a, backend=self.backend)
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: int, dropout: float):
         super().__init__(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
@@ -55,9 +72,9 @@ class Block(nn.Module):
 
     def __init__(self, kind: str, cfg: EncoderConfig, with_summaries: bool):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.dim)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_backend)
         self.attn = KINDS[kind](cfg, with_summaries)
-        self.ffn_norm = nn.RMSNorm(cfg.dim)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_backend)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_mult, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -72,8 +89,8 @@ class Block(nn.Module):
         return self.residual_and_ffn(h, a), state
 
     def residual_and_ffn(self, h: Tensor, a: Tensor) -> Tensor:
-        h = h + self.dropout(a)
-        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+        h, x = self.ffn_norm.add_and_norm(h, self.dropout(a))
+        return h + self.dropout(self.ffn(x))
 
 
 class SequenceEncoder(nn.Module):
@@ -92,7 +109,7 @@ class SequenceEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(kind, cfg, self.with_summaries) for kind in cfg.layers)
         self.rope = RotaryEmbedding(cfg.dim // cfg.num_heads, cfg.rope_base)
         self.input_dropout = nn.Dropout(cfg.dropout)
-        self.final_norm = nn.RMSNorm(cfg.dim)
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_backend)
         self.summary_pool = None
         self.graphs = EncoderGraphs() if cfg.cuda_graphs else None
         if self.with_summaries:

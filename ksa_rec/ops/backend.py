@@ -36,12 +36,14 @@ FORMS = ("train", "step")
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, form: str = "train") -> str:
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, form: str = "train",
+                    what: str = "attention") -> str:
     """The backend that runs an op of ``form`` ("train": the differentiable op over whole histories;
-    "step": the cached op of the streaming step) on inputs on ``device`` in ``dtype``."""
+    "step": the cached op of the streaming step) on inputs on ``device`` in ``dtype``; ``what`` names the op
+    in errors."""
     if requested is not None and requested not in BACKENDS:
-        raise BackendError(f"attention backend must be null (auto) or one of {', '.join(BACKENDS)}, got {requested!r}")
-    chosen = _auto(device, dtype, form) if requested is None else _explicit(requested, device, dtype, form)
+        raise BackendError(f"{what} backend must be null (auto) or one of {', '.join(BACKENDS)}, got {requested!r}")
+    chosen = _auto(device, dtype, form) if requested is None else _explicit(requested, device, dtype, form, what)
     _log_once(form, requested, device.type, chosen)
     return chosen
 
@@ -59,16 +61,16 @@ def _auto(device: torch.device, dtype: torch.dtype, form: str) -> str:
     return fallback
 
 
-def _explicit(requested: str, device: torch.device, dtype: torch.dtype, form: str) -> str:
+def _explicit(requested: str, device: torch.device, dtype: torch.dtype, form: str, what: str) -> str:
     if requested == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise BackendError(f"attention backend 'triton' needs a CUDA device, got {device} (set "
+            raise BackendError(f"{what} backend 'triton' needs a CUDA device, got {device} (set "
                                "TRITON_INTERPRET=1 to run the kernels on CPU)")
         if dtype not in TRITON_DTYPES:
-            raise BackendError(f"attention backend 'triton' supports {', '.join(map(str, TRITON_DTYPES))}, got {dtype}")
+            raise BackendError(f"{what} backend 'triton' supports {', '.join(map(str, TRITON_DTYPES))}, got {dtype}")
         problem = triton_import_error()
         if problem is not None:
-            raise BackendError(f"attention backend 'triton' is unavailable: {problem}")
+            raise BackendError(f"{what} backend 'triton' is unavailable: {problem}")
     if requested == "flex" and form == "step":
         return "torch"
     return requested
@@ -83,6 +85,15 @@ def triton_import_error() -> str | None:
     except ImportError as err:
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def resolve_norm_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """torch or triton for ``ksa_rec.ops.norm``: ``resolve_backend``'s rule for training (Triton on CUDA
+    where it imports, torch elsewhere; an explicit Triton that cannot run raises), with no Flex form."""
+    if requested == "flex":
+        raise BackendError("norm backend must be null (auto), torch or triton, got 'flex'")
+    chosen = resolve_backend(requested, device, dtype, "train", what="norm")
+    return "torch" if chosen == "flex" else chosen
 
 
 def resolve_full_path(device: torch.device, dtype: torch.dtype, rows: int, batch: int, max_len: int,
@@ -136,5 +147,5 @@ def _log_once(form: str, requested: str | None, device: str, chosen: str) -> Non
     log.debug("%s attention on %s: backend %s (requested %s)", form, device, chosen, requested or "auto")
 
 
-__all__ = ["BACKENDS", "FORMS", "FULL_PATHS", "resolve_backend", "resolve_full_path", "triton_import_error",
-           "varlen_causal_kwargs"]
+__all__ = ["BACKENDS", "FORMS", "FULL_PATHS", "resolve_backend", "resolve_full_path", "resolve_norm_backend",
+           "triton_import_error", "varlen_causal_kwargs"]
