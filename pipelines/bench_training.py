@@ -90,14 +90,20 @@ def pattern(unit: str, layers: int) -> str:
 
 
 def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: int, num_items: int,
-          device: torch.device, profile_top: int = 0, compile_loss: bool = False, cuda_graphs: bool = False) -> dict:
-    """One (configuration, pattern, L) measurement."""
+          device: torch.device, profile_top: int = 0, compile_loss: bool = False, cuda_graphs: bool = False,
+          fused_ops: str = "auto") -> dict:
+    """One (configuration, pattern, L) measurement. ``fused_ops="torch"``: the norms and the sampled loss on their
+    torch peers instead of the fused kernels (the settings are left out otherwise, so an older package without
+    them runs this script too)."""
     torch.manual_seed(0)
     span = CHUNK * WINDOW
+    peers = {"norm_backend": "torch"} if fused_ops == "torch" else {}
     cfg = EncoderConfig(dim=size.dim, num_heads=size.heads, pattern=pat, dropout=0.0, chunk_size=CHUNK, window=WINDOW,
-                        mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK), cuda_graphs=cuda_graphs)
-    model = SeqRecModel(cfg, LossConfig(kind="sampled", num_uniform_negatives=NEGATIVES, in_batch_negatives=False),
-                        DataSpec(num_items=num_items)).to(device)
+                        mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK), cuda_graphs=cuda_graphs,
+                        **peers)
+    loss = LossConfig(kind="sampled", num_uniform_negatives=NEGATIVES, in_batch_negatives=False,
+                      **({"backend": "torch"} if fused_ops == "torch" else {}))
+    model = SeqRecModel(cfg, loss, DataSpec(num_items=num_items)).to(device)
     optimizer = build_adamw(model, OptimConfig(lr=1e-3))  # what fit uses: fused on CUDA
     users = max(1, tokens // length)
     batch = random_training_batch(users, length, num_items, torch.Generator().manual_seed(1)).to(device)
@@ -188,7 +194,7 @@ def run(args, device: torch.device, label: str, commit: str | None, on_row=None)
                        "layers": size.layers, "pattern": pat, "length": length, "status": "ok"}
                 try:
                     row |= bench(size, pat, length, args.tokens, args.warmup, args.steps, args.num_items, device,
-                                 args.profile, args.compile, args.cuda_graphs)
+                                 args.profile, args.compile, args.cuda_graphs, args.fused_ops)
                 except torch.OutOfMemoryError:
                     row["status"] = "out of memory"
                 except Exception as err:  # noqa: BLE001 -- a compiler failure is a result of --compile, not a crash
@@ -339,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="model.encoder.cuda_graphs: the encoder's pass replayed from a CUDA graph (captured at "
                              "the second warm-up step: needs --warmup >= 2)")
+    parser.add_argument("--fused-ops", choices=["auto", "torch"], default="auto",
+                        help="torch: the RMSNorms and the sampled loss on their torch peers (label it so)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model's loss (forward; backward through AOTAutograd): label it so")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -353,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = package_commit()
     run_info = {"command": command(__file__, argv), "machine": machine(device), "date": now(), "commit": commit,
                 "tokens": args.tokens, "warmup": args.warmup, "steps": args.steps, "compile": args.compile,
-                "cuda_graphs": args.cuda_graphs}
+                "cuda_graphs": args.cuda_graphs, "fused_ops": args.fused_ops}
     payload = {"runs": {}, "rows": []}
     if args.out is not None and (path := args.out.with_name(args.out.name + ".json")).exists():
         payload = json.loads(path.read_text())  # keep the other labels' rows

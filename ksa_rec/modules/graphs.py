@@ -107,13 +107,19 @@ class _CapturedPass:
                  time_part: Tensor | None):
         # The graphs read the plan's tensors (summary rows, the op's block tables) by address: kept alive here.
         self.plan = plan
-        self.params = tuple(p for p in encoder.parameters() if p.requires_grad)
+        named = [(name, p) for name, p in encoder.named_parameters() if p.requires_grad]
+        self.params = tuple(p for _, p in named)
+        # The passes run on aliases of the parameters: the same storage (so the graphs read the optimizer's
+        # in-place updates), but leaves of their own. A parameter's gradient node belongs to the stream it was
+        # made on, and the caller's last eager pass may keep it alive (its output or loss not yet freed): a
+        # capture that reached it would wait on the default stream, which fails the capture.
+        aliases = {f"encoder.{name}": p.detach().requires_grad_() for name, p in named}
         self.inputs = tuple(_static(t) for t in (tokens, positions, time_part) if t is not None)
-        differentiable = [t for t in self.inputs if t.requires_grad] + list(self.params)
+        differentiable = [t for t in self.inputs if t.requires_grad] + list(aliases.values())
+        runner = _Run(encoder, plan)
 
         def run() -> Tensor:
-            tokens_, positions_, *rest = self.inputs
-            return encoder.run(tokens_, positions_, rest[0] if rest else None, plan)
+            return torch.func.functional_call(runner, aliases, self.inputs)
 
         def grads(out: Tensor, grad_out: Tensor) -> tuple[Tensor | None, ...]:
             return torch.autograd.grad(out, differentiable, grad_out, allow_unused=True)
@@ -153,6 +159,18 @@ class _CapturedPass:
         by_input = iter(computed)
         self.grads = tuple(next(by_input) if t.requires_grad else None for t in self.inputs) + tuple(
             next(by_input) for _ in self.params)
+
+
+class _Run(torch.nn.Module):
+    """``encoder.run`` over one plan as a module's forward, so that ``torch.func.functional_call`` can run it on
+    other tensors in place of the encoder's parameters (named ``encoder.<name>``)."""
+
+    def __init__(self, encoder: SequenceEncoder, plan: PassPlan):
+        super().__init__()
+        self.encoder, self.plan = encoder, plan
+
+    def forward(self, tokens: Tensor, positions: Tensor, time_part: Tensor | None = None) -> Tensor:
+        return self.encoder.run(tokens, positions, time_part, self.plan)
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

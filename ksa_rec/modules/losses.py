@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ksa_rec.data.schema import RESERVED_IDS
+from ksa_rec.ops.xent import sampled_cross_entropy
 from ksa_rec.utils.config import require
 
 
@@ -41,12 +42,17 @@ class LossConfig:
     label_smoothing: float = 0.0
     """Full CE: this share of each target's probability mass is spread evenly over the catalogue's real
     items (reserved ids excluded); 0 = off."""
+    backend: str | None = None
+    """Sampled softmax: who computes its cross-entropy over the scored logits (``ksa_rec.ops.xent``): null (auto:
+    the Triton kernel on CUDA, torch elsewhere), torch or triton."""
     summary_reconstruction: float = 0.0
     """Weight of an auxiliary loss asking every summary state that a later KSA layer reads to name the
     items of its chunk slice (softmax over the catalogue); 0 = off. Needs a ksa layer after the first."""
 
     def __post_init__(self) -> None:
         require(self.kind in ("ce", "sampled"), "loss.kind", f"must be 'ce' or 'sampled', got {self.kind!r}")
+        require(self.backend in (None, "torch", "triton"), "loss.backend",
+                f"must be null, torch or triton, got {self.backend!r}")
         require(self.summary_reconstruction >= 0, "loss.summary_reconstruction", "must be >= 0")
         require(self.num_uniform_negatives >= 0, "loss.num_uniform_negatives", "must be >= 0")
         require(self.similarity in ("dot", "cosine"), "loss.similarity",
@@ -102,14 +108,10 @@ def sampled_softmax(hidden: Tensor, targets: Tensor, item_embeddings: Callable[[
                                        device=targets.device, generator=generator))
     neg = torch.cat(negatives)
     candidates = item_embeddings(torch.cat([targets, neg]))
-    pos_logit = (hidden * candidates[:n]).sum(-1, keepdim=True)
+    pos_logit = (hidden * candidates[:n]).sum(-1)
     neg_logit = hidden @ candidates[n:].t()
-    neg_logit = neg_logit / cfg.temperature
-    if cfg.logq_correction:
-        neg_logit = neg_logit - torch.log(_expected_counts(neg, n, cfg, num_items, item_prob))[None, :]
-    neg_logit = neg_logit.masked_fill(neg[None, :] == targets[:, None], float("-inf"))
-    logits = torch.cat([pos_logit / cfg.temperature, neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=targets.device))
+    log_counts = torch.log(_expected_counts(neg, n, cfg, num_items, item_prob)) if cfg.logq_correction else None
+    return sampled_cross_entropy(pos_logit, neg_logit, neg, targets, log_counts, cfg.temperature, cfg.backend)
 
 
 def _expected_counts(items: Tensor, batch: int, cfg: LossConfig, num_items: int,

@@ -87,12 +87,13 @@ def triton_import_error() -> str | None:
     return None
 
 
-def resolve_norm_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """torch or triton for ``ksa_rec.ops.norm``: ``resolve_backend``'s rule for training (Triton on CUDA
-    where it imports, torch elsewhere; an explicit Triton that cannot run raises), with no Flex form."""
+def resolve_fused_backend(requested: str | None, device: torch.device, dtype: torch.dtype, what: str) -> str:
+    """torch or triton for the fused non-attention ops (``ksa_rec.ops.norm``, ``ksa_rec.ops.xent``; ``what``
+    names one in errors): ``resolve_backend``'s rule for training (Triton on CUDA where it imports, torch
+    elsewhere; an explicit Triton that cannot run raises), with no Flex form."""
     if requested == "flex":
-        raise BackendError("norm backend must be null (auto), torch or triton, got 'flex'")
-    chosen = resolve_backend(requested, device, dtype, "train", what="norm")
+        raise BackendError(f"{what} backend must be null (auto), torch or triton, got 'flex'")
+    chosen = resolve_backend(requested, device, dtype, "train", what=what)
     return "torch" if chosen == "flex" else chosen
 
 
@@ -147,5 +148,5 @@ def _log_once(form: str, requested: str | None, device: str, chosen: str) -> Non
     log.debug("%s attention on %s: backend %s (requested %s)", form, device, chosen, requested or "auto")
 
 
-__all__ = ["BACKENDS", "FORMS", "FULL_PATHS", "resolve_backend", "resolve_full_path", "resolve_norm_backend",
+__all__ = ["BACKENDS", "FORMS", "FULL_PATHS", "resolve_backend", "resolve_full_path", "resolve_fused_backend",
            "triton_import_error", "varlen_causal_kwargs"]

@@ -69,6 +69,28 @@ def test_graphs_are_not_state_and_copies_start_without_any():
         assert clone.graphs.eager == 0
 
 
+def test_the_captured_pass_runs_on_parameter_aliases():
+    """What a capture runs (CPU-checkable): the encoder's pass over a plan, on leaves that share the parameters'
+    storage, so gradients reach the aliases, never the parameters' own gradient nodes, and updates of the
+    parameters in place reach the pass."""
+    from ksa_rec.modules.graphs import _Run
+
+    _, graphed = _twins("ksa,full", "cpu", summary_init="chunk")
+    tokens, offsets, positions, times, max_len = _batch([9, 4, 12], "cpu")
+    plan = graphed.plan(offsets, tokens.shape[0], max_len)
+    named = [(n, p) for n, p in graphed.named_parameters() if p.requires_grad]
+    aliases = {f"encoder.{n}": p.detach().requires_grad_() for n, p in named}
+    out = torch.func.functional_call(_Run(graphed, plan), aliases, (tokens, positions, times))
+    torch.testing.assert_close(out, graphed.run(tokens, positions, times, plan))
+    out.square().sum().backward()
+    assert all(p.grad is None for _, p in named)
+    assert all(a.grad is not None for a in aliases.values())
+    with torch.no_grad():
+        graphed.final_norm.weight.mul_(2.0)
+    again = torch.func.functional_call(_Run(graphed, plan), aliases, (tokens, positions, times))
+    torch.testing.assert_close(again, 2.0 * out.detach())
+
+
 def test_evaluation_and_no_grad_passes_bypass_the_graphs():
     _, graphed = _twins("full,full", "cpu")
     batch = _batch([5, 7], "cpu")
@@ -165,6 +187,8 @@ def test_dropout_draws_new_masks_at_every_replay():
     batch = _batch([12, 7], "cuda")
     outs = []
     for _ in range(4):
+        # the last pass's output (and so its parameters' gradient nodes) is still alive during the next pass,
+        # the capture included, as a caller that keeps its last loss would have it
         out = graphed(*batch)
         out.sum().backward()
         outs.append(out.detach())

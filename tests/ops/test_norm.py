@@ -15,7 +15,7 @@ import torch
 from ksa_rec.errors import BackendError
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
-from ksa_rec.ops.backend import resolve_norm_backend
+from ksa_rec.ops.backend import resolve_fused_backend
 from ksa_rec.ops.norm import add_rms_norm, add_rms_norm_reference
 from ksa_rec.ops.norm.triton_norm import add_rms_norm_triton
 
@@ -91,17 +91,17 @@ def test_empty_input():
 
 
 def test_backend_rule():
-    assert resolve_norm_backend(None, torch.device("cpu"), torch.float32) == "torch"
+    assert resolve_fused_backend(None, torch.device("cpu"), torch.float32, "norm") == "torch"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        assert resolve_norm_backend("triton", torch.device("cpu"), torch.float32) == "triton"
+        assert resolve_fused_backend("triton", torch.device("cpu"), torch.float32, "norm") == "triton"
     else:
         with pytest.raises(BackendError, match="norm backend 'triton' needs a CUDA device"):
-            resolve_norm_backend("triton", torch.device("cpu"), torch.float32)
+            resolve_fused_backend("triton", torch.device("cpu"), torch.float32, "norm")
     if torch.cuda.is_available():
-        assert resolve_norm_backend(None, torch.device("cuda"), torch.bfloat16) == "triton"
-        assert resolve_norm_backend(None, torch.device("cuda"), torch.float64) == "torch"
+        assert resolve_fused_backend(None, torch.device("cuda"), torch.bfloat16, "norm") == "triton"
+        assert resolve_fused_backend(None, torch.device("cuda"), torch.float64, "norm") == "torch"
     with pytest.raises(BackendError, match="norm backend must be"):
-        resolve_norm_backend("flex", torch.device("cpu"), torch.float32)
+        resolve_fused_backend("flex", torch.device("cpu"), torch.float32, "norm")
     with pytest.raises(ValueError, match="encoder.norm_backend"):
         EncoderConfig(norm_backend="cuda")
 

@@ -6,7 +6,7 @@ add and the norm in one pass, reading and writing each tensor in its own dtype w
 backward, the input gradient and a deterministic weight gradient in one more. Why a kernel: at recsys
 widths (dim 64) and 1K events a user a training step spent more device time in the norms than in attention,
 most of it in torch's weight-gradient kernel, slow for a tall, narrow input (``docs/results/training-speed.md``).
-Which one runs follows the attention rule (``ksa_rec.ops.backend.resolve_norm_backend``).
+Which one runs follows the attention rule (``ksa_rec.ops.backend.resolve_fused_backend``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ksa_rec.ops.backend import resolve_norm_backend
+from ksa_rec.ops.backend import resolve_fused_backend
 
 
 def add_rms_norm(x: Tensor, weight: Tensor, eps: float | None = None, residual: Tensor | None = None,
@@ -25,7 +25,7 @@ def add_rms_norm(x: Tensor, weight: Tensor, eps: float | None = None, residual: 
     float32. ``eps`` None: ``torch.finfo(s.dtype).eps``, as ``nn.RMSNorm``."""
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     eps = torch.finfo(dtype).eps if eps is None else eps
-    if resolve_norm_backend(backend, x.device, dtype) == "triton":
+    if resolve_fused_backend(backend, x.device, dtype, "norm") == "triton":
         from ksa_rec.ops.norm.triton_norm import add_rms_norm_triton
         return add_rms_norm_triton(x, weight, eps, residual)
     return add_rms_norm_reference(x, weight, eps, residual)
