@@ -44,7 +44,7 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
     if requested is not None and requested not in BACKENDS:
         raise BackendError(f"{what} backend must be null (auto) or one of {', '.join(BACKENDS)}, got {requested!r}")
     chosen = _auto(device, dtype, form) if requested is None else _explicit(requested, device, dtype, form, what)
-    _log_once(form, requested, device.type, chosen)
+    _log_once(form if what == "attention" else what, requested, device.type, chosen, what)
     return chosen
 
 
@@ -144,8 +144,10 @@ def _warn_once(message: str) -> None:
 
 
 @functools.cache
-def _log_once(form: str, requested: str | None, device: str, chosen: str) -> None:
-    log.debug("%s attention on %s: backend %s (requested %s)", form, device, chosen, requested or "auto")
+def _log_once(form: str, requested: str | None, device: str, chosen: str, what: str = "attention") -> None:
+    """``form`` names the decision ("train" / "step" attention, "full causal", or a fused op's name)."""
+    label = f"{form} attention" if what == "attention" else form
+    log.debug("%s on %s: backend %s (requested %s)", label, device, chosen, requested or "auto")
 
 
 __all__ = ["BACKENDS", "FORMS", "FULL_PATHS", "resolve_backend", "resolve_full_path", "resolve_fused_backend",

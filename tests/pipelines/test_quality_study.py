@@ -108,8 +108,8 @@ def test_studies_that_share_a_run_run_it_once(quality):
 
 def test_studies_run_before_a_config_changed_pin_the_settings_they_ran(quality):
     """configs/ml-1m-sasrec.yaml moved from dim 64 / 2 heads to dim 128 / 4 heads after the first ML-1M sweep,
-    then to full*8 at dim 64 / 2 heads; configs/beauty.yaml gained 500 warm-up steps. The studies run before
-    keep training what their result files report."""
+    then to full*8 at dim 64 / 2 heads, then to dropout 0.3; configs/beauty.yaml gained 500 warm-up steps. The
+    studies run before keep training what their result files report."""
     def args(run):
         return dict(zip(run.overrides[::2], run.overrides[1::2]))
 
@@ -121,13 +121,18 @@ def test_studies_run_before_a_config_changed_pin_the_settings_they_ran(quality):
     deep = {r.name: args(r) for r in quality.STUDIES["ml-1m-deep"]}
     assert (deep["ml-1m-full*8-64"]["--model.encoder.dim"], deep["ml-1m-full*8-64"]["--model.encoder.num_heads"]) \
         == ("64", "2")  # a row's own width is not overridden by the pin
-    before = quality.SHIPPED_BEFORE["beauty"][1]
+    before = quality.SHIPPED_BEFORE["beauty"][0][1]
     beauty = [r for study in before for r in quality.STUDIES[study] if r.config == "beauty"]
     assert beauty and all(args(r)["--model.optim.warmup_steps"] == ("500" if "warm500" in r.name else "0")
                           for r in beauty)
     later = quality.STUDIES["beauty-ksa-recipe"]  # a study added after the change runs the config as it ships
     assert later and all("--model.optim.warmup_steps" not in r.overrides for r in later)
     assert all(r.overrides.count("--model.optim.warmup_steps") == 1 for r in beauty)  # pinned once, never twice
+    for study in ("ml-1m-converged", "ml-1m-deep", "ml-1m-cosine", "ml-1m-regularise"):  # dropout 0.2 until then
+        for run in quality.STUDIES[study]:
+            want = run.name.split("[drop")[1].split("]")[0] if "[drop" in run.name else "0.2"
+            assert args(run)["--model.encoder.dropout"] == want, run.name
+            assert run.overrides.count("--model.encoder.dropout") == 1, run.name
 
 
 def test_only_that_names_no_run_is_an_error(quality, monkeypatch, capsys, tmp_path):
