@@ -69,9 +69,10 @@ def test_bench_training_smoke_merges_labels(tmp_path):
     out = str(tmp_path / "training")
     common = ["--quick", "--configs", "dim64", "--lengths", "64", "--kinds", "full", "ksa*3,full", "--out", out]
     _run("bench_training.py", *common, "--label", "old")
-    _run("bench_training.py", *common, "--label", "new")
+    _run("bench_training.py", *common, "--label", "new", "--fused-ops", "torch")
     report = json.loads((tmp_path / "training.json").read_text())
     assert list(report["runs"]) == ["old", "new"]
+    assert (report["runs"]["old"]["fused_ops"], report["runs"]["new"]["fused_ops"]) == ("auto", "torch")
     assert sorted((r["label"], r["pattern"]) for r in report["rows"]) == [
         ("new", "full*4"), ("new", "ksa*3,full"), ("old", "full*4"), ("old", "ksa*3,full")]
     assert all(r["events_per_s"] > 0 for r in report["rows"])
