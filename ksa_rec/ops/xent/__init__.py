@@ -6,8 +6,8 @@ is the mean over rows of ``logsumexp([pos_i, z_i1 .. z_iM]) - pos_i / T`` where 
 log_counts_j`` and ``z_ij = -inf`` where ``neg_ids_j == targets_i``. Two peers behind one dispatcher: plain
 torch (every device) and a Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``) that reads the ``[N, M]``
 logits once forward and once backward, in their own dtype, where torch's chain of division, correction,
-mask, concatenation and softmax makes about a dozen passes over them (at 65,536 events and 1,024 negatives,
-each pass moves 134-268 MB). Which one runs follows the attention rule
+mask, concatenation and softmax passes over them several times each way (at 65,536 events and 1,024
+negatives, each pass moves 134-268 MB). Which one runs follows the attention rule
 (``ksa_rec.ops.backend.resolve_fused_backend``).
 """
 
