@@ -124,7 +124,7 @@ class SeqRecModel(nn.Module):
         hidden, targets = hidden[rows], batch.targets[rows]
         if self.loss_cfg.kind == "ce":
             loss = full_cross_entropy(*self.head(hidden), targets, self.loss_cfg.temperature,
-                                      self.loss_cfg.label_smoothing)
+                                      self.loss_cfg.label_smoothing, self.loss_cfg.backend)
         else:
             loss = sampled_softmax(self.head_queries(hidden), targets, self.head_item_embeddings,
                                    self.data_spec.num_items, self.loss_cfg, self.item_prob, generator)
@@ -149,5 +149,5 @@ class SeqRecModel(nn.Module):
         if owner.numel() == 0:  # no complete chunk in the batch: nothing to reconstruct
             return summaries[0].sum() * 0.0
         losses = [full_cross_entropy(*self.head(self.encoder.final_norm(states)[owner]), items[keep],
-                                     self.loss_cfg.temperature) for states in summaries]
+                                     self.loss_cfg.temperature, backend=self.loss_cfg.backend) for states in summaries]
         return torch.stack(losses).mean()

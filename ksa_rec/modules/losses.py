@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ksa_rec.data.schema import RESERVED_IDS
+from ksa_rec.ops.backend import resolve_fused_backend
 from ksa_rec.ops.xent import sampled_cross_entropy
 from ksa_rec.utils.config import require
 
@@ -43,8 +44,9 @@ class LossConfig:
     """Full CE: this share of each target's probability mass is spread evenly over the catalogue's real
     items (reserved ids excluded); 0 = off."""
     backend: str | None = None
-    """Sampled softmax: who computes its cross-entropy over the scored logits (``ksa_rec.ops.xent``): null (auto:
-    the Triton kernel on CUDA, torch elsewhere), torch or triton."""
+    """Who computes the softmax cross-entropy over the scored logits (sampled softmax, and the full one without
+    label smoothing; ``ksa_rec.ops.xent``): null (auto: the Triton kernel on CUDA, torch elsewhere), torch or
+    triton."""
     summary_reconstruction: float = 0.0
     """Weight of an auxiliary loss asking every summary state that a later KSA layer reads to name the
     items of its chunk slice (softmax over the catalogue); 0 = off. Needs a ksa layer after the first."""
@@ -72,13 +74,21 @@ def catalogue_logits(hidden: Tensor, item_weight: Tensor) -> Tensor:
 
 
 def full_cross_entropy(hidden: Tensor, item_weight: Tensor, targets: Tensor, temperature: float = 1.0,
-                       label_smoothing: float = 0.0) -> Tensor:
+                       label_smoothing: float = 0.0, backend: str | None = None) -> Tensor:
     """Mean softmax cross-entropy over the full catalogue. ``hidden [N, dim]``, ``item_weight [num_items, dim]``,
     ``targets [N]``.
 
     With ``label_smoothing`` e the target distribution is (1 - e) on the target plus e spread evenly over
     the real items; torch's own smoothing would also spread it over the reserved ids, whose -inf logits
-    make that loss infinite."""
+    make that loss infinite. Without it, where ``backend`` resolves to Triton (CUDA by default), the
+    cross-entropy is ``ksa_rec.ops.xent``'s kernel over the catalogue's logits: the target's own score is
+    the positive, every other item a negative, and the reserved ids columns that never count."""
+    if label_smoothing == 0 and resolve_fused_backend(backend, hidden.device, hidden.dtype, "loss") == "triton":
+        num_items = item_weight.shape[0]
+        pos = (hidden * F.embedding(targets, item_weight)).sum(-1)
+        ids = torch.arange(num_items, device=hidden.device)
+        never = torch.where(ids < RESERVED_IDS, float("inf"), 0.0)  # subtracted: reserved ids score -inf
+        return sampled_cross_entropy(pos, hidden @ item_weight.t(), ids, targets, never, temperature, "triton")
     logits = catalogue_logits(hidden, item_weight) / temperature
     if label_smoothing == 0:
         return F.cross_entropy(logits, targets)

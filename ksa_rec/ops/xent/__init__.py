@@ -8,7 +8,9 @@ torch (every device) and a Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=
 logits once forward and once backward, in their own dtype, where torch's chain of division, correction,
 mask, concatenation and softmax passes over them several times each way (at 65,536 events and 1,024
 negatives, each pass moves 134-268 MB). Which one runs follows the attention rule
-(``ksa_rec.ops.backend.resolve_fused_backend``).
+(``ksa_rec.ops.backend.resolve_fused_backend``). The full-catalogue cross-entropy
+(``ksa_rec.modules.losses.full_cross_entropy``) runs on it too: every item a negative, the reserved ids
+subtracted out with ``log_counts = +inf``.
 """
 
 from __future__ import annotations
