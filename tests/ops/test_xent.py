@@ -73,36 +73,45 @@ def test_the_dispatcher_and_the_loss_config():
         LossConfig(kind="sampled", backend="flex")
 
 
+def _head_case(num_items: int, rows: int, seed: int):
+    """An item table, states and targets (never a reserved id), the first two with gradients."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(num_items, 16, generator=g).to(DEVICE).requires_grad_()
+    hidden = torch.randn(rows, 16, generator=g).to(DEVICE).requires_grad_()
+    return table, hidden, torch.randint(2, num_items, (rows,), generator=g).to(DEVICE)
+
+
+def _same_on_both_backends(loss_of, wrt) -> list[tuple]:
+    """``loss_of(backend)`` on torch and on the kernel: the same value and gradients of ``wrt``; returns both."""
+    results = []
+    for backend in ("torch", "triton"):
+        loss = loss_of(backend)
+        results.append((loss, *torch.autograd.grad(loss, wrt)))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    return results
+
+
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_sampled_softmax_trains_the_same_on_either_backend(in_batch):
     """The model's loss (in-batch and uniform negatives, logQ correction): same value and gradients for the
     states and the item table with the kernel as with torch."""
-    g = torch.Generator().manual_seed(0)
-    table = torch.randn(50, 16, generator=g).to(DEVICE).requires_grad_()
-    hidden = torch.randn(23, 16, generator=g).to(DEVICE).requires_grad_()
-    targets = torch.randint(2, 50, (23,), generator=g).to(DEVICE)
-    results = []
-    for backend in ("torch", "triton"):
+    table, hidden, targets = _head_case(50, 23, 0)
+
+    def loss_of(backend):
         cfg = LossConfig(kind="sampled", num_uniform_negatives=37, in_batch_negatives=in_batch, backend=backend)
         draws = torch.Generator(device=DEVICE).manual_seed(5)
-        loss = sampled_softmax(hidden, targets, lambda ids: table[ids], 50, cfg, None, draws)
-        results.append((loss, *torch.autograd.grad(loss, [hidden, table])))
-    for want, got in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        return sampled_softmax(hidden, targets, lambda ids: table[ids], 50, cfg, None, draws)
+
+    _same_on_both_backends(loss_of, [hidden, table])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.2])
 def test_full_cross_entropy_is_the_same_on_the_kernel(temperature):
     """The full-catalogue loss on the kernel (the target's score as the positive, the reserved ids never counted)
     against torch's cross-entropy over the catalogue: value and the gradients of the states and the item table."""
-    g = torch.Generator().manual_seed(1)
-    table = torch.randn(131, 16, generator=g).to(DEVICE).requires_grad_()
-    hidden = torch.randn(29, 16, generator=g).to(DEVICE).requires_grad_()
-    targets = torch.randint(2, 131, (29,), generator=g).to(DEVICE)
-    results = []
-    for backend in ("torch", "triton"):
-        loss = full_cross_entropy(hidden, table, targets, temperature, backend=backend)
-        results.append((loss, *torch.autograd.grad(loss, [hidden, table])))
-    for want, got in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(results[1][2][:2], torch.zeros_like(results[1][2][:2]))  # reserved rows get no gradient
+    table, hidden, targets = _head_case(131, 29, 1)
+    results = _same_on_both_backends(
+        lambda backend: full_cross_entropy(hidden, table, targets, temperature, backend=backend), [hidden, table])
+    kernel_table_grad = results[1][2]
+    assert torch.equal(kernel_table_grad[:2], torch.zeros_like(kernel_table_grad[:2]))  # reserved rows: none

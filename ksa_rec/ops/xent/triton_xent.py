@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 _BLOCK_R = 16
 _BLOCK_C = 128
@@ -97,8 +98,6 @@ def _xent_bwd_kernel(GRAD, LSE, NEG, IDS, TARGETS, LOG_COUNTS, DNEG, n_rows, n_c
 
 
 def _launch(kernel, n_rows: int, *args, has_counts: bool) -> None:
-    from triton.runtime.interpreter import InterpretedFunction
-
     kernel[(triton.cdiv(n_rows, _BLOCK_R),)](*args, HAS_COUNTS=has_counts, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
                                             INTERPRET=isinstance(kernel, InterpretedFunction))
 
