@@ -21,6 +21,9 @@ chunks, ``k`` = chunk size, ``S`` = summary tokens, ``M`` = max summaries)::
     sca   own chunk + W chunks raw, nothing older      KsaRule(k, W, S, 0)
     swa   the W*k previous events                      KsaRule(k, W*k, S, 0, window_unit=1)
 
+Besides them: the memory kinds ``mka`` / ``fastmka`` (MKA.md) and ``hstu`` (HSTU's pointwise attention over
+every earlier event, ``ksa_rec.modules.hstu``), which carry no summary stream.
+
 When the encoder carries a summary stream (any kind that reads summaries is in the pattern), every one
 of these layers also moves the summaries forward with its own summary Q/K/V projections (KSA.md section
 4): a summary reads its own chunk's events and its own chunk's earlier slots, whatever the layer kind.
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ksa_rec.modules.hstu import PointwiseUnit
 from ksa_rec.modules.mka import FastMkaAttention, MkaAttention
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import KsaRule, ksa_attention
@@ -265,8 +269,36 @@ class FastMkaLayer(MemoryAttention):
     memory_class = FastMkaAttention
 
 
+class HstuLayer(AttentionLayer):
+    """HSTU's pointwise attention unit (``ksa_rec.modules.hstu``): every earlier event, no softmax, a learned
+    bias per distance, the output gated; its state is every earlier event's K/V. No summary stream."""
+
+    kind = "hstu"
+    carries_summaries = False
+
+    def __init__(self, cfg: EncoderConfig, with_summaries: bool):
+        super().__init__()
+        if with_summaries:
+            raise ValueError("hstu layers cannot carry a summary stream")
+        self.cfg = cfg
+        self.unit = PointwiseUnit(cfg.dim, cfg.num_heads, cfg.hstu)
+
+    def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
+        return self.unit(h, layout.offsets, layout.positions, layout.max_len)
+
+    def step(self, h: Tensor, layout: StepLayout, state: LayerCache) -> tuple[Tensor, LayerCache]:
+        return self.unit.step(h, layout.tokens.offsets, layout.tokens.positions, state)
+
+    def empty_state(self, batch: int, dtype: torch.dtype, device) -> LayerCache:
+        return LayerCache.empty(batch, self.cfg.num_heads, self.cfg.dim // self.cfg.num_heads, dtype, device)
+
+    def stack_states(self, users: list[dict[str, Tensor]]) -> LayerCache:
+        return LayerCache.stack(users)
+
+
 KINDS: dict[str, type[AttentionLayer]] = {
-    cls.kind: cls for cls in (FullAttention, KsaAttention, ScaAttention, SwaAttention, MkaLayer, FastMkaLayer)}
+    cls.kind: cls for cls in (FullAttention, KsaAttention, ScaAttention, SwaAttention, MkaLayer, FastMkaLayer,
+                              HstuLayer)}
 """Attention kinds by the name a pattern uses (``--model.encoder.pattern``)."""
 
 __all__ = ["KINDS", "AttentionLayer", "RuleAttention", "StepLayout", "StreamLayout"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ksa_rec.modules.attention import KINDS
+from ksa_rec.modules.hstu import HstuConfig
 from ksa_rec.modules.mka import MkaConfig
 from ksa_rec.utils.config import require
 
@@ -35,7 +36,7 @@ class EncoderConfig:
     num_heads: int = 2
     """Attention heads per layer (``dim / num_heads`` must be even: RoPE rotates pairs)."""
     pattern: str = "full,full"
-    """Attention kind per layer, comma-separated, ``kind*N`` repeats: full, ksa, sca, swa, mka, fastmka."""
+    """Attention kind per layer, comma-separated, ``kind*N`` repeats: full, ksa, sca, swa, mka, fastmka, hstu."""
     ffn_mult: int = 4
     """Hidden width of each feed-forward block, as a multiple of dim."""
     dropout: float = 0.2
@@ -71,11 +72,15 @@ class EncoderConfig:
     Evaluation, serving and the CPU always run eagerly."""
     mka: MkaConfig = field(default_factory=MkaConfig)
     """Settings of mka / fastmka layers (MKA.md)."""
+    hstu: HstuConfig = field(default_factory=HstuConfig)
+    """Settings of hstu layers (``ksa_rec.modules.hstu``)."""
 
     def __post_init__(self) -> None:
         layers = parse_pattern(self.pattern)
         if isinstance(self.mka, dict):
             self.mka = MkaConfig(**self.mka)
+        if isinstance(self.hstu, dict):
+            self.hstu = HstuConfig(**self.hstu)
         kinds = [KINDS[k] for k in layers]
         readers = sorted({k.kind for k in kinds if k.reads_summaries})
         blockers = sorted({k.kind for k in kinds if not k.carries_summaries})

@@ -12,8 +12,8 @@ from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.utils.jagged import lengths_to_offsets
 
-PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "ksa,sca,swa,full",
-            "mka,full", "fastmka,mka", "mka,swa,sca"]
+PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "ksa,sca,swa,full", "hstu,full",
+            "hstu*2", "mka,full", "fastmka,mka", "mka,swa,sca"]
 # Every pattern with summaries again with chunk-seeded summaries (KSA.md section 11).
 CHUNK_PATTERNS = ["ksa,ksa", "ksa*3,full", "swa,ksa", "ksa,sca,swa,full", "sca,ksa", "full,ksa"]
 

@@ -1,0 +1,77 @@
+"""Pointwise (SiLU) attention with a relative-position bias: the attention of HSTU (Zhai et al., 2024).
+
+No softmax: a query's output is the sum over the keys it sees of ``silu(q . k + bias(distance)) * v``, divided
+by a constant, so how much a user did (the number of matching events) stays in the output instead of being
+normalised away. The rule of who sees whom is plain causal: a query at absolute event index ``i`` sees the keys
+of its own user at indices ``j <= i``; ``distance = i - j`` indexes a learned table per head, clamped to its
+last entry. The same function serves the training pass (queries = keys = the batch's events) and a streaming
+step (queries = the new events, keys = the cached events then the new ones), so the two agree by construction.
+
+Torch only: the users are padded to ``[B, Lq, Lk]`` score tiles, which costs memory quadratic in the longest
+history of the batch (fine at the 50-200 events of the public benchmarks; not a long-history kind).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ksa_rec.utils.jagged import segment_ids
+
+_FAR = -(2**62)
+"""Position of a padded key row: no query is that far ahead of it, and it is masked out anyway."""
+
+
+def pointwise_attention(q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, q_positions: Tensor, k_offsets: Tensor,
+                        k_positions: Tensor, bias: Tensor, *, normalizer: float, max_q: int | None = None,
+                        max_k: int | None = None) -> Tensor:
+    """Causal pointwise attention of jagged queries over jagged keys of the same B users, differentiable.
+
+    Args:
+        q: ``(sum_b m_b, H, D)`` queries, user b's rows ``q_offsets[b]:q_offsets[b+1]``, absolute event indices
+            ``q_positions [sum m_b]``.
+        k, v: ``(sum_b n_b, H, D)`` keys and values with ``k_offsets [B+1]``, ``k_positions [sum n_b]``.
+        bias: ``[H, R]`` learned bias by distance ``0 .. R-1`` (longer distances take entry ``R-1``).
+        normalizer: the constant the sum is divided by (HSTU: the training sequence length).
+        max_q, max_k: the longest user's query / key rows, if known (else read from the offsets: a host sync).
+
+    Returns:
+        ``(sum_b m_b, H, D)`` in q's dtype: ``sum_{j: same user, pos_j <= pos_i} silu(q_i.k_j + bias[h, pos_i -
+        pos_j]) v_j / normalizer``.
+    """
+    if max_q is None:
+        max_q = int((q_offsets[1:] - q_offsets[:-1]).max()) if q_offsets.numel() > 1 else 0
+    if max_k is None:
+        max_k = int((k_offsets[1:] - k_offsets[:-1]).max()) if k_offsets.numel() > 1 else 0
+    if not q.shape[0] or not max_k:
+        return q.new_zeros(q.shape)
+    q_user, q_row = _rows(q_offsets, q.shape[0])
+    qp = _pad(q, q_user, q_row, q_offsets.numel() - 1, max_q, 0)
+    k_user, k_row = _rows(k_offsets, k.shape[0])
+    batch = k_offsets.numel() - 1
+    kp, vp = _pad(k, k_user, k_row, batch, max_k, 0), _pad(v, k_user, k_row, batch, max_k, 0)
+    q_pos = _pad(q_positions, q_user, q_row, batch, max_q, 0)
+    k_pos = _pad(k_positions, k_user, k_row, batch, max_k, _FAR)
+    distance = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Lq, Lk]; padded keys are far, padded queries unread
+    seen = (distance >= 0) & (k_pos[:, None, :] != _FAR)
+    rel = bias[:, distance.clamp(0, bias.shape[1] - 1)].permute(1, 0, 2, 3)  # [B, H, Lq, Lk]
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) + rel.to(qp.dtype)
+    weights = F.silu(scores) * (seen[:, None] / normalizer).to(scores.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, vp)[q_user, q_row]
+
+
+def _rows(offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """Each of ``total`` jagged rows' user and index within the user (no host read: capturable)."""
+    user = segment_ids(offsets, total)
+    return user, torch.arange(total, device=offsets.device) - offsets[user]
+
+
+def _pad(values: Tensor, user: Tensor, row: Tensor, batch: int, length: int, fill) -> Tensor:
+    """Jagged ``values (T, ...)`` -> right-padded ``[batch, length, ...]``."""
+    out = values.new_full((batch, length, *values.shape[1:]), fill)
+    out[user, row] = values
+    return out
+
+
+__all__ = ["pointwise_attention"]
