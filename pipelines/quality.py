@@ -374,7 +374,8 @@ STUDIES["beauty-ksa-recipe"] = [Run("beauty-ksa,full[chunk,warm500]", "beauty", 
 N50 = ["--model.encoder.hstu.normalizer", "50"]
 STUDIES["hstu"] = [
     *(Run(f"ml-1m-{p}{tag}", "ml-1m-sasrec", ML1M, [*_pattern(p), *extra], seeded=True)
-      for p, tag, extra in [("full*8", "", []), ("hstu*8", "", []), ("hstu*8", "[drop0.2]", ["--model.encoder.dropout", "0.2"]),
+      for p, tag, extra in [("full*8", "", []), ("hstu*8", "", []),
+                            ("hstu*8", "[drop0.2]", ["--model.encoder.dropout", "0.2"]),
                             ("hstu*8", "[sampled128,cos0.05]", [*SAMPLED128, *_cosine_head(0.05)]),
                             ("hstu*4", "", [])]),
     *(Run(f"beauty-{p}", "beauty", BEAUTY, [*_pattern(p), *N50], seeded=True) for p in ("hstu,hstu", "hstu*4")),
