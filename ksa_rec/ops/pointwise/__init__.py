@@ -33,6 +33,9 @@ def pointwise_attention(q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, q_po
             ``q_positions [sum m_b]``.
         k, v: ``(sum_b n_b, H, D)`` keys and values with ``k_offsets [B+1]``, ``k_positions [sum n_b]``.
         bias: ``[H, R]`` learned bias by distance ``0 .. R-1`` (longer distances take entry ``R-1``).
+            Each user's positions must be consecutive (as in training batches and streaming states); passing
+            the same ``q_positions`` tensor as ``k_positions`` (a batch attending to itself) reads the distance
+            from the row numbers.
         normalizer: the constant the sum is divided by (HSTU: the training sequence length).
         max_q, max_k: the longest user's query / key rows, if known (else read from the offsets: a host sync).
 
@@ -55,7 +58,15 @@ def pointwise_attention(q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, q_po
     k_pos = _pad(k_positions, k_user, k_row, batch, max_k, _FAR)
     distance = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Lq, Lk]; padded keys are far, padded queries unread
     seen = (distance >= 0) & (k_pos[:, None, :] != _FAR)
-    rel = bias[:, distance.clamp(0, bias.shape[1] - 1)].permute(1, 0, 2, 3)  # [B, H, Lq, Lk]
+    last = bias.shape[1] - 1
+    if q_positions is k_positions:
+        # The training form (a batch attending to itself): with consecutive positions the distance is the row
+        # difference, one [Lq, Lk] table for the whole batch. Gathering per (user, query, key) instead made the
+        # backward sum ~B*L duplicates of each bias entry, serially on CUDA (an ML-1M epoch of 8 layers: minutes).
+        rows = torch.arange(max(max_q, max_k), device=q.device)
+        rel = bias[:, (rows[:max_q, None] - rows[None, :max_k]).clamp(0, last)][None]  # [1, H, Lq, Lk]
+    else:  # a streaming step's new events over cached ones (no gradient in serving)
+        rel = bias[:, distance.clamp(0, last)].transpose(0, 1)  # [B, H, Lq, Lk]
     scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) + rel.to(qp.dtype)
     weights = F.silu(scores) * (seen[:, None] / normalizer).to(scores.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", weights, vp)[q_user, q_row]
