@@ -54,18 +54,21 @@ def pointwise_attention(q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, q_po
     k_user, k_row = _rows(k_offsets, k.shape[0])
     batch = k_offsets.numel() - 1
     kp, vp = _pad(k, k_user, k_row, batch, max_k, 0), _pad(v, k_user, k_row, batch, max_k, 0)
-    q_pos = _pad(q_positions, q_user, q_row, batch, max_q, 0)
-    k_pos = _pad(k_positions, k_user, k_row, batch, max_k, _FAR)
-    distance = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Lq, Lk]; padded keys are far, padded queries unread
-    seen = (distance >= 0) & (k_pos[:, None, :] != _FAR)
     last = bias.shape[1] - 1
     if q_positions is k_positions:
         # The training form (a batch attending to itself): with consecutive positions the distance is the row
         # difference, one [Lq, Lk] table for the whole batch. Gathering per (user, query, key) instead made the
         # backward sum ~B*L duplicates of each bias entry, serially on CUDA (an ML-1M epoch of 8 layers: minutes).
         rows = torch.arange(max(max_q, max_k), device=q.device)
-        rel = bias[:, (rows[:max_q, None] - rows[None, :max_k]).clamp(0, last)][None]  # [1, H, Lq, Lk]
+        distance = rows[:max_q, None] - rows[None, :max_k]  # [Lq, Lk]
+        key_real = torch.arange(max_k, device=q.device) < (k_offsets[1:] - k_offsets[:-1])[:, None]  # [B, Lk]
+        seen = (distance >= 0) & key_real[:, None, :]
+        rel = bias[:, distance.clamp(0, last)][None]  # [1, H, Lq, Lk]
     else:  # a streaming step's new events over cached ones (no gradient in serving)
+        q_pos = _pad(q_positions, q_user, q_row, batch, max_q, 0)
+        k_pos = _pad(k_positions, k_user, k_row, batch, max_k, _FAR)
+        distance = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Lq, Lk]; padded keys are far, padded queries unread
+        seen = (distance >= 0) & (k_pos[:, None, :] != _FAR)
         rel = bias[:, distance.clamp(0, last)].transpose(0, 1)  # [B, H, Lq, Lk]
     scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) + rel.to(qp.dtype)
     weights = F.silu(scores) * (seen[:, None] / normalizer).to(scores.dtype)
