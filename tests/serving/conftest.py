@@ -27,6 +27,12 @@ def trained_mka(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_hstu(tmp_path_factory):
+    """A checkpoint whose layers are hstu (HSTU's pointwise attention) and full."""
+    return _train(tmp_path_factory.mktemp("trained_hstu"), "hstu,full", "--model.encoder.hstu.normalizer", "16")
+
+
+@pytest.fixture(scope="session")
 def trained_chunk(tmp_path_factory):
     """A checkpoint whose summaries pool their chunk (summary_init: chunk), two summary slots a chunk."""
     return _train(tmp_path_factory.mktemp("trained_chunk"), "ksa,ksa", "--model.encoder.summary_init", "chunk",

@@ -68,6 +68,14 @@ def test_memory_layers_stream_like_they_score(trained_mka, event_files, tmp_path
 
 
 @pytest.mark.slow
+def test_hstu_layers_stream_like_they_score(trained_hstu, event_files, tmp_path):
+    """hstu layers keep every earlier event's K/V in the stored state; streamed in pieces, the top-K equals
+    scoring the whole histories."""
+    events, _ = event_files
+    assert_same_topk(*stream_then_score(trained_hstu, events, tmp_path, "--chunk-rows", "13"))
+
+
+@pytest.mark.slow
 def test_chunk_seeded_summaries_stream_like_they_score(trained_chunk, event_files, tmp_path):
     """The state keeps the open chunk's event inputs (one more entry per user) and builds each summary when
     its chunk completes: streamed one event at a time, the top-K equals scoring the whole histories."""
