@@ -369,8 +369,8 @@ STUDIES["beauty-ksa-recipe"] = [Run("beauty-ksa,full[chunk,warm500]", "beauty", 
 
 # Issue 18: HSTU's attention unit (pointwise SiLU attention, distance bias, U gate; ``hstu`` layers) in place of
 # softmax attention at each dataset's shipped settings, and with HSTU's own loss and head on ML-1M. The sum's
-# divisor is the training length, as in HSTU (200 on ML-1M and ML-100K, 50 on Beauty). ML-1M's shipped full*8 is
-# a row too, for runs that share a time budget.
+# divisor is the training length, as in HSTU (200 on ML-1M, ML-100K and ML-latest-small, 50 on Beauty). ML-1M's
+# shipped full*8 is a row too, for runs that share a time budget.
 N50 = ["--model.encoder.hstu.normalizer", "50"]
 STUDIES["hstu"] = [
     *(Run(f"ml-1m-{p}{tag}", "ml-1m-sasrec", ML1M, [*_pattern(p), *extra], seeded=True)
@@ -379,7 +379,8 @@ STUDIES["hstu"] = [
                             ("hstu*8", "[sampled128,cos0.05]", [*SAMPLED128, *_cosine_head(0.05)]),
                             ("hstu*4", "", [])]),
     *(Run(f"beauty-{p}", "beauty", BEAUTY, [*_pattern(p), *N50], seeded=True) for p in ("hstu,hstu", "hstu*4")),
-    Run("ml-100k-hstu,hstu", "ml-100k", "ml-100k/u.data", _pattern("hstu,hstu"), seeded=True)]
+    *(Run(f"{name}-hstu,hstu", name, data_file, _pattern("hstu,hstu"), seeded=True)
+      for name, data_file in [("ml-100k", "ml-100k/u.data"), ("ml-latest-small", "ml-latest-small/ratings.csv")])]
 
 METRICS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr"]
 
