@@ -205,6 +205,15 @@ def test_event_mask_out_of_range_names_the_field():
         EncoderConfig(event_mask=1.0)
 
 
+@pytest.mark.parametrize(("settings", "field"), [({"hstu": {"max_distance": 0}}, "encoder.hstu.max_distance"),
+                                                 ({"hstu": {"normalizer": 0.0}}, "encoder.hstu.normalizer"),
+                                                 ({"pattern": "hstu,ksa"}, "encoder.pattern")])
+def test_bad_hstu_settings_name_the_field(settings, field):
+    """hstu settings come as the YAML's dict; a bad one, or hstu beside a kind that reads summaries, is refused."""
+    with pytest.raises(ValueError, match=field):
+        EncoderConfig(**settings)
+
+
 @pytest.mark.slow
 def test_layers_of_one_pass_share_the_kernels_block_tables(monkeypatch):
     """`ksa*3,full` on Triton (the interpreter on CPU): one set of block tables per rule for the whole
