@@ -51,7 +51,7 @@ def pointwise_attention(q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, q_po
         return q.new_zeros(q.shape)
     q_user, q_row = _rows(q_offsets, q.shape[0])
     qp = _pad(q, q_user, q_row, q_offsets.numel() - 1, max_q, 0)
-    k_user, k_row = _rows(k_offsets, k.shape[0])
+    k_user, k_row = (q_user, q_row) if k_offsets is q_offsets else _rows(k_offsets, k.shape[0])
     batch = k_offsets.numel() - 1
     kp, vp = _pad(k, k_user, k_row, batch, max_k, 0), _pad(v, k_user, k_row, batch, max_k, 0)
     last = bias.shape[1] - 1
@@ -82,7 +82,8 @@ def _rows(offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
 
 
 def _pad(values: Tensor, user: Tensor, row: Tensor, batch: int, length: int, fill) -> Tensor:
-    """Jagged ``values (T, ...)`` -> right-padded ``[batch, length, ...]``."""
+    """Jagged ``values (T, ...)`` -> right-padded ``[batch, length, ...]``. ``utils.jagged.jagged_to_padded`` with the
+    row indices computed once for q, k, v and both position tensors, instead of once per call."""
     out = values.new_full((batch, length, *values.shape[1:]), fill)
     out[user, row] = values
     return out
