@@ -15,12 +15,22 @@ event per user, for a batch of users (updates/s = users / time) and for one user
 of repeated runs after warm-up, each step continuing the state the one before returned (so the history
 grows by one event a step, and a growable cache is timed in its steady state). State bytes per user =
 the cache tensors (float32 K/V + int64 indices) versus a full KV cache (2 * n * dim * layers floats).
+
+``--paths`` picks how a step runs (each row names its path):
+
+- ``jagged``: ``SequenceEncoder.step`` over the jagged caches (what ``stream`` and ``serve`` run);
+- ``fixed``: ``SequenceEncoder.fixed_step`` over the same rows in fixed-capacity buffers (``FixedState``, capacity
+  n + 64), eagerly; only for kinds that have it (not mka / fastmka);
+- ``graphed``: the same fixed step replayed from a CUDA graph (``StepGraph``; CUDA only).
+
+The embedding lookup runs eagerly in every path, and is timed alone in its own column.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,9 +43,13 @@ from ksa_rec.data.schema import DataSpec  # noqa: E402
 from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
 from ksa_rec.modules.config import EncoderConfig  # noqa: E402
 from ksa_rec.modules.losses import LossConfig  # noqa: E402
+from ksa_rec.modules.step_graphs import StepGraph  # noqa: E402
 from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
 
 PATTERNS = ("ksa*3,full", "ksa*4", "full*4", "mka*3,full", "fastmka*3,full")  # named by what they compute
+PATHS = ("jagged", "fixed", "graphed")
+FIXED_ROOM = 64
+"""Events a fixed-capacity state has room for beyond n: the capture's and the timing's steps."""
 
 
 def user_cache(block, kind: str, n: int, cfg: EncoderConfig, device, dtype) -> dict[str, torch.Tensor]:
@@ -54,28 +68,49 @@ def user_cache(block, kind: str, n: int, cfg: EncoderConfig, device, dtype) -> d
             "sv": rows(len(sidx)), "sidx": sidx.to(device)}
 
 
-def bench(pattern: str, n: int, users: int, repeats: int, device, dtype=torch.float32) -> tuple[float, int]:
+def bench(pattern: str, n: int, users: int, repeats: int, device, path: str = "jagged",
+          dtype=torch.float32) -> tuple[float, int, float]:
+    """-> (seconds a step, state bytes of one user, seconds of the embedding lookup alone)."""
     cfg = EncoderConfig(dim=64, num_heads=4, pattern=pattern, dropout=0.0, chunk_size=8, window=32)
     model = SeqRecModel(cfg, LossConfig(), DataSpec(num_items=10_000)).to(device).eval()
-    one = [user_cache(block, kind, n, cfg, device, dtype) for block, kind in zip(model.encoder.blocks, cfg.layers)]
-    caches = model.encoder.stack_states([one] * users)
+    encoder = model.encoder
+    one = [user_cache(block, kind, n, cfg, device, dtype) for block, kind in zip(encoder.blocks, cfg.layers)]
     state_bytes = sum(t.numel() * t.element_size() for layer in one for t in layer.values())
     ones = torch.ones(users, dtype=torch.long)
     features = KeyedJaggedTensor(keys=["item_id"], values=torch.randint(2, 10_000, (users,)), lengths=ones,
                                  offsets=lengths_to_offsets(ones)).to(device)
     offsets = lengths_to_offsets(ones).to(device)
-    live = {"caches": caches, "count": torch.full((users,), n, device=device)}
+
+    if path == "jagged":
+        live = {"caches": encoder.stack_states([one] * users), "count": torch.full((users,), n, device=device)}
+
+        def advance(tokens, time_part):
+            # Steady state: each step continues the state the previous one returned (as a long-lived batch
+            # would), so a cache that grows in place is timed appending in place, not copying on write.
+            _, live["caches"] = encoder.step(tokens, offsets, live["count"], time_part, live["caches"])
+            live["count"] = live["count"] + 1
+    else:
+        # every user the same rows: one user's state, copied to the others on the device (no jagged batch)
+        fixed = encoder.fixed_state(encoder.stack_states([one]), torch.tensor([n]), n + FIXED_ROOM)
+        tensors = [t.expand(users, *t.shape[1:]).clone() for t in fixed.tensors]
+        fixed = type(fixed)([replace(c, k=tensors[3 * i], v=tensors[3 * i + 1], idx=tensors[3 * i + 2])
+                             for i, c in enumerate(fixed.layers)],
+                            tensors[-2] if fixed.inputs is not None else None, tensors[-1], fixed.capacity)
+        with torch.no_grad():
+            _, time_part = model.embedding(features)
+        run = (StepGraph(encoder, fixed, dtype, with_time=time_part is not None) if path == "graphed"
+               else lambda tokens, time_part: encoder.fixed_step(tokens, time_part, fixed))
+
+        def advance(tokens, time_part):
+            run(tokens, time_part)
 
     def step():
-        # Steady state: each step continues the state the previous one returned (as a long-lived batch
-        # would), so a cache that grows in place is timed appending in place, not copying on write.
-        tokens, time_part = model.embedding(features)
-        _, live["caches"] = model.encoder.step(tokens, offsets, live["count"], time_part, live["caches"])
-        live["count"] = live["count"] + 1
+        advance(*model.embedding(features))
 
     with torch.no_grad():
         ms = median_ms(step, warmup=3, reps=repeats, device=device)
-    return ms / 1e3, state_bytes
+        embedding_ms = median_ms(lambda: model.embedding(features), warmup=3, reps=repeats, device=device)
+    return ms / 1e3, state_bytes, embedding_ms / 1e3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,39 +121,52 @@ def main(argv: list[str] | None = None) -> None:
                    help="longest history timed with the full batch (longer: batch-1 only, for memory)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--patterns", nargs="+", default=list(PATTERNS))
+    p.add_argument("--paths", nargs="+", default=["jagged"], choices=PATHS,
+                   help="how a step runs (module docstring); fixed/graphed only for kinds that have them")
     p.add_argument("--out", type=Path, default=None, help="FILE.md; FILE.json gets the rows")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "graphed" in args.paths and device.type != "cuda":
+        p.error("--paths graphed needs a CUDA device")
     repeats = 3 if args.quick else args.repeats
     rows = []
     for n in args.histories:
-        for pattern in PATTERNS:
-            latency, state_bytes = bench(pattern, n, 1, repeats, device)
-            throughput = None
-            if n <= args.max_batch_history:
-                batch_time, _ = bench(pattern, n, args.batch, repeats, device)
-                throughput = args.batch / batch_time
-            full_kv = 2 * n * 64 * 4 * 4
-            rows.append((n, pattern, latency, throughput, state_bytes, full_kv))
-            print(f"n={n:>7} {pattern:<14} latency {latency * 1e3:8.2f} ms  "
-                  f"updates/s {throughput or float('nan'):10.0f}  state {state_bytes / 1e6:8.2f} MB "
-                  f"(full KV {full_kv / 1e6:.2f} MB)", flush=True)
+        for pattern in args.patterns:
+            for path in args.paths:
+                if path != "jagged" and any(kind in ("mka", "fastmka") for kind in EncoderConfig(
+                        pattern=pattern).layers):
+                    continue
+                latency, state_bytes, embedding = bench(pattern, n, 1, repeats, device, path)
+                throughput = None
+                if n <= args.max_batch_history:
+                    batch_time, _, _ = bench(pattern, n, args.batch, repeats, device, path)
+                    throughput = args.batch / batch_time
+                full_kv = 2 * n * 64 * 4 * 4
+                rows.append((n, pattern, path, latency, embedding, throughput, state_bytes, full_kv))
+                print(f"n={n:>7} {pattern:<14} {path:<8} latency {latency * 1e3:8.2f} ms (embedding "
+                      f"{embedding * 1e3:.2f})  updates/s {throughput or float('nan'):10.0f}  state "
+                      f"{state_bytes / 1e6:8.2f} MB (full KV {full_kv / 1e6:.2f} MB)", flush=True)
     info = machine(device)
     lines = [*header("Streaming state updates", command(__file__, argv), info, now()), "- dtype: float32", "",
-             "One update = one new event per user through embedding + all layers (``SequenceEncoder.step``), "
-             "caches sized as a real state after n events (dim 64, 4 heads, 4 layers, k = 8, W = 32, S = 1).", "",
-             f"| history n | model | batch-1 latency ms | updates/s (batch {args.batch}) | state bytes/user | "
-             "full KV cache bytes | full KV / state |", "|---|---|---|---|---|---|---|"]
-    for n, name, latency, throughput, state_bytes, full_kv in rows:
+             "One update = one new event per user through embedding + all layers, caches sized as a real state "
+             "after n events (dim 64, 4 heads, 4 layers, k = 8, W = 32, S = 1). Paths: jagged = "
+             "``SequenceEncoder.step``; fixed = ``fixed_step`` in fixed-capacity buffers, eager; graphed = the "
+             "same replayed from a CUDA graph. The embedding lookup (eager in every path) is timed alone too.", "",
+             f"| history n | model | path | batch-1 latency ms | of which embedding ms | updates/s (batch "
+             f"{args.batch}) | state bytes/user | full KV cache bytes | full KV / state |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n, name, path, latency, embedding, throughput, state_bytes, full_kv in rows:
         tput = f"{throughput:,.0f}" if throughput else "- (memory)"
-        lines.append(f"| {n:,} | {name} | {latency * 1e3:.2f} | {tput} | {state_bytes:,} | {full_kv:,} | "
-                     f"{full_kv / state_bytes:.1f}x |")
+        lines.append(f"| {n:,} | {name} | {path} | {latency * 1e3:.2f} | {embedding * 1e3:.2f} | {tput} | "
+                     f"{state_bytes:,} | {full_kv:,} | {full_kv / state_bytes:.1f}x |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
-        rows_json = [dict(history=n, model=name, latency_ms=latency * 1e3, updates_per_s=throughput,
-                          state_bytes=state_bytes, full_kv_bytes=full_kv, machine=info["device"])
-                     for n, name, latency, throughput, state_bytes, full_kv in rows]
+        rows_json = [dict(history=n, model=name, path=path, latency_ms=latency * 1e3, embedding_ms=embedding * 1e3,
+                          updates_per_s=throughput, state_bytes=state_bytes, full_kv_bytes=full_kv,
+                          machine=info["device"])
+                     for n, name, path, latency, embedding, throughput, state_bytes, full_kv in rows]
         write_outputs(args.out.with_suffix(""), report, rows_json)
 
 

@@ -42,6 +42,7 @@ from ksa_rec.modules.hstu import PointwiseUnit
 from ksa_rec.modules.mka import FastMkaAttention, MkaAttention
 from ksa_rec.ops.causal import causal_attention
 from ksa_rec.ops.ksa import KsaRule, ksa_attention
+from ksa_rec.ops.ksa.fixed import FixedCache, fixed_step_attention
 from ksa_rec.ops.ksa.step import GrowingCache, LayerCache, StepTokens, ksa_step_attention
 from ksa_rec.ops.rope import apply_rotary
 
@@ -82,6 +83,18 @@ class StepLayout:
     with_summaries: bool
 
 
+@dataclass
+class FixedLayout:
+    """A fixed-capacity step's tokens (``AttentionLayer.fixed_step``): one new event per user at ``position [B]``,
+    then each user's ``summary_tokens`` summary tokens of that event's chunk (0 without a summary stream), with
+    the rotary tables ``cos, sin [B + B*S, 1, Dh/2]`` of that stream."""
+
+    position: Tensor
+    summary_tokens: int
+    cos: Tensor
+    sin: Tensor
+
+
 class AttentionLayer(nn.Module):
     """The protocol every attention kind implements (module docstring)."""
 
@@ -112,6 +125,17 @@ class AttentionLayer(nn.Module):
     def report(self) -> dict[str, Tensor]:
         """Scalars of the last forward worth logging, by name."""
         return {}
+
+    def fixed_step(self, h: Tensor, layout: FixedLayout, cache) -> Tensor:
+        """``step`` for one new event per user in fixed-capacity buffers (``ksa_rec.ops.ksa.fixed``): ``h [B +
+        B*S', dim]`` (normed; events, then each user's S' summary tokens) -> outputs, the cache updated in place."""
+        raise NotImplementedError(f"{self.kind} layers have no fixed-capacity step (kinds with one: "
+                                  "full, ksa, sca, swa)")
+
+    def empty_fixed_state(self, batch: int, capacity: int, dtype: torch.dtype, device):
+        """The fixed-capacity state of ``batch`` users with no events, for histories up to ``capacity``."""
+        raise NotImplementedError(f"{self.kind} layers have no fixed-capacity step (kinds with one: "
+                                  "full, ksa, sca, swa)")
 
 
 class RuleAttention(AttentionLayer):
@@ -177,6 +201,22 @@ class RuleAttention(AttentionLayer):
 
     def stack_states(self, users: list[dict[str, Tensor]]) -> LayerCache:
         return LayerCache.stack(users)
+
+    def fixed_step(self, h: Tensor, layout: FixedLayout, cache: FixedCache) -> Tensor:
+        B, S = layout.position.shape[0], layout.summary_tokens
+        q, k, v = self.project(h, B, layout.cos, layout.sin)
+
+        def per_user(x: Tensor) -> Tensor:  # [B + B*S, H, Dh] -> [B, 1 + S, H, Dh]: event, then summaries
+            return torch.cat([x[:B, None], x[B:].view(B, S, *x.shape[1:])], 1) if S else x[:, None]
+
+        out = fixed_step_attention(per_user(q), per_user(k), per_user(v), self.rule(S > 0), cache,
+                                   layout.position)
+        out = torch.cat([out[:, 0], out[:, 1:].flatten(0, 1)]) if S else out[:, 0]
+        return self.out(out.flatten(1))
+
+    def empty_fixed_state(self, batch: int, capacity: int, dtype: torch.dtype, device) -> FixedCache:
+        return FixedCache.empty(self.rule(self.qkv_sum is not None), batch, capacity, self.num_heads,
+                                self.cfg.dim // self.num_heads, dtype, device)
 
 
 class FullAttention(RuleAttention):
@@ -301,4 +341,4 @@ KINDS: dict[str, type[AttentionLayer]] = {
                               HstuLayer)}
 """Attention kinds by the name a pattern uses (``--model.encoder.pattern``)."""
 
-__all__ = ["KINDS", "AttentionLayer", "RuleAttention", "StepLayout", "StreamLayout"]
+__all__ = ["KINDS", "AttentionLayer", "FixedLayout", "RuleAttention", "StepLayout", "StreamLayout"]

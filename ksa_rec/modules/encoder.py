@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ksa_rec.modules.attention import KINDS, StepLayout, StreamLayout
+from ksa_rec.modules.attention import KINDS, FixedLayout, StepLayout, StreamLayout
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.graphs import EncoderGraphs
 from ksa_rec.ops.ksa.layout import summary_index, summary_position
@@ -87,6 +87,10 @@ class Block(nn.Module):
         returns ``(h, state)``."""
         a, state = self.attn.step(self.attn_norm(h), sl, state)
         return self.residual_and_ffn(h, a), state
+
+    def fixed_step(self, h: Tensor, layout: FixedLayout, cache) -> Tensor:
+        """``step`` in fixed-capacity buffers (``SequenceEncoder.fixed_step``); ``cache`` updated in place."""
+        return self.residual_and_ffn(h, self.attn.fixed_step(self.attn_norm(h), layout, cache))
 
     def residual_and_ffn(self, h: Tensor, a: Tensor) -> Tensor:
         h, x = self.ffn_norm.add_and_norm(h, self.dropout(a))
@@ -265,6 +269,104 @@ class SequenceEncoder(nn.Module):
         if inputs is not None:
             new_states.append(inputs.open_chunk(next_index // k * k))
         return self.final_norm(x[:n]), new_states
+
+    # ---- streaming in fixed-capacity buffers (CUDA-graph capturable) -------------------------------------------
+    def empty_fixed_state(self, batch: int, capacity: int, dtype: torch.dtype, device) -> FixedState:
+        """The fixed-capacity state (``FixedState``) of ``batch`` users with no events, for histories of fewer
+        than ``capacity`` events."""
+        inputs = (torch.zeros(batch, self.cfg.chunk_size, self.cfg.dim, dtype=dtype, device=device)
+                  if self.keeps_open_chunk else None)
+        return FixedState([block.attn.empty_fixed_state(batch, capacity, dtype, device) for block in self.blocks],
+                          inputs, torch.zeros(batch, dtype=torch.int64, device=device), capacity)
+
+    def fixed_state(self, states: list, event_count: Tensor, capacity: int, dtype: torch.dtype | None = None,
+                    device=None) -> FixedState:
+        """A jagged streaming state (``empty_states`` / ``stack_states`` / ``step``) of users with ``event_count
+        [B]`` events -> the same state in fixed buffers for histories of fewer than ``capacity`` events."""
+        counts = [int(n) for n in event_count]
+        if counts and max(counts) >= capacity:
+            raise ValueError(f"fixed-capacity state: a user has {max(counts)} events, capacity is {capacity}")
+        first = states[0].user(0)["k"] if counts else None
+        dtype = dtype or (first.dtype if first is not None else torch.float32)
+        device = device or (first.device if first is not None else "cpu")
+        fixed = self.empty_fixed_state(len(counts), capacity, dtype, device)
+        k = self.cfg.chunk_size
+        for b, n in enumerate(counts):
+            for cache, state in zip(fixed.layers, states):
+                cache.load(b, state.user(b))
+            if fixed.inputs is not None:
+                x = states[len(self.blocks)].user(b)["x"]
+                fixed.inputs[b, (n - x.shape[0] + torch.arange(x.shape[0])) % k] = x.to(device, dtype)
+        fixed.event_count.copy_(event_count.to(device))
+        return fixed
+
+    def unfixed_states(self, fixed: FixedState) -> list:
+        """``fixed_state``'s inverse: the jagged state (as ``stack_states`` gives it) of the same users."""
+        k = self.cfg.chunk_size
+        users = []
+        for b, n in enumerate(int(c) for c in fixed.event_count):
+            user = [cache.user(b) for cache in fixed.layers]
+            if fixed.inputs is not None:
+                user.append({"x": fixed.inputs[b, (n - n % k + torch.arange(n % k)) % k]})
+            users.append(user)
+        return self.stack_states(users)
+
+    def fixed_step(self, tokens: Tensor, time_part: Tensor | None, state: FixedState) -> Tensor:
+        """``step`` for exactly one new event per user, in fixed-capacity buffers updated in place, with no host
+        reads: a CUDA graph can capture it (``ksa_rec.modules.step_graphs``). Equal to ``step``.
+
+        Args:
+            tokens: ``[B, dim]`` embeddings of each user's new event; time_part ``[B, dim]`` or None.
+            state: the B users' ``FixedState``; the caller keeps every event count below ``state.capacity``.
+        Returns:
+            ``[B, dim]``: the new events' states after the final norm.
+        """
+        k = self.cfg.chunk_size
+        S = self.cfg.summary_tokens if self.with_summaries else 0
+        B = tokens.shape[0]
+        position = state.event_count.clone()
+        x, stream_positions = tokens, position
+        if S:
+            users = torch.arange(B, device=tokens.device)
+            if state.inputs is not None:
+                state.inputs[users, position % k] = tokens.to(state.inputs.dtype)
+            # every user's S summary tokens of its event's chunk (kept by the layers only where it completes)
+            rows = users[:, None].expand(B, S).flatten()
+            slot = torch.arange(S, device=tokens.device).repeat(B)
+            chunk = torch.div(position, k, rounding_mode="floor")[:, None].expand(B, S).flatten()
+            slices = None
+            if state.inputs is not None:  # chunk c's slice j is rows j*k/S .. of the open chunk's ring
+                slices = state.inputs.view(B * S, k // S, -1).to(tokens.dtype)
+            x = torch.cat([tokens, self.summary_inputs(slot, rows, time_part, slices)])
+            stream_positions = torch.cat([position, summary_position(chunk, slot, k, S)])
+        cos, sin = self.rope.tables(stream_positions, tokens.dtype)
+        layout = FixedLayout(position, S, cos, sin)
+        for block, cache in zip(self.blocks, state.layers):
+            x = block.fixed_step(x, layout, cache)
+        state.event_count.add_(1)
+        return self.final_norm(x[:B])
+
+
+@dataclass
+class FixedState:
+    """B users' streaming state in fixed-capacity buffers (``SequenceEncoder.fixed_step``): one ``FixedCache``
+    a block (``ksa_rec.ops.ksa.fixed``); under ``summary_init: chunk`` the open chunk's event inputs ``inputs
+    [B, k, dim]`` (event i at row i % k); each user's event count ``event_count [B]``; ``capacity``: histories
+    must stay below it. A step updates every tensor in place, so the tensors a graph captured stay valid."""
+
+    layers: list
+    inputs: Tensor | None
+    event_count: Tensor
+    capacity: int
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        out = [t for cache in self.layers for t in (cache.k, cache.v, cache.idx)]
+        return out + ([self.inputs] if self.inputs is not None else []) + [self.event_count]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 @dataclass

@@ -1,0 +1,147 @@
+"""The fixed-capacity streaming step (``SequenceEncoder.fixed_step``, ``ksa_rec.ops.ksa.fixed``): one event per user
+a step, in buffers a CUDA graph can capture, gives the same event states as one full forward pass, from any
+starting state, for every kind that has it; and its state converts to and from the jagged one losslessly."""
+
+import pytest
+import torch
+
+from ksa_rec.modules.config import EncoderConfig
+from ksa_rec.modules.encoder import SequenceEncoder
+from ksa_rec.utils.jagged import lengths_to_offsets
+
+PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", "swa", "ksa,sca,swa,full"]
+# chunk-seeded summaries (KSA.md section 11), several summary tokens a chunk, a bounded summary count
+VARIANTS = [("ksa,ksa", dict(summary_init="chunk")), ("ksa*3,full", dict(summary_init="chunk")),
+            ("swa,ksa", dict(summary_init="chunk", summary_tokens=2)), ("ksa,full", dict(summary_tokens=2)),
+            ("ksa,ksa", dict(max_summaries=1)), ("ksa,sca", dict(max_summaries=2, summary_init="chunk")),
+            ("ksa,ksa", dict(window=0))]
+
+
+def _encoder(pattern, **kw):
+    torch.manual_seed(0)
+    settings = dict(dim=16, num_heads=2, dropout=0.0, chunk_size=4, window=2, attention_backend="torch",
+                    time_gap_buckets=0)
+    return SequenceEncoder(EncoderConfig(pattern=pattern, **{**settings, **kw})).double().eval()
+
+
+def _full_pass(enc, tokens, times):
+    lengths = [t.shape[0] for t in tokens]
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    return enc(torch.cat(tokens), offsets, positions, torch.cat(times)).split(lengths)
+
+
+def _jagged_prefix(enc, tokens, times, counts):
+    """The jagged state after each user's first ``counts[b]`` events, fed in one step."""
+    states = enc.empty_states(len(counts), torch.float64, "cpu")
+    _, states = enc.step(torch.cat([t[:n] for t, n in zip(tokens, counts)]), lengths_to_offsets(torch.tensor(counts)),
+                         torch.zeros(len(counts), dtype=torch.int64), torch.cat([t[:n] for t, n in zip(times, counts)]),
+                         states)
+    return states
+
+
+def _check(enc, counts, steps, capacity=64):
+    g = torch.Generator().manual_seed(1)
+    total = [n + steps for n in counts]
+    tokens = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in total]
+    times = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in total]
+    full = _full_pass(enc, tokens, times)
+    fixed = enc.fixed_state(_jagged_prefix(enc, tokens, times, counts), torch.tensor(counts), capacity)
+    for s in range(steps):
+        rows = [n + s for n in counts]
+        out = enc.fixed_step(torch.stack([t[i] for t, i in zip(tokens, rows)]),
+                             torch.stack([t[i] for t, i in zip(times, rows)]), fixed)
+        torch.testing.assert_close(out, torch.stack([f[i] for f, i in zip(full, rows)]), atol=1e-10, rtol=1e-10)
+    assert fixed.event_count.tolist() == total
+    # back to the jagged state: one more event per user continues the history exactly
+    states = enc.unfixed_states(fixed)
+    more = [torch.randn(1, 16, generator=g, dtype=torch.float64) for _ in counts]
+    more_t = [torch.randn(1, 16, generator=g, dtype=torch.float64) for _ in counts]
+    longer = _full_pass(enc, [torch.cat([t, m]) for t, m in zip(tokens, more)],
+                        [torch.cat([t, m]) for t, m in zip(times, more_t)])
+    out, _ = enc.step(torch.cat(more), lengths_to_offsets(torch.ones(len(counts), dtype=torch.int64)),
+                      torch.tensor(total), torch.cat(more_t), states)
+    torch.testing.assert_close(out, torch.stack([f[-1] for f in longer]), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_fixed_step_equals_full_pass(pattern):
+    # users starting empty, mid-chunk and past the window, stepping over several chunk boundaries
+    _check(_encoder(pattern), counts=[0, 5, 23], steps=19)
+
+
+@pytest.mark.parametrize("pattern,settings", VARIANTS, ids=[f"{p}-{s}" for p, s in VARIANTS])
+def test_fixed_step_equals_full_pass_variants(pattern, settings):
+    _check(_encoder(pattern, **settings), counts=[0, 3, 17], steps=22)
+
+
+def test_ring_rows_wrap_many_times():
+    # histories many times the ring (W + 1 chunks = 12 rows): each row rewritten ~5 times
+    _check(_encoder("ksa,swa"), counts=[40, 1], steps=30, capacity=128)
+
+
+def test_state_bytes_do_not_depend_on_the_history_for_bounded_kinds():
+    enc = _encoder("ksa,sca", max_summaries=2)
+    small = enc.empty_fixed_state(2, 64, torch.float32, "cpu").num_bytes
+    assert enc.empty_fixed_state(2, 4096, torch.float32, "cpu").num_bytes == small
+    full = _encoder("ksa,full")
+    assert full.empty_fixed_state(2, 4096, torch.float32, "cpu").num_bytes > full.empty_fixed_state(
+        2, 64, torch.float32, "cpu").num_bytes
+
+
+def test_capacity_is_checked_when_a_state_is_fixed():
+    enc = _encoder("ksa,full")
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randn(20, 16, generator=g, dtype=torch.float64)]
+    states = _jagged_prefix(enc, tokens, tokens, [20])
+    with pytest.raises(ValueError, match="a user has 20 events, capacity is 20"):
+        enc.fixed_state(states, torch.tensor([20]), 20)
+
+
+@pytest.mark.parametrize("pattern", ["mka,full", "hstu,full"])
+def test_kinds_without_a_fixed_step_say_so(pattern):
+    enc = _encoder(pattern, mka=dict(local_window=6, block_size=4, max_blocks=3, fast_window=5))
+    with pytest.raises(NotImplementedError, match="no fixed-capacity step"):
+        enc.empty_fixed_state(1, 64, torch.float32, "cpu")
+
+
+def test_a_step_graph_needs_a_cuda_state():
+    from ksa_rec.modules.step_graphs import StepGraph
+
+    enc = _encoder("ksa,full")
+    with pytest.raises(ValueError, match="CUDA graphs need a state on a CUDA device"):
+        StepGraph(enc, enc.empty_fixed_state(2, 64, torch.float64, "cpu"), torch.float64, with_time=True)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("pattern,settings", [("ksa*3,full", {}), ("ksa,ksa", dict(summary_init="chunk")),
+                                              ("swa,ksa", dict(summary_tokens=2)), ("full,sca", {})])
+def test_graph_replays_equal_the_full_pass(pattern, settings):
+    from ksa_rec.modules.step_graphs import StepGraph
+
+    enc = _encoder(pattern, **settings).float().cuda()
+    counts, steps = [0, 5, 23], 21
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
+    times = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
+    lengths = [t.shape[0] for t in tokens]
+    with torch.no_grad():
+        full = enc(torch.cat(tokens), lengths_to_offsets(torch.tensor(lengths)).cuda(),
+                   torch.cat([torch.arange(n) for n in lengths]).cuda(), torch.cat(times)).split(lengths)
+        states = enc.empty_states(3, torch.float32, "cuda")
+        _, states = enc.step(torch.cat([t[:n] for t, n in zip(tokens, counts)]),
+                             lengths_to_offsets(torch.tensor(counts)).cuda(), torch.zeros(3, dtype=torch.int64,
+                                                                                          device="cuda"),
+                             torch.cat([t[:n] for t, n in zip(times, counts)]), states)
+    fixed = enc.fixed_state(states, torch.tensor(counts), capacity=64)
+    graph = StepGraph(enc, fixed, torch.float32, with_time=True)
+    assert fixed.event_count.tolist() == counts  # the capture's warm-up steps were undone
+    for s in range(steps):
+        rows = [n + s for n in counts]
+        out = graph(torch.stack([t[i] for t, i in zip(tokens, rows)]), torch.stack([t[i] for t, i in zip(times, rows)]))
+        torch.testing.assert_close(out, torch.stack([f[i] for f, i in zip(full, rows)]), atol=2e-5, rtol=2e-5)
+    assert graph.steps_left == 64 - 1 - (23 + steps)
