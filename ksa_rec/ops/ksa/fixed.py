@@ -12,8 +12,7 @@ a capacity, never on the data:
 - the step's own summary tokens, in ``S`` scratch rows after those.
 
 Rows not written yet carry identity -1, which no query sees. Who sees what is the same ``KsaRule.visible``
-as every other backend's, made the mask of one fused attention call (``scaled_dot_product_attention``) over
-the whole buffer, so the step equals ``ksa_step_attention`` (and the training op) to float tolerance; the
+as every other backend's, made the mask of one attention over the whole buffer (two batched matmuls), so the step equals ``ksa_step_attention`` (and the training op) to float tolerance; the
 tests compare them event by event.
 
 A step's tokens per user: its new event (index ``position``), then, when the encoder carries summaries, the
@@ -171,10 +170,19 @@ def fixed_step_attention(q: Tensor, k: Tensor, v: Tensor, rule: KsaRule, cache: 
     seen = rule.visible(q_ids[:, :, None], q_is_sum[None, :, None], cache.idx[:, None, :],
                         cache.is_summary[None, None, :]) & (cache.idx[:, None, :] >= 0)  # [B, Q, N]
     Hkv = cache.k.shape[1]
-    gqa = {"enable_gqa": True} if H != Hkv else {}
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), cache.k.to(q.dtype), cache.v.to(q.dtype), attn_mask=seen[:, None], scale=scale, **gqa)
-    out = out.transpose(1, 2)  # [B, Q, H, Dh]
+    G = H // Hkv
+    # [B, Hkv, G*Q, Dh]: query row (g, t) is head hkv*G + g at token t. Batched matmuls, not a fused attention
+    # kernel: those parallelise over users, heads and query blocks only, and a step has 1 + S queries a user, so
+    # one user's 100K keys would be read by 4 thread blocks (41.7 ms for full*4 at batch 1, against 1.0 ms here:
+    # docs/results/serving.md).
+    qh = q.view(B, Q, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Q, D)
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in at least float32
+    scores = torch.matmul(qh, cache.k.to(q.dtype).transpose(-1, -2)).to(acc) * scale  # [B, Hkv, G*Q, N]
+    scores = scores.view(B, Hkv, G, Q, -1).masked_fill(~seen[:, None, None], float("-inf"))
+    probs = torch.softmax(scores.view(B, Hkv, G * Q, -1), -1).to(q.dtype)
+    out = torch.matmul(probs, cache.v.to(q.dtype))  # [B, Hkv, G*Q, Dh]
+    out = out.view(B, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B, Q, H, D)
 
     if S and cache.kept:  # after the attention: no event of this chunk reads its summaries
         complete = ((position + 1) % rule.chunk_size == 0)[:, None]  # [B, 1]
