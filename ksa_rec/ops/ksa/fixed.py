@@ -12,8 +12,9 @@ a capacity, never on the data:
 - the step's own summary tokens, in ``S`` scratch rows after those.
 
 Rows not written yet carry identity -1, which no query sees. Who sees what is the same ``KsaRule.visible``
-as every other backend's, made the mask of one attention over the whole buffer (two batched matmuls), so the step equals ``ksa_step_attention`` (and the training op) to float tolerance; the
-tests compare them event by event.
+as every other backend's, made the mask of one attention over the whole buffer (two batched matmuls), so
+the step equals ``ksa_step_attention`` (and the training op) to float tolerance; the tests compare them event
+by event.
 
 A step's tokens per user: its new event (index ``position``), then, when the encoder carries summaries, the
 S summary tokens of the event's chunk ``c = position // k``. They are computed at every step (shapes must
@@ -55,8 +56,8 @@ def summary_rows(rule: KsaRule, capacity: int) -> int:
 
 
 ROW_ALIGN = 16
-"""Rows a layer's buffers are rounded up to: the fused attention kernels want the mask's rows aligned (they
-pad a copy of it otherwise)."""
+"""Rows a layer's buffers are rounded up to (aligned rows for the matmul kernels; the timings in
+docs/results/serving.md were taken with it)."""
 
 
 @dataclass
@@ -64,7 +65,7 @@ class FixedCache:
     """One layer's state for B users in fixed buffers: ``k, v [B, Hkv, N, Dh]`` with identities ``idx [B, N]``
     (int64, ``EMPTY`` where unwritten). Rows ``[0, R)`` hold events, ``[R, R + Rs)`` the summaries kept (``Rs``
     may be 0), the next ``S'`` the step's own summary tokens (scratch, rewritten every step), the rest padding.
-    One buffer for every stream, so a step attends to it in one fused call, with no concatenation."""
+    One buffer for every stream, so a step attends to it in one pass, with no concatenation."""
 
     k: Tensor
     v: Tensor
@@ -72,9 +73,7 @@ class FixedCache:
     events: int
     """R: event rows."""
     kept: int
-    """Rs: summary rows kept across steps."""
-    scratch: int
-    """S': rows for the step's own summary tokens (the summary tokens per chunk, 0 without a summary stream)."""
+    """Rs: summary rows kept across steps (the step's own summary tokens follow them)."""
     wraps: bool
     """Event rows are a ring (``i % R``); False for a full layer (row ``i``, ``i < R``)."""
     summaries_wrap: bool
@@ -87,7 +86,7 @@ class FixedCache:
         R, Rs, S = event_rows(rule, capacity), summary_rows(rule, capacity), rule.summary_tokens
         N = -(-(R + Rs + S) // ROW_ALIGN) * ROW_ALIGN
         k = torch.zeros(batch, heads, N, head_dim, dtype=dtype, device=device)
-        return cls(k, torch.zeros_like(k), torch.full((batch, N), EMPTY, dtype=torch.int64, device=device), R, Rs, S,
+        return cls(k, torch.zeros_like(k), torch.full((batch, N), EMPTY, dtype=torch.int64, device=device), R, Rs,
                    rule.window is not None, rule.max_summaries is not None)
 
     @property
@@ -173,8 +172,8 @@ def fixed_step_attention(q: Tensor, k: Tensor, v: Tensor, rule: KsaRule, cache: 
     G = H // Hkv
     # [B, Hkv, G*Q, Dh]: query row (g, t) is head hkv*G + g at token t. Batched matmuls, not a fused attention
     # kernel: those parallelise over users, heads and query blocks only, and a step has 1 + S queries a user, so
-    # one user's 100K keys would be read by 4 thread blocks (41.7 ms for full*4 at batch 1, against 1.0 ms here:
-    # docs/results/serving.md).
+    # one user's 100K keys would be read by 4 thread blocks (full*4 at 100K events, batch 1: 41.7 ms, against 1.0 ms
+    # here; docs/results/serving.md).
     qh = q.view(B, Q, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Q, D)
     scale = D ** -0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in at least float32
