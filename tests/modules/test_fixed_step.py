@@ -75,6 +75,11 @@ def test_fixed_step_equals_full_pass_variants(pattern, settings):
     _check(_encoder(pattern, **settings), counts=[0, 3, 17], steps=22)
 
 
+def test_a_capacity_that_is_not_a_whole_number_of_chunks():
+    # the last chunk below the capacity is open: its summary rows must exist all the same
+    _check(_encoder("ksa,full"), counts=[3, 10], steps=12, capacity=23)
+
+
 def test_ring_rows_wrap_many_times():
     # histories many times the ring (W + 1 chunks = 12 rows): each row rewritten ~5 times
     _check(_encoder("ksa,swa"), counts=[40, 1], steps=30, capacity=128)

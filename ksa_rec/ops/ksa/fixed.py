@@ -46,12 +46,13 @@ def event_rows(rule: KsaRule, capacity: int) -> int:
 
 
 def summary_rows(rule: KsaRule, capacity: int) -> int:
-    """Rows a layer keeps for summaries: none when its events read none; all ``(capacity // k) * S`` when
-    they read every older one; else the M chunks an event reads plus the W + 1 newer ones not yet visible."""
+    """Rows a layer keeps for summaries: none when its events read none; one per slot of every chunk an event
+    below ``capacity`` can be in when they read every older one; else the M chunks an event reads plus the W + 1
+    newer ones not yet visible."""
     if not rule.events_see_summaries:
         return 0
     if rule.max_summaries is None:
-        return capacity // rule.chunk_size * rule.summary_tokens
+        return -(-capacity // rule.chunk_size) * rule.summary_tokens
     return (rule.window + rule.max_summaries + 1) * rule.summary_tokens
 
 
