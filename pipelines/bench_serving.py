@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
              "One update = one new event per user through embedding + all layers, caches sized as a real state "
              "after n events (dim 64, 4 heads, 4 layers, k = 8, W = 32, S = 1). Paths: jagged = "
              "``SequenceEncoder.step``; fixed = ``fixed_step`` in fixed-capacity buffers, eager; graphed = the "
-             "same replayed from a CUDA graph. The embedding lookup (eager in every path) is timed alone too.", "",
+             "same replayed from a CUDA graph. The embedding lookup (eager in every path) is timed alone too. State "
+             "bytes are the jagged state's (what a store keeps), for every path.", "",
              f"| history n | model | path | batch-1 latency ms | of which embedding ms | updates/s (batch "
              f"{args.batch}) | state bytes/user | full KV cache bytes | full KV / state |",
              "|---|---|---|---|---|---|---|---|---|"]
