@@ -298,7 +298,10 @@ STUDIES: dict[str, list[Run]] = {
                                  seeded=True)
                              for name, p, extra in [("full,full", "full,full", []), ("sca,sca", "sca,sca", []),
                                                     ("ksa,full[chunk]", "ksa,full", CHUNK),
-                                                    ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC])]],
+                                                    ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC]),
+                                                    # 4 layers: the recipe of long-range.md 0b and its baselines
+                                                    ("full*4", "full*4", []), ("sca*4", "sca*4", []),
+                                                    ("ksa*4[chunk,rec0.3]", "ksa*4", [*CHUNK, *REC])]],
     # Issue 15 study 1 at 4 layers (CPU-sized data, as long-range-cpu-summaries at 2).
     "long-range-cpu-summaries-4l": [
         Run(f"lr4-{name}", "synthetic-long-cpu", None, [*_pattern(p), *_spans(4, 4), *extra], seeded=True)
