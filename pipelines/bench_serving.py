@@ -91,11 +91,14 @@ def bench(pattern: str, n: int, users: int, repeats: int, device, path: str = "j
             live["count"] = live["count"] + 1
     else:
         # every user the same rows: one user's state, copied to the others on the device (no jagged batch)
-        fixed = encoder.fixed_state(encoder.stack_states([one]), torch.tensor([n]), n + FIXED_ROOM)
-        tensors = [t.expand(users, *t.shape[1:]).clone() for t in fixed.tensors]
-        fixed = type(fixed)([replace(c, k=tensors[3 * i], v=tensors[3 * i + 1], idx=tensors[3 * i + 2])
-                             for i, c in enumerate(fixed.layers)],
-                            tensors[-2] if fixed.inputs is not None else None, tensors[-1], fixed.capacity)
+        one_fixed = encoder.fixed_state(encoder.stack_states([one]), torch.tensor([n]), n + FIXED_ROOM)
+
+        def repeat(t):
+            return None if t is None else t.expand(users, *t.shape[1:]).clone()
+
+        fixed = replace(one_fixed, layers=[replace(c, k=repeat(c.k), v=repeat(c.v), idx=repeat(c.idx))
+                                           for c in one_fixed.layers],
+                        inputs=repeat(one_fixed.inputs), event_count=repeat(one_fixed.event_count))
         with torch.no_grad():
             _, time_part = model.embedding(features)
         run = (StepGraph(encoder, fixed, dtype, with_time=time_part is not None) if path == "graphed"

@@ -126,16 +126,18 @@ class AttentionLayer(nn.Module):
         """Scalars of the last forward worth logging, by name."""
         return {}
 
+    @property
+    def _no_fixed_step(self) -> str:
+        return f"{self.kind} layers have no fixed-capacity step (kinds with one: full, ksa, sca, swa)"
+
     def fixed_step(self, h: Tensor, layout: FixedLayout, cache) -> Tensor:
         """``step`` for one new event per user in fixed-capacity buffers (``ksa_rec.ops.ksa.fixed``): ``h [B +
         B*S', dim]`` (normed; events, then each user's S' summary tokens) -> outputs, the cache updated in place."""
-        raise NotImplementedError(f"{self.kind} layers have no fixed-capacity step (kinds with one: "
-                                  "full, ksa, sca, swa)")
+        raise NotImplementedError(self._no_fixed_step)
 
     def empty_fixed_state(self, batch: int, capacity: int, dtype: torch.dtype, device):
         """The fixed-capacity state of ``batch`` users with no events, for histories up to ``capacity``."""
-        raise NotImplementedError(f"{self.kind} layers have no fixed-capacity step (kinds with one: "
-                                  "full, ksa, sca, swa)")
+        raise NotImplementedError(self._no_fixed_step)
 
 
 class RuleAttention(AttentionLayer):

@@ -128,13 +128,13 @@ class _CapturedPass:
                     if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
         with autocast:
             torch.cuda.synchronize()
-            side = _side_stream(tokens.device)
+            side = side_stream(tokens.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for i in range(_WARMUP):
                     # The first pass refuses any op that waits on the device (a host read): such a pass cannot be
                     # captured, and a capture that fails half-way can leave the CUDA generator mid-capture.
-                    with _no_host_reads() if i == 0 else contextlib.nullcontext():
+                    with no_host_reads() if i == 0 else contextlib.nullcontext():
                         out = run()
                         grads(out, torch.ones_like(out))
                     # no warm-up graph may outlive its pass: its parameters' gradient nodes would keep the
@@ -176,7 +176,7 @@ class _Run(torch.nn.Module):
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def side_stream(device: torch.device) -> torch.cuda.Stream:
     """One warm-up stream per device: the CUDA libraries keep workspaces per stream, so a new stream per capture
     would add one every time."""
     if device not in _SIDE_STREAMS:
@@ -185,7 +185,10 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @contextlib.contextmanager
-def _no_host_reads():
+def no_host_reads():
+    """Any op that waits on the device (a host read) raises inside this block: run a warm-up pass in it before a
+    capture, because such a pass cannot be captured and a capture that fails half-way can leave the CUDA
+    generator mid-capture."""
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -219,4 +222,4 @@ class _Replay(torch.autograd.Function):
         return (None, *captured.grads)
 
 
-__all__ = ["MAX_GRAPHS", "EncoderGraphs"]
+__all__ = ["MAX_GRAPHS", "EncoderGraphs", "no_host_reads", "side_stream"]

@@ -9,15 +9,19 @@ per ``FixedState`` and replayed.
 A ``StepGraph`` belongs to one ``FixedState`` (its tensors are the graph's; a step updates them in place) and
 to one batch size: callers pad a smaller batch of users to a captured size (a bucket), or keep one graph per
 size they serve. Capturing runs a few eager steps first (lazy initialisation, autotuning), so it saves the
-state's tensors and puts them back afterwards: the state is as it was before the capture.
+state's tensors and puts them back afterwards: the state is as it was before the capture. The warm-up and the
+stream it runs on are the training graphs' (``ksa_rec.modules.graphs``): the first step refuses host reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from ksa_rec.modules.graphs import no_host_reads, side_stream
 
 if TYPE_CHECKING:
     from ksa_rec.modules.encoder import FixedState, SequenceEncoder
@@ -46,11 +50,12 @@ class StepGraph:
         self.tokens = torch.zeros(batch, encoder.cfg.dim, dtype=dtype, device=device)
         self.time_part = torch.zeros_like(self.tokens) if with_time else None
         saved = [t.clone() for t in state.tensors]
-        side = torch.cuda.Stream(device)
+        side = side_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(_WARMUP):
-                encoder.fixed_step(self.tokens, self.time_part, state)
+            for i in range(_WARMUP):
+                with no_host_reads() if i == 0 else contextlib.nullcontext():
+                    encoder.fixed_step(self.tokens, self.time_part, state)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
