@@ -298,6 +298,9 @@ STUDIES: dict[str, list[Run]] = {
                                  seeded=True)
                              for name, p, extra in [("full,full", "full,full", []), ("sca,sca", "sca,sca", []),
                                                     ("ksa,full[chunk]", "ksa,full", CHUNK),
+                                                    # ksa,full without its summaries: is the first layer's
+                                                    # locality or are the summaries what a failure comes from?
+                                                    ("sca,full", "sca,full", []),
                                                     ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC]),
                                                     # 4 layers: the recipe of long-range.md 0b and its baselines
                                                     ("full*4", "full*4", []), ("sca*4", "sca*4", []),
