@@ -21,7 +21,13 @@ the cache tensors (float32 K/V + int64 indices) versus a full KV cache (2 * n * 
 - ``jagged``: ``SequenceEncoder.step`` over the jagged caches (what ``stream`` and ``serve`` run);
 - ``fixed``: ``SequenceEncoder.fixed_step`` over the same rows in fixed-capacity buffers (``FixedState``, capacity
   n + 64), eagerly; only for kinds that have it (not mka / fastmka);
-- ``graphed``: the same fixed step replayed from a CUDA graph (``StepGraph``; CUDA only).
+- ``graphed``: the same fixed step replayed from a CUDA graph (``StepGraph``; CUDA only);
+- ``fixed-torch`` / ``graphed-torch``: the same with the fixed step's attention on its torch peer (a mask and two
+  batched matmuls over every buffer row) instead of the default backend (on CUDA the decode kernel), for a
+  same-run comparison.
+
+``--state-dtypes bf16`` adds rows whose fixed buffers hold bf16 (the model stays float32): half the bytes a step
+reads; the jagged path always computes on states cast to the model's dtype, so it has no such row.
 
 The embedding lookup runs eagerly in every path, and is timed alone in its own column.
 """
@@ -47,7 +53,8 @@ from ksa_rec.modules.step_graphs import StepGraph  # noqa: E402
 from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
 
 PATTERNS = ("ksa*3,full", "ksa*4", "full*4", "mka*3,full", "fastmka*3,full")  # named by what they compute
-PATHS = ("jagged", "fixed", "graphed")
+PATHS = ("jagged", "fixed", "graphed", "fixed-torch", "graphed-torch")
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIXED_ROOM = 64
 """Events a fixed-capacity state has room for beyond n: the capture's and the timing's steps."""
 
@@ -69,13 +76,18 @@ def user_cache(block, kind: str, n: int, cfg: EncoderConfig, device, dtype) -> d
 
 
 def bench(pattern: str, n: int, users: int, repeats: int, device, path: str = "jagged",
-          dtype=torch.float32) -> tuple[float, int, float]:
-    """-> (seconds a step, state bytes of one user, seconds of the embedding lookup alone)."""
-    cfg = EncoderConfig(dim=64, num_heads=4, pattern=pattern, dropout=0.0, chunk_size=8, window=32)
+          dtype=torch.float32, state_dtype=torch.float32) -> tuple[float, int, float]:
+    """-> (seconds a step, state bytes of one user, seconds of the embedding lookup alone). ``state_dtype``: the
+    fixed buffers' (fixed and graphed paths)."""
+    path, _, attention = path.partition("-")
+    cfg = EncoderConfig(dim=64, num_heads=4, pattern=pattern, dropout=0.0, chunk_size=8, window=32,
+                        attention_backend=attention or None)
     model = SeqRecModel(cfg, LossConfig(), DataSpec(num_items=10_000)).to(device).eval()
     encoder = model.encoder
     one = [user_cache(block, kind, n, cfg, device, dtype) for block, kind in zip(encoder.blocks, cfg.layers)]
-    state_bytes = sum(t.numel() * t.element_size() for layer in one for t in layer.values())
+    # what a store keeps: the jagged state, its float tensors in the state dtype (``--state-dtype`` of serve)
+    state_bytes = sum(t.numel() * (state_dtype.itemsize if t.is_floating_point() else t.element_size())
+                      for layer in one for t in layer.values())
     ones = torch.ones(users, dtype=torch.long)
     features = KeyedJaggedTensor(keys=["item_id"], values=torch.randint(2, 10_000, (users,)), lengths=ones,
                                  offsets=lengths_to_offsets(ones)).to(device)
@@ -91,7 +103,7 @@ def bench(pattern: str, n: int, users: int, repeats: int, device, path: str = "j
             live["count"] = live["count"] + 1
     else:
         # every user the same rows: one user's state, copied to the others on the device (no jagged batch)
-        one_fixed = encoder.fixed_state(encoder.stack_states([one]), torch.tensor([n]), n + FIXED_ROOM)
+        one_fixed = encoder.fixed_state(encoder.stack_states([one]), torch.tensor([n]), n + FIXED_ROOM, state_dtype)
 
         def repeat(t):
             return None if t is None else t.expand(users, *t.shape[1:]).clone()
@@ -127,27 +139,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     p.add_argument("--paths", nargs="+", default=["jagged"], choices=PATHS,
                    help="how a step runs (module docstring); fixed/graphed only for kinds that have them")
+    p.add_argument("--state-dtypes", nargs="+", default=["fp32"], choices=list(STATE_DTYPES),
+                   help="fixed buffers' dtypes (fixed/graphed paths; module docstring)")
     p.add_argument("--out", type=Path, default=None, help="FILE.md; FILE.json gets the rows")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if "graphed" in args.paths and device.type != "cuda":
+    if any(path.startswith("graphed") for path in args.paths) and device.type != "cuda":
         p.error("--paths graphed needs a CUDA device")
     repeats = 3 if args.quick else args.repeats
     rows = []
     for n in args.histories:
         for pattern in args.patterns:
-            for path in args.paths:
+            runs = [(p, s) for p in args.paths for s in (["fp32"] if p == "jagged" else args.state_dtypes)]
+            for path, state in runs:
                 if path != "jagged" and any(kind in ("mka", "fastmka") for kind in EncoderConfig(
                         pattern=pattern).layers):
                     continue
-                latency, state_bytes, embedding = bench(pattern, n, 1, repeats, device, path)
+                latency, state_bytes, embedding = bench(pattern, n, 1, repeats, device, path,
+                                                        state_dtype=STATE_DTYPES[state])
                 throughput = None
                 if n <= args.max_batch_history:
-                    batch_time, _, _ = bench(pattern, n, args.batch, repeats, device, path)
+                    batch_time, _, _ = bench(pattern, n, args.batch, repeats, device, path,
+                                             state_dtype=STATE_DTYPES[state])
                     throughput = args.batch / batch_time
                 full_kv = 2 * n * 64 * 4 * 4
-                rows.append((n, pattern, path, latency, embedding, throughput, state_bytes, full_kv))
-                print(f"n={n:>7} {pattern:<14} {path:<8} latency {latency * 1e3:8.2f} ms (embedding "
+                label = path if state == "fp32" else f"{path}, {state} state"
+                rows.append((n, pattern, label, latency, embedding, throughput, state_bytes, full_kv))
+                print(f"n={n:>7} {pattern:<14} {label:<8} latency {latency * 1e3:8.2f} ms (embedding "
                       f"{embedding * 1e3:.2f})  updates/s {throughput or float('nan'):10.0f}  state "
                       f"{state_bytes / 1e6:8.2f} MB (full KV {full_kv / 1e6:.2f} MB)", flush=True)
     info = machine(device)
@@ -155,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
              "One update = one new event per user through embedding + all layers, caches sized as a real state "
              "after n events (dim 64, 4 heads, 4 layers, k = 8, W = 32, S = 1). Paths: jagged = "
              "``SequenceEncoder.step``; fixed = ``fixed_step`` in fixed-capacity buffers, eager; graphed = the "
-             "same replayed from a CUDA graph. The embedding lookup (eager in every path) is timed alone too. State "
-             "bytes are the jagged state's (what a store keeps), for every path.", "",
+             "same replayed from a CUDA graph; -torch: their attention on the torch peer, not the default "
+             "backend; \"bf16 state\": bf16 fixed buffers. The embedding lookup (eager in every path) is timed "
+             "alone too. State bytes are the jagged state's (what a store keeps), in the row's state dtype.", "",
              f"| history n | model | path | batch-1 latency ms | of which embedding ms | updates/s (batch "
              f"{args.batch}) | state bytes/user | full KV cache bytes | full KV / state |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -212,7 +212,7 @@ class RuleAttention(AttentionLayer):
             return torch.cat([x[:B, None], x[B:].view(B, S, *x.shape[1:])], 1) if S else x[:, None]
 
         out = fixed_step_attention(per_user(q), per_user(k), per_user(v), self.rule(S > 0), cache,
-                                   layout.position)
+                                   layout.position, backend=self.cfg.attention_backend)
         out = torch.cat([out[:, 0], out[:, 1:].flatten(0, 1)]) if S else out[:, 0]
         return self.out(out.flatten(1))
 

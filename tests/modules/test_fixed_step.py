@@ -33,26 +33,31 @@ def _full_pass(enc, tokens, times):
 
 def _jagged_prefix(enc, tokens, times, counts):
     """The jagged state after each user's first ``counts[b]`` events, fed in one step."""
-    states = enc.empty_states(len(counts), torch.float64, "cpu")
+    states = enc.empty_states(len(counts), next(enc.parameters()).dtype, "cpu")
     _, states = enc.step(torch.cat([t[:n] for t, n in zip(tokens, counts)]), lengths_to_offsets(torch.tensor(counts)),
                          torch.zeros(len(counts), dtype=torch.int64), torch.cat([t[:n] for t, n in zip(times, counts)]),
                          states)
     return states
 
 
-def _check(enc, counts, steps, capacity=64):
+def _check(enc, counts, steps, capacity=64, stepper=None, tol=1e-10):
+    """``stepper`` (default ``enc``): the encoder whose fixed step runs, with ``enc``'s weights."""
+    stepper = stepper or enc
+    dtype = next(enc.parameters()).dtype
     g = torch.Generator().manual_seed(1)
     total = [n + steps for n in counts]
-    tokens = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in total]
-    times = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in total]
+    tokens = [torch.randn(n, 16, generator=g, dtype=dtype) for n in total]
+    times = [torch.randn(n, 16, generator=g, dtype=dtype) for n in total]
     full = _full_pass(enc, tokens, times)
-    fixed = enc.fixed_state(_jagged_prefix(enc, tokens, times, counts), torch.tensor(counts), capacity)
+    fixed = stepper.fixed_state(_jagged_prefix(enc, tokens, times, counts), torch.tensor(counts), capacity)
     for s in range(steps):
         rows = [n + s for n in counts]
-        out = enc.fixed_step(torch.stack([t[i] for t, i in zip(tokens, rows)]),
-                             torch.stack([t[i] for t, i in zip(times, rows)]), fixed)
-        torch.testing.assert_close(out, torch.stack([f[i] for f, i in zip(full, rows)]), atol=1e-10, rtol=1e-10)
+        out = stepper.fixed_step(torch.stack([t[i] for t, i in zip(tokens, rows)]),
+                                 torch.stack([t[i] for t, i in zip(times, rows)]), fixed)
+        torch.testing.assert_close(out, torch.stack([f[i] for f, i in zip(full, rows)]), atol=tol, rtol=tol)
     assert fixed.event_count.tolist() == total
+    if stepper is not enc:
+        return
     # back to the jagged state: one more event per user continues the history exactly
     states = enc.unfixed_states(fixed)
     more = [torch.randn(1, 16, generator=g, dtype=torch.float64) for _ in counts]
@@ -73,6 +78,22 @@ def test_fixed_step_equals_full_pass(pattern):
 @pytest.mark.parametrize("pattern,settings", VARIANTS, ids=[f"{p}-{s}" for p, s in VARIANTS])
 def test_fixed_step_equals_full_pass_variants(pattern, settings):
     _check(_encoder(pattern, **settings), counts=[0, 3, 17], steps=22)
+
+
+# The decode kernel (Triton, here under TRITON_INTERPRET=1) over the fixed buffers: every stream layout the fixed
+# step has (no summaries; summaries read by every layer, a bounded M; two slots a chunk; a full layer in a summary
+# stack; chunk-seeded summaries), rings rewritten several times, users at different points of their chunks.
+TRITON_CASES = [("full,sca", {}), ("ksa*3,full", dict(summary_init="chunk")), ("swa,ksa", dict(summary_tokens=2)),
+                ("ksa,ksa", dict(max_summaries=1))]
+
+
+@pytest.mark.parametrize("pattern,settings", TRITON_CASES, ids=[f"{p}-{s}" for p, s in TRITON_CASES])
+def test_fixed_step_on_the_decode_kernel_equals_the_full_pass(pattern, settings):
+    pytest.importorskip("triton")
+    reference = _encoder(pattern, **settings).float()
+    kernel = SequenceEncoder(EncoderConfig(**{**reference.cfg.__dict__, "attention_backend": "triton"})).eval()
+    kernel.load_state_dict(reference.state_dict())
+    _check(reference, [0, 5, 23], 19, stepper=kernel, tol=2e-5)
 
 
 def test_a_capacity_that_is_not_a_whole_number_of_chunks():
@@ -125,10 +146,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("pattern,settings", [("ksa*3,full", {}), ("ksa,ksa", dict(summary_init="chunk")),
                                               ("swa,ksa", dict(summary_tokens=2)), ("full,sca", {})])
-def test_graph_replays_equal_the_full_pass(pattern, settings):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graph_replays_equal_the_full_pass(pattern, settings, backend):
     from ksa_rec.modules.step_graphs import StepGraph
 
-    enc = _encoder(pattern, **settings).float().cuda()
+    enc = _encoder(pattern, **settings, attention_backend=backend).float().cuda()
     counts, steps = [0, 5, 23], 21
     g = torch.Generator().manual_seed(1)
     tokens = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
@@ -150,3 +172,25 @@ def test_graph_replays_equal_the_full_pass(pattern, settings):
         out = graph(torch.stack([t[i] for t, i in zip(tokens, rows)]), torch.stack([t[i] for t, i in zip(times, rows)]))
         torch.testing.assert_close(out, torch.stack([f[i] for f, i in zip(full, rows)]), atol=2e-5, rtol=2e-5)
     assert graph.steps_left == 64 - 1 - (23 + steps)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bf16_buffers_on_the_decode_kernel_stay_close_to_the_full_pass():
+    """bf16 fixed buffers (half the bytes a step reads) under a float32 model: the kernel computes in bf16 with
+    float32 accumulation, so the outputs follow the float32 full pass to bf16 rounding."""
+    enc = _encoder("ksa*3,full", summary_init="chunk", attention_backend="triton").float().cuda()
+    counts, steps = [0, 5, 23], 21
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
+    times = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
+    lengths = [t.shape[0] for t in tokens]
+    with torch.no_grad():
+        full = enc(torch.cat(tokens), lengths_to_offsets(torch.tensor(lengths)).cuda(),
+                   torch.cat([torch.arange(n) for n in lengths]).cuda(), torch.cat(times)).split(lengths)
+        fixed = enc.empty_fixed_state(3, 64, torch.bfloat16, "cuda")
+        for s in range(min(lengths)):  # every user from its first event, one a step
+            out = enc.fixed_step(torch.stack([t[s] for t in tokens]), torch.stack([t[s] for t in times]), fixed)
+            torch.testing.assert_close(out, torch.stack([f[s] for f in full]), atol=5e-2, rtol=5e-2)
+    assert fixed.layers[0].k.dtype == torch.bfloat16
+

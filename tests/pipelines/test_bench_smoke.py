@@ -68,12 +68,13 @@ def test_bench_kernels_smoke(tmp_path):
 def test_bench_serving_times_each_step_path(tmp_path):
     out = tmp_path / "serving.md"
     _run("bench_serving.py", "--quick", "--histories", "40", "--batch", "3", "--patterns", "ksa*3,full", "mka*3,full",
-         "--paths", "jagged", "fixed", "--out", str(out))
+         "--paths", "jagged", "fixed", "fixed-torch", "--state-dtypes", "fp32", "bf16", "--out", str(out))
     rows = json.loads(out.with_suffix(".json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    # the memory kinds have no fixed step: their row is the jagged one only
+    # the memory kinds have no fixed step: their row is the jagged one only; the jagged path has no bf16 row
     assert sorted((r["model"], r["path"]) for r in rows) == [
-        ("ksa*3,full", "fixed"), ("ksa*3,full", "jagged"), ("mka*3,full", "jagged")]
+        ("ksa*3,full", "fixed"), ("ksa*3,full", "fixed, bf16 state"), ("ksa*3,full", "fixed-torch"),
+        ("ksa*3,full", "fixed-torch, bf16 state"), ("ksa*3,full", "jagged"), ("mka*3,full", "jagged")]
     assert all(r["latency_ms"] > 0 and r["updates_per_s"] > 0 and r["embedding_ms"] > 0 for r in rows)
     assert "| 40 | ksa*3,full | fixed |" in out.read_text()
 

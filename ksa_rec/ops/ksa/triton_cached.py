@@ -180,7 +180,7 @@ def _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm,
 
 @triton.jit
 def ksa_cached_fwd_kernel(
-    Q, QIDX, QSUM, K, V, KIDX, KS, VS, SIDX, QOFF, KOFF, SOFF, O, PO, PLSE,
+    Q, QIDX, QSUM, K, V, KIDX, KS, VS, SIDX, QOFF, KOFF, KEND, SOFF, SEND, O, PO, PLSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kst, stride_ksh, stride_vst, stride_vsh, stride_ot, stride_oh,
     q_total, qk_scale, W, M,
@@ -192,7 +192,9 @@ def ksa_cached_fwd_kernel(
     the programs reading one user's index tiles run together).
 
     Q ``[Qt, H, D]``; QIDX int64 ``[Qt]``; QSUM int8 ``[Qt]``; K, V ``[Kt, HK, D]``, KIDX int64 ``[Kt]``;
-    KS, VS ``[St, HK, D]``, SIDX int64 ``[St]``; QOFF/KOFF/SOFF int64 ``[B+1]``. Output: O ``[Qt, H, D]``
+    KS, VS ``[St, HK, D]``, SIDX int64 ``[St]``; QOFF int64 ``[B+1]``; user b's event keys are rows
+    ``[KOFF[b], KEND[b])``, its summary keys ``[SOFF[b], SEND[b])`` (jagged: ``KEND = KOFF[1:]``; fixed buffers:
+    each user's rows in use). Output: O ``[Qt, H, D]``
     when NUM_SPLITS == 1, else PO fp32 ``[NUM_SPLITS, Qt, H, BLOCK_D]`` (normalised per split) and
     PLSE fp32 ``[NUM_SPLITS, Qt, H]`` (log2-sum-exp, -inf where the split saw no key).
     """
@@ -203,10 +205,10 @@ def ksa_cached_fwd_kernel(
     q0 = tl.load(QOFF + b)
     nq = (tl.load(QOFF + b + 1) - q0).to(tl.int32)
     k0 = tl.load(KOFF + b)
-    nk = (tl.load(KOFF + b + 1) - k0).to(tl.int32)
+    nk = (tl.load(KEND + b) - k0).to(tl.int32)
     if SUMS > 0:
         s0 = tl.load(SOFF + b)
-        ns = (tl.load(SOFF + b + 1) - s0).to(tl.int32)
+        ns = (tl.load(SEND + b) - s0).to(tl.int32)
     else:  # no summary stream: it is never read
         s0 = k0
         ns = nk * 0
@@ -294,12 +296,16 @@ def plan_launch(users: int, kv_heads: int, group: int, q_rows: int, keys: int, d
 
 
 def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, summaries: KeyRows, rule: KsaRule,
-                                *, scale: float | None = None, config: CachedTritonConfig | None = None) -> Tensor:
+                                *, scale: float | None = None, config: CachedTritonConfig | None = None,
+                                event_ends: Tensor | None = None, summary_ends: Tensor | None = None) -> Tensor:
     """``ksa_cached_attention`` (cached.py) as one Triton launch (two with key splits), forward only.
 
     Shapes: q ``[Qt, H, D]`` with ``queries`` (int64 ``index [Qt]``, bool ``is_summary [Qt]``, ``offsets
     [B+1]``); ``events`` / ``summaries``: ``k, v [rows, Hkv, D]``, int64 ``index [rows]``, ``offsets [B+1]``
     (fp16, bf16 or fp32 values, one dtype; the last dim contiguous). Returns ``[Qt, H, D]`` in q's dtype.
+    ``event_ends`` / ``summary_ends`` int64 ``[B]`` (default: each stream's ``offsets[1:]``): where user b's keys
+    end, when its rows are not followed by the next user's (fixed-capacity buffers: ``ksa_rec.ops.ksa.fixed``,
+    where both streams may be views of one buffer).
     D <= 128. Indices must be < 2**31. The layout is not validated (that would need a device sync).
     """
     k, v, k_sum, v_sum = events.k, events.v, summaries.k, summaries.v
@@ -316,10 +322,13 @@ def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, 
         return out.zero_()
     k, v, k_sum, v_sum = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v, k_sum, v_sum))
     q = q if q.stride(-1) == 1 else q.contiguous()
-    keys = k.shape[0] + k_sum.shape[0]
+    # rows that exist, for the split heuristic (both streams one buffer: counted once)
+    keys = k.shape[0] + (0 if k_sum.data_ptr() == k.data_ptr() else k_sum.shape[0])
     s_index = summaries.index
     if k_sum.shape[0] == 0:  # empty summary stream: its offsets are all 0, it is never read
         k_sum, v_sum, s_index = k, v, events.index
+    k_ends = events.offsets[1:] if event_ends is None else event_ends
+    s_ends = summaries.offsets[1:] if summary_ends is None else summary_ends
     group = H // HK
     block_d = max(16, _pow2(D))
     block_q, splits = plan_launch(users, HK, group, q_total, keys, q.device, cfg)
@@ -332,7 +341,7 @@ def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, 
     q_sum_flags = (flags.view(torch.int8) if flags.dtype == torch.bool else flags.to(torch.int8)).contiguous()
     ksa_cached_fwd_kernel[(users * splits * HK,)](
         q, queries.index.contiguous(), q_sum_flags, k, v, events.index.contiguous(), k_sum, v_sum,
-        s_index.contiguous(), queries.offsets, events.offsets, summaries.offsets, out, po, plse,
+        s_index.contiguous(), queries.offsets, events.offsets, k_ends, summaries.offsets, s_ends, out, po, plse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_sum.stride(0), k_sum.stride(1), v_sum.stride(0), v_sum.stride(1), out.stride(0), out.stride(1),
         q_total, scale * _LOG2E, UNBOUNDED if rule.window is None else min(rule.window, UNBOUNDED),
