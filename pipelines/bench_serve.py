@@ -192,7 +192,7 @@ def bench_store(kind: str, args, checkpoint: Path, events: Path, procs: Processe
     url = f"http://127.0.0.1:{port}"
     log = args.out / f"serve-{kind}.log"
     server = procs.start([sys.executable, "-m", "ksa_rec.cli", "serve", "--checkpoint", str(checkpoint), "--state",
-                          state, "--port", str(port), "--accelerator", args.accelerator,
+                          state, "--port", str(port), "--accelerator", args.accelerator, "--step", args.step,
                           "--batch-window-ms", str(args.batch_window_ms)], log)
     wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, 180, "ksa-rec serve", server, log)
     per_rate = [min(args.max_requests, int(rate * args.duration)) for rate in args.rates]
@@ -236,7 +236,9 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     best = summary(rows)
-    lines = ["| store | offered req/s | requests | ok | errors | p50 ms | p99 ms | max ms | answered req/s | "
+    lines = [f"- {meta.get('date')}, {meta.get('machine')}; model on {meta.get('accelerator')}, step "
+             f"{meta.get('step', 'jagged')}; argv: `{' '.join(meta.get('argv', []))}`", "",
+             "| store | offered req/s | requests | ok | errors | p50 ms | p99 ms | max ms | answered req/s | "
              "requests / micro-batch | step ms / batch | commit ms / batch | server ms / request (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -299,6 +301,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--give-up-ms", type=float, default=1000.0, help="stop rising once p99 exceeds this")
     p.add_argument("--batch-window-ms", type=float, default=1.0)
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where the server runs the model")
+    p.add_argument("--step", choices=("jagged", "graphed"), default="jagged",
+                   help="the server's --step (graphed: CUDA graphs for one-event micro-batches; --accelerator gpu)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, help="only rewrite the table and plot of this serve-load.json")
     args = p.parse_args(argv)
@@ -314,7 +318,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         checkpoint, events = train_smoke(args.out / "smoke")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
             f"{platform.python_implementation()} {platform.python_version()}", "loadavg_start": os.getloadavg(),
-            "checkpoint": str(checkpoint), "argv": sys.argv[1:], "accelerator": args.accelerator}
+            "checkpoint": str(checkpoint), "argv": sys.argv[1:], "accelerator": args.accelerator,
+            "step": args.step}
     if args.accelerator == "gpu":
         import torch
 

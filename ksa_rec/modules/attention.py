@@ -139,6 +139,10 @@ class AttentionLayer(nn.Module):
         """The fixed-capacity state of ``batch`` users with no events, for histories up to ``capacity``."""
         raise NotImplementedError(self._no_fixed_step)
 
+    def unfixed_user(self, cache, b: int, event_count: int) -> dict[str, Tensor]:
+        """User b's state in ``cache`` (an ``empty_fixed_state``) as ``stack_states`` takes it."""
+        raise NotImplementedError(self._no_fixed_step)
+
 
 class RuleAttention(AttentionLayer):
     """Multi-head attention whose kind is a ``KsaRule``; event and summary streams have their own Q/K/V."""
@@ -215,6 +219,12 @@ class RuleAttention(AttentionLayer):
                                    layout.position, backend=self.cfg.attention_backend)
         out = torch.cat([out[:, 0], out[:, 1:].flatten(0, 1)]) if S else out[:, 0]
         return self.out(out.flatten(1))
+
+    def unfixed_user(self, cache: FixedCache, b: int, event_count: int) -> dict[str, Tensor]:
+        """User b's rows of ``cache`` after ``event_count`` events, as the jagged state keeps them (no row that no
+        later query reads)."""
+        rule = self.rule(self.qkv_sum is not None)
+        return cache.user(b, rule.first_kept_event(event_count), rule.first_kept_summary(event_count) or 0)
 
     def empty_fixed_state(self, batch: int, capacity: int, dtype: torch.dtype, device) -> FixedCache:
         return FixedCache.empty(self.rule(self.qkv_sum is not None), batch, capacity, self.num_heads,

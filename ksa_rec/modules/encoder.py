@@ -283,33 +283,44 @@ class SequenceEncoder(nn.Module):
                     device=None) -> FixedState:
         """A jagged streaming state (``empty_states`` / ``stack_states`` / ``step``) of users with ``event_count
         [B]`` events -> the same state in fixed buffers for histories of fewer than ``capacity`` events."""
+        users = [[state.user(b) for state in states] for b in range(len(event_count))]
+        return self.fixed_state_of_users(users, event_count, capacity, dtype, device)
+
+    def fixed_state_of_users(self, users: list[list[dict[str, Tensor]]], event_count: Tensor, capacity: int,
+                             dtype: torch.dtype | None = None, device=None) -> FixedState:
+        """``fixed_state`` from per-user states (``users[b][i]``, as ``stack_states`` takes them and a stored
+        state keeps them)."""
         counts = [int(n) for n in event_count]
         if counts and max(counts) >= capacity:
             raise ValueError(f"fixed-capacity state: a user has {max(counts)} events, capacity is {capacity}")
-        first = states[0].user(0)["k"] if counts else None
+        first = users[0][0]["k"] if counts else None
         dtype = dtype or (first.dtype if first is not None else torch.float32)
         device = device or (first.device if first is not None else "cpu")
         fixed = self.empty_fixed_state(len(counts), capacity, dtype, device)
         k = self.cfg.chunk_size
-        for b, n in enumerate(counts):
-            for cache, state in zip(fixed.layers, states):
-                cache.load(b, state.user(b))
+        for b, (n, user) in enumerate(zip(counts, users)):
+            for cache, layer in zip(fixed.layers, user):
+                cache.load(b, layer)
             if fixed.inputs is not None:
-                x = states[len(self.blocks)].user(b)["x"]
+                x = user[len(self.blocks)]["x"]
                 fixed.inputs[b, (n - x.shape[0] + torch.arange(x.shape[0])) % k] = x.to(device, dtype)
         fixed.event_count.copy_(event_count.to(device))
         return fixed
 
     def unfixed_states(self, fixed: FixedState) -> list:
         """``fixed_state``'s inverse: the jagged state (as ``stack_states`` gives it) of the same users."""
+        return self.stack_states(self.unfixed_users(fixed))
+
+    def unfixed_users(self, fixed: FixedState, users: int | None = None) -> list[list[dict[str, Tensor]]]:
+        """``fixed_state_of_users``' inverse for its first ``users`` users (default all)."""
         k = self.cfg.chunk_size
-        users = []
-        for b, n in enumerate(int(c) for c in fixed.event_count):
-            user = [cache.user(b) for cache in fixed.layers]
+        out = []
+        for b, n in enumerate(int(c) for c in fixed.event_count[:users]):
+            user = [block.attn.unfixed_user(cache, b, n) for block, cache in zip(self.blocks, fixed.layers)]
             if fixed.inputs is not None:
                 user.append({"x": fixed.inputs[b, (n - n % k + torch.arange(n % k)) % k]})
-            users.append(user)
-        return self.stack_states(users)
+            out.append(user)
+        return out
 
     def fixed_step(self, tokens: Tensor, time_part: Tensor | None, state: FixedState) -> Tensor:
         """``step`` for exactly one new event per user, in fixed-capacity buffers updated in place, with no host

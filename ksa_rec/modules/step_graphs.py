@@ -42,6 +42,7 @@ class StepGraph:
         if encoder.training:
             raise ValueError("StepGraph: put the encoder in eval mode first (a step has no dropout)")
         batch = state.event_count.shape[0]
+        self.state = state
         self.steps_left = state.capacity - 1 - int(state.event_count.max()) if batch else 0
         """Steps this state has room for (every step adds one event to every user); a call past it raises."""
         if self.steps_left < _WARMUP:
@@ -62,6 +63,17 @@ class StepGraph:
             self.out = encoder.fixed_step(self.tokens, self.time_part, state)
         for tensor, copy in zip(state.tensors, saved):
             tensor.copy_(copy)
+
+    def load(self, source: FixedState) -> None:
+        """Put ``source``'s users (same batch size and capacity, any device) in the buffers the graph reads: how
+        one graph serves micro-batch after micro-batch of different users."""
+        if source.capacity != self.state.capacity or source.event_count.shape != self.state.event_count.shape:
+            raise ValueError(f"StepGraph.load: the graph holds {self.state.event_count.shape[0]} users of capacity "
+                             f"{self.state.capacity}, the state {source.event_count.shape[0]} of {source.capacity}")
+        for target, tensor in zip(self.state.tensors, source.tensors, strict=True):
+            target.copy_(tensor)
+        counts = source.event_count
+        self.steps_left = self.state.capacity - 1 - (int(counts.max()) if counts.numel() else 0)
 
     def __call__(self, tokens: Tensor, time_part: Tensor | None = None) -> Tensor:
         if self.steps_left <= 0:

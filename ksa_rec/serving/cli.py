@@ -110,6 +110,10 @@ def _add_state(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True,
                    help="state store: a SQLite file (created if missing; one writer process at a time) or "
                         "redis://host:port/db (shared by several workers)")
+    p.add_argument("--step", choices=("jagged", "graphed", "fixed"), default="jagged",  # engine.STEPS
+                   help="how a micro-batch is stepped: jagged (any events per user, every kind), graphed (one event "
+                        "per user replayed from CUDA graphs in fixed-capacity buffers; CUDA, kinds full/ksa/sca/swa; "
+                        "other micro-batches take the jagged step) or fixed (the same without graphs)")
     p.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32",  # engine.STATE_DTYPES
                    help="float tensors of stored states: fp32, or bf16 (half the bytes; see "
                         "docs/results/serving.md for its effect on recommendations)")
@@ -158,7 +162,7 @@ def _engine(args):
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if use_gpu else "cpu"
     serving = ServingModel.load(args.checkpoint, device, overrides)
     return StreamEngine(serving, top_k=args.top_k, exclude_seen=args.seen_items == "mask", item_chunk=args.item_chunk,
-                        state_dtype=getattr(args, "state_dtype", "fp32"))
+                        state_dtype=getattr(args, "state_dtype", "fp32"), step=getattr(args, "step", "jagged"))
 
 
 def score(argv: list[str]) -> None:

@@ -34,6 +34,12 @@ class Recommendations:
                 for u, n, r, i, s in zip(self.user_ids, self.event_counts, self.last_rows, self.item_ids, self.scores)]
 
 
+STEPS = ("jagged", "graphed", "fixed")
+"""``--step``: how a micro-batch is stepped. ``jagged``: ``SequenceEncoder.step`` (any events per user, every kind).
+``graphed``: micro-batches of one event per user replayed from CUDA graphs in fixed-capacity buffers
+(``ksa_rec.serving.fixed_steps``; others take the jagged step); ``fixed``: the same without the graph (any device:
+how the CPU tests check the conversion)."""
+
 STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 """``--state-dtype``: how stored states keep their float tensors. fp32 keeps the model's own dtype
 (None); bf16 halves their bytes, and they are computed with in the model's dtype again when read."""
@@ -41,15 +47,22 @@ STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 class StreamEngine:
     def __init__(self, serving: ServingModel, top_k: int = 10, exclude_seen: bool = True, item_chunk: int = 65536,
-                 state_dtype: str = "fp32"):
+                 state_dtype: str = "fp32", step: str = "jagged"):
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}")
+        if step not in STEPS:
+            raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
         self.serving, self.top_k, self.exclude_seen, self.item_chunk = serving, top_k, exclude_seen, item_chunk
         self.state_dtype = STATE_DTYPES[state_dtype]
         self.model = serving.model
         self.schema = LogSchema(features=tuple(sorted(serving.features)))
         self.num_gap_buckets = self.model.encoder_cfg.time_gap_buckets
         self._empty: UserState | None = None
+        self.fixed_steps = None
+        if step != "jagged":
+            from ksa_rec.serving.fixed_steps import FixedSteps
+
+            self.fixed_steps = FixedSteps(self.model, serving.device, graphed=step == "graphed")
 
     @cached_property
     def _head_items(self) -> torch.Tensor:
@@ -111,9 +124,15 @@ class StreamEngine:
         batch = self._batch(ordered, items, gaps, lengths, old)
         if not on_host:
             batch = batch.to(device)
-        stacked = self.model.stack_states([s.layers for s in old], None if on_host else device)
-        vectors, states_out = self.model.step(batch, stacked)
-        caches = states_out if on_host else [state.to("cpu") for state in states_out]
+        if self.fixed_steps is not None and bool((lengths == 1).all()):
+            tokens, time_part = self.model.embedding(batch.features)
+            vectors, layers = self.fixed_steps(tokens, time_part, [s.layers for s in old],
+                                               [s.event_count for s in old])
+        else:
+            stacked = self.model.stack_states([s.layers for s in old], None if on_host else device)
+            vectors, states_out = self.model.step(batch, stacked)
+            caches = states_out if on_host else [state.to("cpu") for state in states_out]
+            layers = [[cache.user(b) for cache in caches] for b in range(len(users))]
         ends = np.cumsum(lengths)
         new_states = {}
         for b, user in enumerate(users):
@@ -121,8 +140,7 @@ class StreamEngine:
             seen = torch.from_numpy(np.union1d(old[b].seen.numpy(), segment[segment >= RESERVED_IDS]))
             new_states[user] = UserState(
                 event_count=old[b].event_count + int(lengths[b]), last_timestamp=int(timestamps[ends[b] - 1]),
-                last_item=int(items[ends[b] - 1]), vector=vectors[b].cpu(), seen=seen,
-                layers=[cache.user(b) for cache in caches])
+                last_item=int(items[ends[b] - 1]), vector=vectors[b].cpu(), seen=seen, layers=layers[b])
         recs = self.recommend(users, [new_states[u] for u in users], [int(rows[e - 1]) for e in ends])
         return new_states, recs
 
@@ -177,4 +195,4 @@ def _group_by_user(frame: pl.DataFrame) -> tuple[list[str], np.ndarray, np.ndarr
 _FEW = 1024
 
 
-__all__ = ["Recommendations", "StreamEngine"]
+__all__ = ["STEPS", "Recommendations", "StreamEngine"]

@@ -305,3 +305,48 @@ def test_stream_runs_the_step_on_the_backend_asked_for(trained, event_files, tmp
     # the backend is how the model runs, not what it is: the store keeps the checkpoint's model id
     _, meta = store_dump(tmp_path / "s.db")
     assert meta["model_id"] == ServingModel.load(checkpoint).model_id
+
+
+@pytest.mark.parametrize("checkpoint_of", ["trained", "trained_chunk"])
+def test_the_fixed_capacity_step_streams_like_the_jagged_one(checkpoint_of, event_files, tmp_path, request):
+    """``--step fixed`` (what ``--step graphed`` replays on CUDA, without the graph): micro-batches of one event
+    per user go through fixed-capacity buffers and back to the stored per-user form, the others through the jagged
+    step. Both micro-batch sizes (every batch one event; batches where users have several) give the jagged step's
+    store and outputs; with chunk-seeded summaries too (the open chunk's inputs travel through the buffers)."""
+    checkpoint = request.getfixturevalue(checkpoint_of)
+    checkpoint = checkpoint[0] if isinstance(checkpoint, tuple) else checkpoint
+    events, _ = event_files
+    for rows in ("1", "5"):
+        jagged, fixed = tmp_path / f"jagged-{rows}.db", tmp_path / f"fixed-{rows}.db"
+        assert _stream(checkpoint, events, jagged, "--chunk-rows", rows) == 0
+        assert _stream(checkpoint, events, fixed, "--chunk-rows", rows, "--step", "fixed") == 0
+        assert_same_store(checkpoint, fixed, jagged)
+        assert_same_outputs(*(path.with_name(path.name + ".outputs.jsonl") for path in (fixed, jagged)))
+
+
+def test_a_step_the_model_or_machine_cannot_run_is_refused(trained, trained_mka, event_files, tmp_path, capsys):
+    events, _ = event_files
+    assert _stream(trained[0], events, tmp_path / "a.db", "--step", "graphed") != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--step graphed needs a CUDA device; the model is "
+                                                                     "on cpu")
+    assert _stream(trained_mka, events, tmp_path / "b.db", "--step", "fixed") != 0
+    assert "mka layers have no fixed-capacity step" in capsys.readouterr().err
+    assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("checkpoint_of", ["trained", "trained_chunk"])
+def test_graphed_steps_stream_like_the_jagged_one_on_a_gpu(checkpoint_of, event_files, tmp_path, request):
+    """``--step graphed``: one-event micro-batches replayed from CUDA graphs (users padded to a bucket, each
+    micro-batch's states copied in and out) give the jagged step's store and outputs."""
+    checkpoint = request.getfixturevalue(checkpoint_of)
+    checkpoint = checkpoint[0] if isinstance(checkpoint, tuple) else checkpoint
+    events, _ = event_files
+    for rows in ("1", "5"):
+        jagged, graphed = tmp_path / f"jagged-{rows}.db", tmp_path / f"graphed-{rows}.db"
+        assert _stream(checkpoint, events, jagged, "--chunk-rows", rows, "--accelerator", "gpu") == 0
+        assert _stream(checkpoint, events, graphed, "--chunk-rows", rows, "--accelerator", "gpu", "--step",
+                       "graphed") == 0
+        assert_same_store(checkpoint, graphed, jagged, tol=1e-4)
+        assert_same_outputs(*(path.with_name(path.name + ".outputs.jsonl") for path in (graphed, jagged)))

@@ -130,16 +130,18 @@ class FixedCache:
         self.k[b, at] = k.to(self.k.device, self.k.dtype)
         self.v[b, at] = v.to(self.v.device, self.v.dtype)
 
-    def user(self, b: int) -> dict[str, Tensor]:
-        """User b's rows in identity order, as ``LayerCache.user(b)`` gives them."""
-        def rows(first, count):
+    def user(self, b: int, first_event: int = 0, first_summary: int = 0) -> dict[str, Tensor]:
+        """User b's rows in identity order, as ``LayerCache.user(b)`` gives them: events from index
+        ``first_event`` and summaries from id ``first_summary`` on (the rule's ``first_kept_event`` /
+        ``first_kept_summary``: a ring also holds rows no later query reads, which the jagged state drops)."""
+        def rows(first, count, lowest):
             ids = self.idx[b, first:first + count]
             order = torch.argsort(ids)
-            order = first + order[ids[order] >= 0]
+            order = first + order[ids[order] >= max(lowest, 0)]
             return self.k[b, order], self.v[b, order], self.idx[b, order]
 
-        k, v, idx = rows(0, self.events)
-        sk, sv, sidx = rows(self.events, self.kept)
+        k, v, idx = rows(0, self.events, first_event)
+        sk, sv, sidx = rows(self.events, self.kept, first_summary)
         return {"k": k, "v": v, "idx": idx, "sk": sk, "sv": sv, "sidx": sidx}
 
 
