@@ -142,6 +142,18 @@ def test_a_step_graph_needs_a_cuda_state():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _cuda_histories(enc, lengths):
+    """Random float32 event inputs and time parts of users with ``lengths`` events on the GPU, and the full pass's
+    states of every event."""
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randn(n, 16, generator=g).cuda() for n in lengths]
+    times = [torch.randn(n, 16, generator=g).cuda() for n in lengths]
+    with torch.no_grad():
+        full = enc(torch.cat(tokens), lengths_to_offsets(torch.tensor(lengths)).cuda(),
+                   torch.cat([torch.arange(n) for n in lengths]).cuda(), torch.cat(times)).split(lengths)
+    return tokens, times, full
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("pattern,settings", [("ksa*3,full", {}), ("ksa,ksa", dict(summary_init="chunk")),
@@ -152,13 +164,8 @@ def test_graph_replays_equal_the_full_pass(pattern, settings, backend):
 
     enc = _encoder(pattern, **settings, attention_backend=backend).float().cuda()
     counts, steps = [0, 5, 23], 21
-    g = torch.Generator().manual_seed(1)
-    tokens = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
-    times = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
-    lengths = [t.shape[0] for t in tokens]
+    tokens, times, full = _cuda_histories(enc, [n + steps for n in counts])
     with torch.no_grad():
-        full = enc(torch.cat(tokens), lengths_to_offsets(torch.tensor(lengths)).cuda(),
-                   torch.cat([torch.arange(n) for n in lengths]).cuda(), torch.cat(times)).split(lengths)
         states = enc.empty_states(3, torch.float32, "cuda")
         _, states = enc.step(torch.cat([t[:n] for t, n in zip(tokens, counts)]),
                              lengths_to_offsets(torch.tensor(counts)).cuda(), torch.zeros(3, dtype=torch.int64,
@@ -174,23 +181,31 @@ def test_graph_replays_equal_the_full_pass(pattern, settings, backend):
     assert graph.steps_left == 64 - 1 - (23 + steps)
 
 
+def _half_buffers_follow_the_full_pass(dtype, device, tol):
+    """Fixed buffers in a 16-bit ``dtype`` under a float32 model: the kernel computes in that dtype with float32
+    accumulation, so every event's output follows the float32 full pass to the dtype's rounding."""
+    enc = _encoder("ksa*3,full", summary_init="chunk", attention_backend="triton").float().to(device)
+    lengths = [21, 26, 44]
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randn(n, 16, generator=g).to(device) for n in lengths]
+    times = [torch.randn(n, 16, generator=g).to(device) for n in lengths]
+    with torch.no_grad():
+        full = enc(torch.cat(tokens), lengths_to_offsets(torch.tensor(lengths)).to(device),
+                   torch.cat([torch.arange(n) for n in lengths]).to(device), torch.cat(times)).split(lengths)
+        fixed = enc.empty_fixed_state(3, 64, dtype, device)
+        for s in range(21):  # every user from its first event, one a step
+            out = enc.fixed_step(torch.stack([t[s] for t in tokens]), torch.stack([t[s] for t in times]), fixed)
+            torch.testing.assert_close(out, torch.stack([f[s] for f in full]), atol=tol, rtol=tol)
+    assert fixed.layers[0].k.dtype == dtype
+
+
+def test_fp16_buffers_on_the_decode_kernel_follow_the_full_pass():
+    # the interpreter has no bf16 (NumPy): fp16 takes the same cast path here; bf16 is tested on the GPU
+    pytest.importorskip("triton")
+    _half_buffers_follow_the_full_pass(torch.float16, "cpu", 5e-3)
+
+
 @pytest.mark.gpu
 @needs_cuda
-def test_bf16_buffers_on_the_decode_kernel_stay_close_to_the_full_pass():
-    """bf16 fixed buffers (half the bytes a step reads) under a float32 model: the kernel computes in bf16 with
-    float32 accumulation, so the outputs follow the float32 full pass to bf16 rounding."""
-    enc = _encoder("ksa*3,full", summary_init="chunk", attention_backend="triton").float().cuda()
-    counts, steps = [0, 5, 23], 21
-    g = torch.Generator().manual_seed(1)
-    tokens = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
-    times = [torch.randn(n + steps, 16, generator=g).cuda() for n in counts]
-    lengths = [t.shape[0] for t in tokens]
-    with torch.no_grad():
-        full = enc(torch.cat(tokens), lengths_to_offsets(torch.tensor(lengths)).cuda(),
-                   torch.cat([torch.arange(n) for n in lengths]).cuda(), torch.cat(times)).split(lengths)
-        fixed = enc.empty_fixed_state(3, 64, torch.bfloat16, "cuda")
-        for s in range(min(lengths)):  # every user from its first event, one a step
-            out = enc.fixed_step(torch.stack([t[s] for t in tokens]), torch.stack([t[s] for t in times]), fixed)
-            torch.testing.assert_close(out, torch.stack([f[s] for f in full]), atol=5e-2, rtol=5e-2)
-    assert fixed.layers[0].k.dtype == torch.bfloat16
-
+def test_bf16_buffers_on_the_decode_kernel_follow_the_full_pass():
+    _half_buffers_follow_the_full_pass(torch.bfloat16, "cuda", 5e-2)
