@@ -8,7 +8,8 @@ per ``FixedState`` and replayed.
 
 A ``StepGraph`` belongs to one ``FixedState`` (its tensors are the graph's; a step updates them in place) and
 to one batch size: callers pad a smaller batch of users to a captured size (a bucket), or keep one graph per
-size they serve. Capturing runs a few eager steps first (lazy initialisation, autotuning), so it saves the
+size they serve; ``load`` puts other users of that size and capacity in its buffers (``serving.fixed_steps``).
+Capturing runs a few eager steps first (lazy initialisation, autotuning), so it saves the
 state's tensors and puts them back afterwards: the state is as it was before the capture. The warm-up and the
 stream it runs on are the training graphs' (``ksa_rec.modules.graphs``): the first step refuses host reads.
 """

@@ -18,9 +18,10 @@ intervals per key and reads each user's rows in use once. Either equals ``ksa_st
 op) to float tolerance; the tests compare them event by event.
 
 Backends (``ksa_rec.ops.backend.resolve_backend``, form "step", as the jagged step): ``"triton"`` on CUDA by
-default, ``"torch"`` elsewhere. The torch path's masks and scores are ``[B, H, 1 + S', N]`` whatever the history,
-so on a GPU it was 10.5 ms a step for 1,024 users at 10K events where the K/V reads alone take ~1.6 ms
-(docs/results/serving.md); the kernel reads K/V once and builds no mask.
+default, ``"torch"`` elsewhere. The torch path builds masks and scores of ``[B, H, 1 + S', N]`` over every row,
+used or not: on an H100, 10.5 ms a step for 1,024 users at 10K events (docs/results/serving.md), where reading
+their 5.2 GB of K/V once would take ~1.6 ms at the card's nominal bandwidth. The kernel reads the rows in use
+once and builds no mask.
 
 A step's tokens per user: its new event (index ``position``), then, when the encoder carries summaries, the
 S summary tokens of the event's chunk ``c = position // k``. They are computed at every step (shapes must
