@@ -11,6 +11,14 @@ it as trained, the data from ``--config``. The first test target whose ``evidenc
 least ``--min-distance`` is explained; the history is cut right before that target, so "the newest event"
 is the one whose state ranks it. Prints where the evidence was, the weight the prediction puts on the
 summary holding it, and the top summaries (chunk, weight, the events each draws on).
+
+``--targets N`` averages instead, over the first N such targets (no plot): the first KSA layer's weight on all
+summaries, on raw events, and on the summary holding the evidence against a uniform share. ``--checkpoint init``
+takes the config's model untrained (what the first steps of training see). Arguments after ``--`` go to the
+config (as to ``ksa-rec fit``)::
+
+    python pipelines/explain_user.py --config configs/synthetic-long-2l.yaml --checkpoint RUN --targets 25 \
+        --min-distance 20 -- --model.encoder.pattern ksa,full --model.encoder.chunk_size 4 ...
 """
 
 from __future__ import annotations
@@ -50,27 +58,66 @@ def find_target(loader, label: str, min_distance: int) -> tuple[SequenceBatch, i
     raise SystemExit(f"explain_user: no test target has {label} >= {min_distance}")
 
 
+def average_reading(model, loader, label: str, min_distance: int, targets: int) -> dict[str, float]:
+    """Over the first ``targets`` test targets with ``label >= min_distance``, what the first explained layer's
+    newest event reads: mean weight on all summaries, on raw events, and on the summary of the evidence's chunk
+    (where that chunk has one) beside the mean uniform share ``1 / summaries``."""
+    k = model.encoder_cfg.chunk_size
+    summaries, events, evidence, uniform = [], [], [], []
+    for batch in loader:
+        for i in (batch.labels[label] >= min_distance).nonzero().flatten().tolist():
+            if len(summaries) == targets:
+                break
+            user = one_user(batch, int(batch.eval_rows[i]))
+            usage = explain_user(model, user)
+            sums = usage.summary_usage[0]
+            summaries.append(float(sums.sum()))
+            events.append(float(usage.event_usage[0].sum()))
+            chunk = (int(user.positions[-1]) + 1 - int(batch.labels[label][i]) - int(user.positions[0])) // k
+            if 0 <= chunk < sums.numel():
+                evidence.append(float(sums[chunk]))
+                uniform.append(1 / sums.numel())
+    n = len(summaries)
+    if not n:
+        raise SystemExit(f"explain_user: no test target has {label} >= {min_distance}")
+    return {"targets": n, "on_summaries": sum(summaries) / n, "on_events": sum(events) / n,
+            "evidence_summary": sum(evidence) / max(len(evidence), 1),
+            "uniform_share": sum(uniform) / max(len(uniform), 1), "targets_with_evidence_summary": len(evidence)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt, a run directory, or init (untrained)")
     parser.add_argument("--label", default="evidence_distance")
     parser.add_argument("--min-distance", type=int, default=150)
+    parser.add_argument("--targets", type=int, default=None, help="average over this many targets (no plot)")
     parser.add_argument("--out", type=Path, default=Path("explain.png"))
-    args = parser.parse_args(argv)
-    ckpt = args.checkpoint
-    if ckpt.is_dir():
-        found = sorted(ckpt.rglob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise SystemExit(f"explain_user: no best-*.ckpt under {ckpt}")
-        ckpt = found[-1]
-    cli = run_lightning(["--config", args.config], run=False)
-    module = RecModule.load_from_checkpoint(ckpt, map_location="cpu")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    cli = run_lightning(["--config", args.config, *argv[split + 1:]], run=False)
+    if args.checkpoint == "init":
+        model = cli.model.model
+    else:
+        ckpt = Path(args.checkpoint)
+        if ckpt.is_dir():
+            found = sorted(ckpt.rglob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise SystemExit(f"explain_user: no best-*.ckpt under {ckpt}")
+            ckpt = found[-1]
+        model = RecModule.load_from_checkpoint(ckpt, map_location="cpu").model
     cli.datamodule.setup("test")
+    if args.targets:
+        reading = average_reading(model, cli.datamodule.test_dataloader(), args.label, args.min_distance,
+                                  args.targets)
+        print(", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                        for key, value in reading.items()))
+        return 0
     batch, row, target, distance = find_target(cli.datamodule.test_dataloader(), args.label, args.min_distance)
     user = one_user(batch, row)
-    expl = explain_user(module.model, user)
-    k = module.model.encoder_cfg.chunk_size
+    expl = explain_user(model, user)
+    k = model.encoder_cfg.chunk_size
     first, last = int(user.positions[0]), int(user.positions[-1])
     evidence = last + 1 - distance
     print(f"user row {int(user.user_index[0])}: events {first}-{last}, target item {target}, "
