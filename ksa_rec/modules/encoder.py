@@ -287,16 +287,21 @@ class SequenceEncoder(nn.Module):
         return self.fixed_state_of_users(users, event_count, capacity, dtype, device)
 
     def fixed_state_of_users(self, users: list[list[dict[str, Tensor]]], event_count: Tensor, capacity: int,
-                             dtype: torch.dtype | None = None, device=None) -> FixedState:
+                             dtype: torch.dtype | None = None, device=None, out: FixedState | None = None
+                             ) -> FixedState:
         """``fixed_state`` from per-user states (``users[b][i]``, as ``stack_states`` takes them and a stored
-        state keeps them)."""
+        state keeps them). ``out``: a state of as many users and this capacity to write into instead of a new one
+        (every user's rows are reset; rows of the buffers no identity points to may keep old values)."""
         counts = [int(n) for n in event_count]
         if counts and max(counts) >= capacity:
             raise ValueError(f"fixed-capacity state: a user has {max(counts)} events, capacity is {capacity}")
         first = users[0][0]["k"] if counts else None
         dtype = dtype or (first.dtype if first is not None else torch.float32)
         device = device or (first.device if first is not None else "cpu")
-        fixed = self.empty_fixed_state(len(counts), capacity, dtype, device)
+        if out is not None and (out.capacity, out.event_count.shape[0]) != (capacity, len(counts)):
+            raise ValueError(f"fixed_state_of_users: out holds {out.event_count.shape[0]} users of capacity "
+                             f"{out.capacity}, not {len(counts)} of {capacity}")
+        fixed = out if out is not None else self.empty_fixed_state(len(counts), capacity, dtype, device)
         k = self.cfg.chunk_size
         for b, (n, user) in enumerate(zip(counts, users)):
             for cache, layer in zip(fixed.layers, user):

@@ -45,7 +45,7 @@ class FixedSteps:
             raise ConfigError(f"--step graphed needs a CUDA device; the model is on {device}")
         self.encoder, self.device, self.graphed, self.max_graphs = model.encoder, device, graphed, max_graphs
         self.dtype = model.item_weight.dtype
-        self._graphs: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int], tuple] = OrderedDict()
         self._empty_user = [state.user(0) for state in model.empty_states(1)]
 
     def __call__(self, tokens: Tensor, time_part: Tensor | None, users: list[list[dict[str, Tensor]]],
@@ -58,9 +58,9 @@ class FixedSteps:
             return out, self.encoder.unfixed_users(state)
         bucket = _pow2_at_least(B)
         pad = bucket - B
-        host = self.encoder.fixed_state_of_users(users + [self._empty_user] * pad, torch.tensor(counts + [0] * pad),
-                                                 capacity, self.dtype, "cpu")
-        graph = self._graph(bucket, capacity, time_part is not None)
+        graph, host = self._graph(bucket, capacity, time_part is not None)
+        self.encoder.fixed_state_of_users(users + [self._empty_user] * pad, torch.tensor(counts + [0] * pad),
+                                          capacity, self.dtype, "cpu", out=host)
         graph.load(host)
         if pad:
             tokens = torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])])
@@ -71,17 +71,22 @@ class FixedSteps:
         return out, self.encoder.unfixed_users(host, B)
 
     def _graph(self, bucket: int, capacity: int, with_time: bool):
+        """The bucket's graph and its host staging state (pinned: the copies in and out are its whole cost), made
+        on first use."""
         from ksa_rec.modules.step_graphs import StepGraph
 
         key = (bucket, capacity)
-        graph = self._graphs.pop(key, None)
-        if graph is None:
+        entry = self._graphs.pop(key, None)
+        if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
             state = self.encoder.empty_fixed_state(bucket, capacity, self.dtype, self.device)
-            graph = StepGraph(self.encoder, state, self.dtype, with_time)
-        self._graphs[key] = graph
-        return graph
+            host = self.encoder.empty_fixed_state(bucket, capacity, self.dtype, "cpu")
+            for tensor in host.tensors:
+                tensor.set_(tensor.pin_memory())
+            entry = StepGraph(self.encoder, state, self.dtype, with_time), host
+        self._graphs[key] = entry
+        return entry
 
 
 __all__ = ["MIN_CAPACITY", "FixedSteps"]

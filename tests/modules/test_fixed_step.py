@@ -40,16 +40,20 @@ def _jagged_prefix(enc, tokens, times, counts):
     return states
 
 
-def _check(enc, counts, steps, capacity=64, stepper=None, tol=1e-10):
-    """``stepper`` (default ``enc``): the encoder whose fixed step runs, with ``enc``'s weights."""
+def _check(enc, counts, steps, capacity=64, stepper=None, tol=1e-10, out=None, seed=1):
+    """``stepper`` (default ``enc``): the encoder whose fixed step runs, with ``enc``'s weights; ``out``: a fixed
+    state to load the users into (``fixed_state_of_users(..., out=)``). Returns the fixed state."""
     stepper = stepper or enc
     dtype = next(enc.parameters()).dtype
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     total = [n + steps for n in counts]
     tokens = [torch.randn(n, 16, generator=g, dtype=dtype) for n in total]
     times = [torch.randn(n, 16, generator=g, dtype=dtype) for n in total]
     full = _full_pass(enc, tokens, times)
-    fixed = stepper.fixed_state(_jagged_prefix(enc, tokens, times, counts), torch.tensor(counts), capacity)
+    prefix = _jagged_prefix(enc, tokens, times, counts)
+    fixed = (stepper.fixed_state(prefix, torch.tensor(counts), capacity) if out is None else
+             stepper.fixed_state_of_users([[s.user(b) for s in prefix] for b in range(len(counts))],
+                                          torch.tensor(counts), capacity, out=out))
     for s in range(steps):
         rows = [n + s for n in counts]
         out = stepper.fixed_step(torch.stack([t[i] for t, i in zip(tokens, rows)]),
@@ -57,7 +61,7 @@ def _check(enc, counts, steps, capacity=64, stepper=None, tol=1e-10):
         torch.testing.assert_close(out, torch.stack([f[i] for f, i in zip(full, rows)]), atol=tol, rtol=tol)
     assert fixed.event_count.tolist() == total
     if stepper is not enc:
-        return
+        return fixed
     # back to the jagged state: one more event per user continues the history exactly
     states = enc.unfixed_states(fixed)
     more = [torch.randn(1, 16, generator=g, dtype=torch.float64) for _ in counts]
@@ -67,6 +71,7 @@ def _check(enc, counts, steps, capacity=64, stepper=None, tol=1e-10):
     out, _ = enc.step(torch.cat(more), lengths_to_offsets(torch.ones(len(counts), dtype=torch.int64)),
                       torch.tensor(total), torch.cat(more_t), states)
     torch.testing.assert_close(out, torch.stack([f[-1] for f in longer]), atol=1e-10, rtol=1e-10)
+    return fixed
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -94,6 +99,16 @@ def test_fixed_step_on_the_decode_kernel_equals_the_full_pass(pattern, settings)
     kernel = SequenceEncoder(EncoderConfig(**{**reference.cfg.__dict__, "attention_backend": "triton"})).eval()
     kernel.load_state_dict(reference.state_dict())
     _check(reference, [0, 5, 23], 19, stepper=kernel, tol=2e-5)
+
+
+@pytest.mark.parametrize("pattern,settings", [("ksa,ksa", dict(summary_init="chunk")), ("swa,full", {}),
+                                              ("ksa,sca", dict(max_summaries=1, summary_tokens=2))])
+def test_a_reused_fixed_state_forgets_its_previous_users(pattern, settings):
+    """What ``--step graphed`` does with its staging buffers: other users loaded into a state that served some
+    before (their rows, open chunks and counts left behind) step as if the state were new."""
+    enc = _encoder(pattern, **settings)
+    used = _check(enc, [23, 5, 14], 11)
+    _check(enc, [2, 30, 0], 13, out=used, seed=2)
 
 
 def test_a_capacity_that_is_not_a_whole_number_of_chunks():
