@@ -47,6 +47,7 @@ from _bench_common import command, header, machine, median_ms, now, write_output
 
 from ksa_rec.data.schema import DataSpec  # noqa: E402
 from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
+from ksa_rec.modules.attention import AttentionLayer  # noqa: E402
 from ksa_rec.modules.config import EncoderConfig  # noqa: E402
 from ksa_rec.modules.losses import LossConfig  # noqa: E402
 from ksa_rec.modules.step_graphs import StepGraph  # noqa: E402
@@ -152,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         for pattern in args.patterns:
             runs = [(p, s) for p in args.paths for s in (["fp32"] if p == "jagged" else args.state_dtypes)]
             for path, state in runs:
-                if path != "jagged" and any(kind in ("mka", "fastmka") for kind in EncoderConfig(
-                        pattern=pattern).layers):
+                if path != "jagged" and AttentionLayer.no_fixed_step(EncoderConfig(pattern=pattern).layers):
                     continue
                 latency, state_bytes, embedding = bench(pattern, n, 1, repeats, device, path,
                                                         state_dtype=STATE_DTYPES[state])

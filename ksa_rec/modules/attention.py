@@ -126,9 +126,19 @@ class AttentionLayer(nn.Module):
         """Scalars of the last forward worth logging, by name."""
         return {}
 
+    has_fixed_step = False
+    """Whether ``fixed_step`` / ``empty_fixed_state`` / ``unfixed_user`` exist for this kind."""
+
+    @staticmethod
+    def no_fixed_step(kinds: list[str]) -> str | None:
+        """The one-line reason a pattern of ``kinds`` has no fixed-capacity step, or None when it has one."""
+        missing = [kind for kind in kinds if not KINDS[kind].has_fixed_step]
+        with_one = ", ".join(kind for kind, layer in KINDS.items() if layer.has_fixed_step)
+        return f"{missing[0]} layers have no fixed-capacity step (kinds with one: {with_one})" if missing else None
+
     @property
     def _no_fixed_step(self) -> str:
-        return f"{self.kind} layers have no fixed-capacity step (kinds with one: full, ksa, sca, swa)"
+        return self.no_fixed_step([self.kind])
 
     def fixed_step(self, h: Tensor, layout: FixedLayout, cache) -> Tensor:
         """``step`` for one new event per user in fixed-capacity buffers (``ksa_rec.ops.ksa.fixed``): ``h [B +
@@ -146,6 +156,8 @@ class AttentionLayer(nn.Module):
 
 class RuleAttention(AttentionLayer):
     """Multi-head attention whose kind is a ``KsaRule``; event and summary streams have their own Q/K/V."""
+
+    has_fixed_step = True
 
     def __init__(self, cfg: EncoderConfig, with_summaries: bool):
         super().__init__()

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ksa_rec.errors import ConfigError
 from ksa_rec.models.seqrec import SeqRecModel
+from ksa_rec.modules.attention import AttentionLayer
 
 MIN_CAPACITY = 256
 """Smallest capacity bucket: a capture needs a few steps of room, and short histories share one graph."""
@@ -37,10 +38,9 @@ class FixedSteps:
     (host)."""
 
     def __init__(self, model: SeqRecModel, device: torch.device, graphed: bool, max_graphs: int = 8):
-        kinds = [kind for kind in model.encoder.cfg.layers if kind in ("mka", "fastmka", "hstu")]
-        if kinds:
-            raise ConfigError(f"--step: {kinds[0]} layers have no fixed-capacity step (kinds with one: full, "
-                             "ksa, sca, swa)")
+        reason = AttentionLayer.no_fixed_step(model.encoder.cfg.layers)
+        if reason:
+            raise ConfigError(f"--step: {reason}")
         if graphed and device.type != "cuda":
             raise ConfigError(f"--step graphed needs a CUDA device; the model is on {device}")
         self.encoder, self.device, self.graphed, self.max_graphs = model.encoder, device, graphed, max_graphs
