@@ -115,12 +115,8 @@ class RecCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
-        # Absolute, so the checkpoint paths a checkpoint records (the best one's, for ``test`` after ``fit``) still
-        # point at the files when a run is resumed from another working directory.
-        root = str(Path(trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR).resolve())
-        kwargs.setdefault("default_root_dir", root)
         if trainer_config.get("logger") in (None, True):  # no loggers chosen: ours, under default_root_dir
-            kwargs.setdefault("logger", default_loggers(root))
+            kwargs.setdefault("logger", default_loggers(trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR))
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:

@@ -248,22 +248,6 @@ def test_default_root_dir_holds_logs_checkpoints_and_metrics(fitted):
 
 
 @pytest.mark.slow
-def test_a_fit_resumed_from_another_directory_tests_its_best_checkpoint(tmp_path, monkeypatch):
-    """The checkpoint paths a checkpoint records are absolute: resumed from another working directory, a fit still
-    finds the best checkpoint it tests (with the default, relative ``runs/`` root it used not to)."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir()
-    second.mkdir()
-    monkeypatch.chdir(first)
-    assert main(_fit(tmp_path, "--trainer.max_epochs", "1")) == 0
-    last = next((first / "runs").rglob("last.ckpt"))
-    monkeypatch.chdir(second)
-    assert main(_fit(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", str(last))) == 0
-    results = json.loads(next((second / "runs").rglob("metrics.json")).read_text())
-    assert results["test"]["targets"] == 40 and Path(results["checkpoint"]).is_absolute()
-
-
-@pytest.mark.slow
 def test_fit_ends_with_a_headline_table(fitted):
     _, root, console, results = fitted
     assert results["val"]["targets"] == results["test"]["targets"] == 40
