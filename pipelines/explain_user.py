@@ -65,9 +65,9 @@ def average_reading(model, loader, label: str, min_distance: int, targets: int) 
     k = model.encoder_cfg.chunk_size
     summaries, events, evidence, uniform = [], [], [], []
     for batch in loader:
-        for i in (batch.labels[label] >= min_distance).nonzero().flatten().tolist():
-            if len(summaries) == targets:
-                break
+        if len(summaries) == targets:
+            break
+        for i in (batch.labels[label] >= min_distance).nonzero().flatten().tolist()[:targets - len(summaries)]:
             user = one_user(batch, int(batch.eval_rows[i]))
             usage = explain_user(model, user)
             sums = usage.summary_usage[0]
