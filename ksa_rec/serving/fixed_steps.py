@@ -55,6 +55,11 @@ class FixedSteps:
         if not self.graphed:
             state = self.encoder.fixed_state_of_users(users, torch.tensor(counts), capacity, self.dtype, self.device)
             out = self.encoder.fixed_step(tokens, time_part, state)
+            if self.device.type != "cpu":  # stored states are host tensors, as the jagged step gives them back
+                host = self.encoder.empty_fixed_state(B, capacity, self.dtype, "cpu")
+                for target, tensor in zip(host.tensors, state.tensors, strict=True):
+                    target.copy_(tensor)
+                state = host
             return out, self.encoder.unfixed_users(state)
         bucket = _pow2_at_least(B)
         pad = bucket - B

@@ -93,9 +93,15 @@ TRITON_CASES = [("full,sca", {}), ("ksa*3,full", dict(summary_init="chunk")), ("
 
 
 @pytest.mark.parametrize("pattern,settings", TRITON_CASES, ids=[f"{p}-{s}" for p, s in TRITON_CASES])
-def test_fixed_step_on_the_decode_kernel_equals_the_full_pass(pattern, settings):
+def test_fixed_step_on_the_decode_kernel_equals_the_full_pass(pattern, settings, monkeypatch):
     pytest.importorskip("triton")
+    import ksa_rec.ops.ksa.fixed as fixed
+
+    def no_torch_path(*args, **kwargs):
+        raise AssertionError("the fixed step took its torch path, not the decode kernel")
+
     reference = _encoder(pattern, **settings).float()
+    monkeypatch.setattr(fixed, "_attend_torch", no_torch_path)  # the reference's full pass never calls it
     kernel = SequenceEncoder(EncoderConfig(**{**reference.cfg.__dict__, "attention_backend": "triton"})).eval()
     kernel.load_state_dict(reference.state_dict())
     _check(reference, [0, 5, 23], 19, stepper=kernel, tol=2e-5)
