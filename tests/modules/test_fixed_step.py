@@ -85,6 +85,13 @@ def test_fixed_step_equals_full_pass_variants(pattern, settings):
     _check(_encoder(pattern, **settings), counts=[0, 3, 17], steps=22)
 
 
+# These run the kernel on CPU tensors, so only where tests/conftest.py turned the interpreter on; on a CUDA
+# machine the compiled kernel over the same buffers is checked by test_graph_replays_equal_the_full_pass[triton]
+# and the bf16 test.
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(),
+                                      reason="interpreter test on CPU tensors; on CUDA the -m gpu tests cover it")
+
+
 # The decode kernel (Triton, here under TRITON_INTERPRET=1) over the fixed buffers: every stream layout the fixed
 # step has (no summaries; summaries read by every layer, a bounded M; two slots a chunk; a full layer in a summary
 # stack; chunk-seeded summaries), rings rewritten several times, users at different points of their chunks.
@@ -92,6 +99,7 @@ TRITON_CASES = [("full,sca", {}), ("ksa*3,full", dict(summary_init="chunk")), ("
                 ("ksa,ksa", dict(max_summaries=1))]
 
 
+@interpreter_only
 @pytest.mark.parametrize("pattern,settings", TRITON_CASES, ids=[f"{p}-{s}" for p, s in TRITON_CASES])
 def test_fixed_step_on_the_decode_kernel_equals_the_full_pass(pattern, settings, monkeypatch):
     pytest.importorskip("triton")
@@ -220,6 +228,7 @@ def _half_buffers_follow_the_full_pass(dtype, device, tol):
     assert fixed.layers[0].k.dtype == dtype
 
 
+@interpreter_only
 def test_fp16_buffers_on_the_decode_kernel_follow_the_full_pass():
     # the interpreter has no bf16 (NumPy): fp16 takes the same cast path here; bf16 is tested on the GPU
     pytest.importorskip("triton")
