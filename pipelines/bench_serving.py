@@ -26,9 +26,6 @@ the cache tensors (float32 K/V + int64 indices) versus a full KV cache (2 * n * 
   batched matmuls over every buffer row) instead of the default backend (on CUDA the decode kernel), for a
   same-run comparison.
 
-``--fp32-dots ieee tf32x3`` times every float32 row once per way the decode kernel multiplies float32 tiles
-(``CachedTritonConfig.fp32_dot``), labelled.
-
 ``--state-dtypes bf16`` adds rows whose fixed buffers hold bf16 (the model stays float32): half the bytes a step
 reads; the jagged path always computes on states cast to the model's dtype, so it has no such row.
 
@@ -54,8 +51,6 @@ from ksa_rec.modules.attention import AttentionLayer  # noqa: E402
 from ksa_rec.modules.config import EncoderConfig  # noqa: E402
 from ksa_rec.modules.losses import LossConfig  # noqa: E402
 from ksa_rec.modules.step_graphs import StepGraph  # noqa: E402
-from ksa_rec.ops.ksa import triton_cached  # noqa: E402
-from ksa_rec.ops.ksa.triton_cached import DEFAULT_CONFIG  # noqa: E402
 from ksa_rec.utils.jagged import lengths_to_offsets  # noqa: E402
 
 PATTERNS = ("ksa*3,full", "ksa*4", "full*4", "mka*3,full", "fastmka*3,full")  # named by what they compute
@@ -147,9 +142,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="how a step runs (module docstring); fixed/graphed only for kinds that have them")
     p.add_argument("--state-dtypes", nargs="+", default=["fp32"], choices=list(STATE_DTYPES),
                    help="fixed buffers' dtypes (fixed/graphed paths; module docstring)")
-    p.add_argument("--fp32-dots", nargs="+", default=[DEFAULT_CONFIG.fp32_dot], choices=["tf32x3", "ieee"],
-                   help="how the decode kernel multiplies float32 tiles (CachedTritonConfig.fp32_dot); more than "
-                        "one: each float32 row once per setting, labelled, for a same-call comparison")
     p.add_argument("--out", type=Path, default=None, help="FILE.md; FILE.json gets the rows")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,12 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n in args.histories:
         for pattern in args.patterns:
-            runs = [(p, s, dot) for p in args.paths for s in (["fp32"] if p == "jagged" else args.state_dtypes)
-                    for dot in (args.fp32_dots if s == "fp32" else args.fp32_dots[:1])]
-            for path, state, dot in runs:
+            runs = [(p, s) for p in args.paths for s in (["fp32"] if p == "jagged" else args.state_dtypes)]
+            for path, state in runs:
                 if path != "jagged" and AttentionLayer.no_fixed_step(EncoderConfig(pattern=pattern).layers):
                     continue
-                triton_cached.DEFAULT_CONFIG = replace(DEFAULT_CONFIG, fp32_dot=dot)
                 latency, state_bytes, embedding = bench(pattern, n, 1, repeats, device, path,
                                                         state_dtype=STATE_DTYPES[state])
                 throughput = None
@@ -174,8 +164,6 @@ def main(argv: list[str] | None = None) -> None:
                     throughput = args.batch / batch_time
                 full_kv = 2 * n * 64 * 4 * 4
                 label = path if state == "fp32" else f"{path}, {state} state"
-                if state == "fp32" and len(args.fp32_dots) > 1:
-                    label += f", {dot} dot"
                 rows.append((n, pattern, label, latency, embedding, throughput, state_bytes, full_kv))
                 print(f"n={n:>7} {pattern:<14} {label:<8} latency {latency * 1e3:8.2f} ms (embedding "
                       f"{embedding * 1e3:.2f})  updates/s {throughput or float('nan'):10.0f}  state "

@@ -617,8 +617,13 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the seeded runs")
     parser.add_argument("--paired", nargs="*", default=[],
                         help="models (seeded run names without -s<seed>) to pair every other model against")
+    parser.add_argument("--report-from", type=Path, metavar="RESULTS_JSON",
+                        help="run nothing: rewrite the report of a finished study's results.json into --out "
+                             "(e.g. with other --paired baselines)")
     parser.add_argument("extra", nargs="*", help="extra ksa-rec fit arguments for every run (after --)")
     args = parser.parse_args()
+    if args.report_from:
+        return report_again(parser, args.report_from, args.out, args.paired)
     runs = unique([r for study in args.study for r in expand(STUDIES[study], args.seeds)
                    if not args.only or r.name in args.only])
     if not runs:
@@ -654,6 +659,20 @@ def main() -> int:
             report = write_report(results, args.out, args.paired)
     print(report)
     return 0 if all(r["returncode"] == 0 for r in results.values()) else 1
+
+
+def report_again(parser: argparse.ArgumentParser, source: Path, out: Path, paired: list[str]) -> int:
+    """The report of finished runs, written anew into ``out`` (``--report-from``)."""
+    try:
+        results = json.loads(source.read_text())
+    except (OSError, ValueError) as err:
+        parser.error(f"--report-from {source}: cannot read a results.json ({err})")
+    target = out / "results.json"
+    if target.exists() and target.resolve() != source.resolve():
+        parser.error(f"--report-from: {target} exists and holds other results; give an empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    print(write_report(results, out, paired))
+    return 0
 
 
 def write_report(results: dict[str, dict], out: Path, paired: list[str] = ()) -> str:

@@ -144,3 +144,26 @@ def test_only_that_names_no_run_is_an_error(quality, monkeypatch, capsys, tmp_pa
     assert "no run of ['ml-1m-converged'] is named ['ml-1m-full*3-128'] (seeded runs end in -s<seed>)" \
         in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_report_from_rewrites_a_finished_study_with_other_pairings(quality, monkeypatch, capsys, tmp_path):
+    test = {m: 0.1 for m in quality.METRICS} | {f"{m}_ci95": 0.01 for m in quality.METRICS} | {"targets": 10}
+    results = {f"{name}-s{seed}": {"test": test | {"ndcg@10": base + seed / 100}, "wall_s": 1.0}
+               for name, base in (("sca", 0.5), ("ksa", 0.6)) for seed in (0, 1)}
+    source = tmp_path / "study" / "results.json"
+    source.parent.mkdir()
+    source.write_text(quality.json.dumps(results))
+    monkeypatch.setattr("sys.argv", ["quality.py", "--report-from", str(source), "--paired", "sca",
+                                     "--out", str(tmp_path / "again")])
+    assert quality.main() == 0
+    report = (tmp_path / "again" / "results.md").read_text()
+    assert "**Paired difference in ndcg@10 against sca**" in report and "| ksa | 2 | +0.1000 ± 0.0000 |" in report
+    assert quality.json.loads((tmp_path / "again" / "results.json").read_text()) == results
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["results.json", "results.md"]
+    # an --out that holds another study's results is refused, and left as it was
+    monkeypatch.setattr("sys.argv", ["quality.py", "--report-from", str(source), "--out", str(tmp_path / "again")])
+    (tmp_path / "again" / "results.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        quality.main()
+    assert stop.value.code == 2 and "exists and holds other results" in capsys.readouterr().err
+    assert (tmp_path / "again" / "results.json").read_text() == "{}"

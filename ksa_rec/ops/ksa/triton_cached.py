@@ -49,9 +49,7 @@ class CachedTritonConfig:
     """Launch parameters. ``block_q`` tile rows (query rows x GQA group; None: from the average rows per
     user, 16..64); ``block_n`` keys per tile; ``num_splits`` key splits per user (None: enough programs
     to fill the GPU, each split at least ``min_split_keys`` keys on average); ``nan_fill`` (tests):
-    the output starts as NaN so an unwritten element shows; ``fp32_dot``: how float32 tiles multiply,
-    ``"tf32x3"`` (three TF32 tensor-core products per dot: float32-level error, as the tests hold it) or ``"ieee"``
-    (CUDA-core FMAs; a step's tile has at least 16 query rows, most of them padding, so this is the slow one)."""
+    the output starts as NaN so an unwritten element shows."""
 
     block_q: int | None = None
     # block_n / num_stages: the fastest of pipelines/bench_decode.py --sweep on an H100 (D=64, bf16; 2
@@ -62,22 +60,14 @@ class CachedTritonConfig:
     num_warps: int = 4
     num_stages: int = 2
     nan_fill: bool = False
-    fp32_dot: str = "tf32x3"
 
     def __post_init__(self):
-        if self.fp32_dot not in ("tf32x3", "ieee"):
-            raise ValueError(f"CachedTritonConfig.fp32_dot must be 'tf32x3' or 'ieee', got {self.fp32_dot!r}")
         for name in ("block_q", "block_n"):
             val = getattr(self, name)
             if val is not None and (val < 16 or val & (val - 1)):
                 raise ValueError(f"CachedTritonConfig.{name} must be a power of two >= 16, got {val}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"CachedTritonConfig.num_splits must be >= 1, got {self.num_splits}")
-
-
-DEFAULT_CONFIG = CachedTritonConfig()
-"""What a call without ``config`` launches with (``pipelines/bench_serving.py --fp32-dot`` swaps it for a
-same-call comparison)."""
 
 
 @triton.jit
@@ -320,7 +310,7 @@ def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, 
     """
     k, v, k_sum, v_sum = events.k, events.v, summaries.k, summaries.v
     _check(q, k, v, k_sum, v_sum, queries.offsets, events.offsets, summaries.offsets)
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or CachedTritonConfig()
     (q_total, H, D), HK = q.shape, k.shape[1]
     scale = D ** -0.5 if scale is None else float(scale)
     if cfg.nan_fill:
@@ -358,7 +348,8 @@ def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, 
         UNBOUNDED if rule.max_summaries is None else min(rule.max_summaries, UNBOUNDED),
         H=H, HK=HK, GROUP=group, CHUNK=rule.chunk_size, SUMS=rule.summary_tokens, UNIT=rule.unit, HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
-        DOT_PREC=cfg.fp32_dot if q.dtype == torch.float32 else None, INTERPRET=_interpreting(),
+        # float32: FMAs. Three TF32 products ("tf32x3") were slower in the fixed step (docs/results/serving.md)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, INTERPRET=_interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
