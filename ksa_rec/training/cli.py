@@ -141,16 +141,31 @@ class RecCLI(LightningCLI):
         trainer = self.trainer
         if trainer.fast_dev_run or trainer.interrupted:
             return
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = self._kept_best()
         fit = {"epochs": trainer.current_epoch, "stopped_by": self._stop_reason(),
                "seconds": round(self.fit_seconds, 1)}
         score = trainer.checkpoint_callback.best_model_score if best else None
         if score is not None:  # what model selection compares: the monitored validation metric of the kept checkpoint
             fit["best_val"] = {trainer.checkpoint_callback.monitor: float(score)}
         reason = None if best else "none_kept" if "val" in self.model.last_metrics else "no_validation"
-        trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, verbose=False,
+        trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False,
                      weights_only=True)
         self.report(best or None, reason, fit=fit)
+
+    def _kept_best(self) -> str:
+        """The file of the best checkpoint the checkpoint callback kept ("" when none).
+
+        A run resumed (``--ckpt_path``) from another working directory restores the first run's best path, which is
+        relative to *that* directory when ``default_root_dir`` was. When it names no file here, the file of that name
+        beside the resumed checkpoint is the one meant: a run keeps its checkpoints in one folder. Otherwise the path
+        stays as kept (on an unshared filesystem another rank may hold the file)."""
+        callback = self.trainer.checkpoint_callback
+        best = callback.best_model_path if callback else ""
+        resumed = self.config[self.subcommand].get("ckpt_path")
+        if not best or Path(best).exists() or resumed is None or resumed in LIGHTNING_CHECKPOINT_NAMES:
+            return best
+        beside = Path(resumed).parent / Path(best).name
+        return str(beside) if beside.is_file() else best
 
     def _stop_reason(self) -> str:
         """Why fit ended: early_stopping (validation stopped improving: converged), max_epochs, or

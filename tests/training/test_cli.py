@@ -362,3 +362,21 @@ def test_every_etl_and_sharding_config_field_has_a_docstring():
     for config in (EtlConfig, EmbeddingOptimConfig, ShardingConfig):
         documented = {param.arg_name: param.description for param in parse_from_object(config).params}
         assert sorted(f.name for f in fields(config) if not documented.get(f.name)) == [], config.__name__
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_another_directory_tests_the_best_checkpoint_it_kept(tmp_path):
+    """The first run's default_root_dir is relative, so the best path its checkpoint restores is relative to the
+    first run's directory; resumed elsewhere with no epoch left to train, the fit still tests that file."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    with contextlib.chdir(first):
+        assert main(_fit(tmp_path, "--trainer.max_epochs", "1")) == 0
+    kept = json.loads((first / "runs/csv/version_0/metrics.json").read_text())
+    assert not Path(kept["checkpoint"]).is_absolute() and (first / kept["checkpoint"]).is_file()
+    last = first / "runs/csv/version_0/checkpoints/last.ckpt"
+    with contextlib.chdir(second):
+        assert main(_fit(tmp_path, "--trainer.max_epochs", "1", "--ckpt_path", str(last))) == 0
+    again = json.loads((second / "runs/csv/version_0/metrics.json").read_text())
+    assert Path(again["checkpoint"]) == first / kept["checkpoint"]
+    assert again["test"] == pytest.approx(kept["test"])  # the same weights, scored the same
