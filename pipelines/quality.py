@@ -180,6 +180,7 @@ STUDIES: dict[str, list[Run]] = {
             ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", ["--model.encoder.summary_init", "chunk",
                                                   "--model.loss.summary_reconstruction", "0.3"]),
             ("ksa,full[chunk]", "ksa,full", ["--model.encoder.summary_init", "chunk"]),
+            ("sca,full", "sca,full", []),  # ksa,full without the summary stream: its control
             ("sca,ksa[chunk]", "sca,ksa", ["--model.encoder.summary_init", "chunk"]),
             ("ksa,full[slot]", "ksa,full", ["--model.encoder.summary_init", "slot"]),
         ]],
