@@ -345,6 +345,7 @@ SHIPPED_BEFORE = {
                       ["ml-1m-sweep", "ml-1m-history", "ml-1m-converged", "ml-1m-converged-whole", "ml-1m-deep",
                        "ml-1m-cosine"]),
                      (["--model.encoder.dropout", "0.2"], ["ml-1m-regularise"])],
+    "synthetic-long-2l": [(["--early_stopping.patience", "4"], ["long-range-gpu", "long-range-gpu-dense"])],
     "beauty": [(["--model.optim.warmup_steps", "0"],
                 ["real", "beauty-kinds", "beauty-sweep", "beauty-converged", "beauty-converged-3", "beauty-cosine",
                  "real-summaries"])],

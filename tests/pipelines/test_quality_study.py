@@ -128,6 +128,10 @@ def test_studies_run_before_a_config_changed_pin_the_settings_they_ran(quality):
     later = quality.STUDIES["beauty-ksa-recipe"]  # a study added after the change runs the config as it ships
     assert later and all("--model.optim.warmup_steps" not in r.overrides for r in later)
     assert all(r.overrides.count("--model.optim.warmup_steps") == 1 for r in beauty)  # pinned once, never twice
+    # synthetic-long-2l.yaml's patience went from 4 to 30 after long-range.md 2b-2h ran with 4 (2i passed 30 itself)
+    for study in ("long-range-gpu", "long-range-gpu-dense"):
+        runs = quality.STUDIES[study]
+        assert runs and all(args(r)["--early_stopping.patience"] == "4" for r in runs), study
     for study in ("ml-1m-converged", "ml-1m-deep", "ml-1m-cosine", "ml-1m-regularise"):  # dropout 0.2 until then
         for run in quality.STUDIES[study]:
             want = run.name.split("[drop")[1].split("]")[0] if "[drop" in run.name else "0.2"
