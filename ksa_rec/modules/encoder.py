@@ -384,6 +384,16 @@ class FixedState:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
+    def copy_(self, source: FixedState) -> FixedState:
+        """Copy ``source`` (the same users' count and capacity, any device or pinned host) into these buffers in
+        place, so that tensors a CUDA graph captured keep reading them. Returns self."""
+        if source.capacity != self.capacity or source.event_count.shape != self.event_count.shape:
+            raise ValueError(f"FixedState.copy_: this state holds {self.event_count.shape[0]} users of capacity "
+                             f"{self.capacity}, the source {source.event_count.shape[0]} of {source.capacity}")
+        for target, tensor in zip(self.tensors, source.tensors, strict=True):
+            target.copy_(tensor)
+        return self
+
 
 @dataclass
 class OpenChunk:

@@ -68,11 +68,7 @@ class StepGraph:
     def load(self, source: FixedState) -> None:
         """Put ``source``'s users (same batch size and capacity, any device) in the buffers the graph reads: how
         one graph serves micro-batch after micro-batch of different users."""
-        if source.capacity != self.state.capacity or source.event_count.shape != self.state.event_count.shape:
-            raise ValueError(f"StepGraph.load: the graph holds {self.state.event_count.shape[0]} users of capacity "
-                             f"{self.state.capacity}, the state {source.event_count.shape[0]} of {source.capacity}")
-        for target, tensor in zip(self.state.tensors, source.tensors, strict=True):
-            target.copy_(tensor)
+        self.state.copy_(source)
         counts = source.event_count
         self.steps_left = self.state.capacity - 1 - (int(counts.max()) if counts.numel() else 0)
 

@@ -56,10 +56,7 @@ class FixedSteps:
             state = self.encoder.fixed_state_of_users(users, torch.tensor(counts), capacity, self.dtype, self.device)
             out = self.encoder.fixed_step(tokens, time_part, state)
             if self.device.type != "cpu":  # stored states are host tensors, as the jagged step gives them back
-                host = self.encoder.empty_fixed_state(B, capacity, self.dtype, "cpu")
-                for target, tensor in zip(host.tensors, state.tensors, strict=True):
-                    target.copy_(tensor)
-                state = host
+                state = self.encoder.empty_fixed_state(B, capacity, self.dtype, "cpu").copy_(state)
             return out, self.encoder.unfixed_users(state)
         bucket = _pow2_at_least(B)
         pad = bucket - B
@@ -71,8 +68,7 @@ class FixedSteps:
             tokens = torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])])
             time_part = None if time_part is None else torch.cat([time_part, time_part.new_zeros(pad, tokens.shape[1])])
         out = graph(tokens, time_part)[:B].clone()
-        for target, tensor in zip(host.tensors, graph.state.tensors, strict=True):
-            target.copy_(tensor)
+        host.copy_(graph.state)
         return out, self.encoder.unfixed_users(host, B)
 
     def _graph(self, bucket: int, capacity: int, with_time: bool):

@@ -239,3 +239,17 @@ def test_fp16_buffers_on_the_decode_kernel_follow_the_full_pass():
 @needs_cuda
 def test_bf16_buffers_on_the_decode_kernel_follow_the_full_pass():
     _half_buffers_follow_the_full_pass(torch.bfloat16, "cuda", 5e-2)
+
+
+def test_a_fixed_state_copies_another_in_place_and_refuses_another_shape():
+    enc = _encoder("ksa,full", summary_init="chunk")
+    source = _check(enc, [0, 5, 23], 7)  # a state with users at different points of their chunks
+    target = enc.empty_fixed_state(3, 64, torch.float64, "cpu")
+    before = [t.data_ptr() for t in target.tensors]
+    assert target.copy_(source) is target
+    assert [t.data_ptr() for t in target.tensors] == before  # the same buffers, as a captured graph needs
+    assert all(torch.equal(a, b) for a, b in zip(target.tensors, source.tensors, strict=True))
+    for users, capacity in ((3, 128), (2, 64)):
+        other = enc.empty_fixed_state(users, capacity, torch.float64, "cpu")
+        with pytest.raises(ValueError, match="FixedState.copy_: this state holds"):
+            other.copy_(source)
