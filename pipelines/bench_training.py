@@ -57,7 +57,19 @@ from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
 from ksa_rec.modules.config import EncoderConfig  # noqa: E402
 from ksa_rec.modules.losses import LossConfig  # noqa: E402
 from ksa_rec.modules.mka import MkaConfig  # noqa: E402
-from ksa_rec.training.module import OptimConfig, build_adamw  # noqa: E402
+from ksa_rec.training.module import OptimConfig  # noqa: E402
+
+try:
+    from ksa_rec.training.module import build_adamw  # noqa: E402
+except ImportError:  # a package from before build_adamw (old code beside new): the optimizer its fit built
+    def build_adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+        """AdamW as ``configure_optimizers`` built it before ``build_adamw``: no decay on norms and biases, fused
+        on CUDA."""
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=next(model.parameters()).is_cuda)
 
 CHUNK, WINDOW = 8, 32
 NEGATIVES = 1024
@@ -93,14 +105,13 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
           device: torch.device, profile_top: int = 0, compile_loss: bool = False, cuda_graphs: bool = False,
           fused_ops: str = "auto") -> dict:
     """One (configuration, pattern, L) measurement. ``fused_ops="torch"``: the norms and the sampled loss on their
-    torch peers instead of the fused kernels (the settings are left out otherwise, so an older package without
-    them runs this script too)."""
+    torch peers instead of the fused kernels."""
     torch.manual_seed(0)
     span = CHUNK * WINDOW
-    peers = {"norm_backend": "torch"} if fused_ops == "torch" else {}
+    # settings an older package lacks are passed only when asked for, so that old code beside new runs this script
+    extra = ({"norm_backend": "torch"} if fused_ops == "torch" else {}) | ({"cuda_graphs": True} if cuda_graphs else {})
     cfg = EncoderConfig(dim=size.dim, num_heads=size.heads, pattern=pat, dropout=0.0, chunk_size=CHUNK, window=WINDOW,
-                        mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK), cuda_graphs=cuda_graphs,
-                        **peers)
+                        mka=MkaConfig(local_window=span, fast_window=span, block_size=CHUNK), **extra)
     loss = LossConfig(kind="sampled", num_uniform_negatives=NEGATIVES, in_batch_negatives=False,
                       **({"backend": "torch"} if fused_ops == "torch" else {}))
     model = SeqRecModel(cfg, loss, DataSpec(num_items=num_items)).to(device)
@@ -133,7 +144,7 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if profile_top:
         row["profile"] = profile_steps(step, steps, device, profile_top)
-    graphs = model.encoder.graphs
+    graphs = getattr(model.encoder, "graphs", None)
     if graphs is not None:  # what the encoder's passes were: captured, replayed, eager (and why graphs turned off)
         row["graphs"] = {"captures": graphs.captures, "replays": graphs.replays, "eager": graphs.eager,
                          "disabled": graphs.disabled}
