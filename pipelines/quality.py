@@ -334,9 +334,10 @@ STUDIES: dict[str, list[Run]] = {
 }
 
 
-# The defaults configs/ml-1m-sasrec.yaml and configs/beauty.yaml shipped with before a selection changed them
-# (quality-real.md: for ML-1M full*8 at dim 64 / 2 heads in the 2026-12-06 night sweep, then dropout 0.3; for
-# Beauty 500 warm-up steps), and the studies that ran with them: a run of theirs on that config that does not set
+# The defaults configs/ml-1m-sasrec.yaml, configs/beauty.yaml and configs/synthetic-long-cpu.yaml shipped with
+# before a selection changed them (quality-real.md: for ML-1M full*8 at dim 64 / 2 heads in the 2026-12-06 night
+# sweep, then dropout 0.3; for Beauty 500 warm-up steps; long-range.md 2j: the long-range CPU data's all-KSA recipe
+# at 60 epochs), and the studies that ran with them: a run of theirs on that config that does not set
 # a flag itself gets the old value, so that its command still gives its result file. Studies added later get the
 # configs as they ship.
 ML1M_128 = ["--model.encoder.dim", "128", "--model.encoder.num_heads", "4"]
@@ -346,6 +347,11 @@ SHIPPED_BEFORE = {
                        "ml-1m-cosine"]),
                      (["--model.encoder.dropout", "0.2"], ["ml-1m-regularise"])],
     "synthetic-long-2l": [(["--early_stopping.patience", "4"], ["long-range-gpu", "long-range-gpu-dense"])],
+    "synthetic-long-cpu": [(["--model.encoder.pattern", "ksa,full", "--model.loss.summary_reconstruction", "0",
+                             "--trainer.max_epochs", "20", "--early_stopping.patience", "6"],
+                            ["long-range-cpu", "long-range-cpu-kinds", "long-range-cpu-summary-aux",
+                             "long-range-cpu-depth", "long-range-cpu-summaries", "long-range-cpu-summaries-4l",
+                             "long-range-cpu-summaries-4l-rest", "long-range-cpu-diagnostics"])],
     "beauty": [(["--model.optim.warmup_steps", "0"],
                 ["real", "beauty-kinds", "beauty-sweep", "beauty-converged", "beauty-converged-3", "beauty-cosine",
                  "real-summaries"])],

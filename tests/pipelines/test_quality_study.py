@@ -132,6 +132,18 @@ def test_studies_run_before_a_config_changed_pin_the_settings_they_ran(quality):
     for study in ("long-range-gpu", "long-range-gpu-dense"):
         runs = quality.STUDIES[study]
         assert runs and all(args(r)["--early_stopping.patience"] == "4" for r in runs), study
+    # synthetic-long-cpu.yaml went from ksa,full for 20 epochs (patience 6, no reconstruction loss) to the all-KSA
+    # recipe for 60 (long-range.md 2j); the studies before keep their settings, a run's own flags win
+    cpu_studies = quality.SHIPPED_BEFORE["synthetic-long-cpu"][0][1]
+    for study in cpu_studies:
+        for run in quality.STUDIES[study]:
+            given = args(run)
+            assert (given["--trainer.max_epochs"], given["--early_stopping.patience"]) == ("20", "6"), run.name
+            assert given["--model.loss.summary_reconstruction"] == ("0.3" if "rec0.3" in run.name or
+                                                                    run.name == "lr4-ksa-aux0.3" else
+                                                                    "1.0" if "aux" in run.name else "0"), run.name
+            assert run.overrides.count("--model.encoder.pattern") == 1, run.name
+    assert {r.config for study in cpu_studies for r in quality.STUDIES[study]} == {"synthetic-long-cpu"}
     for study in ("ml-1m-converged", "ml-1m-deep", "ml-1m-cosine", "ml-1m-regularise"):  # dropout 0.2 until then
         for run in quality.STUDIES[study]:
             want = run.name.split("[drop")[1].split("]")[0] if "[drop" in run.name else "0.2"
