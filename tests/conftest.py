@@ -1,9 +1,11 @@
 """Shared test settings."""
 
 import os
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Triton decides interpreter-or-compiler when a kernel is decorated, i.e. at first import: set it before
 # any test module imports triton, so the kernel tests run on this CPU, in this process.
@@ -29,3 +31,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
+_INDEXING = ("aten.index", "aten.index_put", "aten.index_put_")
+
+
+class HostReads(TorchDispatchMode):
+    """Inside the block, ``found`` collects ``"op <- ksa_rec file:line"`` for each host read: a tensor's value
+    taken to Python (``int``, ``bool``, ``item``), ``nonzero``, indexing by a boolean mask, ``repeat_interleave``
+    without ``output_size``."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        by_mask = name in _INDEXING and len(args) > 1 and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        unsized = name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None
+        if name in _READS or by_mask or unsized:
+            where = [f"{f.filename.rsplit('ksa_rec/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                     if "/ksa_rec/" in f.filename]
+            self.found.append(f"{name} <- {where[-1] if where else '(autograd)'}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_reads():
+    """``with host_reads() as reads: ...`` then ``reads.found``: the host reads of the block, counted on the CPU (ops
+    that wait for a CUDA device, which a CUDA graph cannot capture: ``ksa_rec.modules.graphs``)."""
+    return HostReads

@@ -303,7 +303,8 @@ class MemoryAttention(AttentionLayer):
         self.memory = self.memory_class(cfg.dim, cfg.num_heads, cfg.mka)
 
     def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
-        return self.memory(h, layout.offsets, layout.positions, layout.cos, layout.sin, check_inputs=False)
+        return self.memory(h, layout.offsets, layout.positions, layout.cos, layout.sin, check_inputs=False,
+                           max_len=layout.max_len)
 
     def step(self, h: Tensor, layout: StepLayout, state):
         tokens = layout.tokens

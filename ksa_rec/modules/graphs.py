@@ -14,7 +14,9 @@ histories, uniform batches. On batches of varied lengths every pass stays eager,
 ``offsets`` (an eager pass reads them anyway, to check them).
 
 Only training passes with gradients on CUDA go through here; evaluation, scoring, streaming and the CPU
-run eagerly. A pass that reads the device back to the host (``mka`` layers do) cannot be captured: the first
+run eagerly. Every layer kind's planned pass is free of host reads (``mka`` / ``fastmka`` too, since they size
+their scans and block banks from the plan's ``max_len``; a CPU test counts the reads of each). A pass that reads
+the device back to the host cannot be captured: the first
 warm-up pass refuses such reads, and graphs turn off for that encoder with one warning naming the op; every
 pass then runs eagerly (``disabled`` keeps the reason). This check comes before any capture because a capture
 that fails half-way leaves the CUDA generator in capture mode, and the process's next eager dropout then fails

@@ -310,18 +310,21 @@ class _MkaLayerBase(nn.Module):
         return F.logsigmoid(self.decay_logit)
 
     def forward(self, x: Tensor, offsets: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, *,
-                check_inputs: bool = True) -> Tensor:
+                check_inputs: bool = True, max_len: int | None = None) -> Tensor:
         """``x (sum_b n_b, dim)`` pre-normed -> ``(sum_b n_b, dim)`` after the output projection.
 
         ``check_inputs=False`` skips validating offsets and positions (device syncs), for an encoder that
-        validated the batch once.
+        validated the batch once; with ``max_len`` (its longest user, at least) too, the pass reads nothing
+        back to the host, so a CUDA graph can capture it.
         """
         if check_inputs:
             self.check_inputs(x, offsets, positions, cos, sin)
         if x.shape[0] == 0:
             self._record_router(x.new_zeros(0, LEVELS))
             return x.new_zeros(0, self.dim)
-        mixed, weights = self._mix(x, offsets, positions, cos, sin, int(offsets_to_lengths(offsets).max()))
+        if max_len is None:
+            max_len = int(offsets_to_lengths(offsets).max())
+        mixed, weights = self._mix(x, offsets, positions, cos, sin, max_len)
         self._record_router(weights)
         return self.out(mixed)
 
@@ -449,7 +452,8 @@ class MkaAttention(_MkaLayerBase):
         a1 = local_attention(q_rot, k_rot, v, offsets, window=cfg.local_window, backend=cfg.window_backend)
         a2 = mka_session(q, k, v, self.log_decay(), offsets, max_len, scale=self.scale, chunk=cfg.scan_chunk)
         a3, has_bank = bank_attention(q, k, v, offsets, positions, local_window=cfg.local_window,
-                                      block_size=cfg.block_size, max_blocks=cfg.max_blocks, scale=self.scale)
+                                      block_size=cfg.block_size, max_blocks=cfg.max_blocks, scale=self.scale,
+                                      max_len=max_len)
         weights = level_weights(self.router(x), has_bank, cfg.mask_empty_bank)
         return mix_levels(weights, a1, a2, a3).flatten(1), weights
 

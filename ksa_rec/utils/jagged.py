@@ -40,21 +40,22 @@ def positions_in_segment(offsets: Tensor, total: int | None = None) -> Tensor:
 
 
 def jagged_to_padded(values: Tensor, offsets: Tensor, max_len: int, pad_value: float = 0.0) -> Tensor:
-    """``(T, *F)`` jagged -> ``[B, max_len, *F]`` right-padded. Rows beyond ``max_len`` are dropped."""
+    """``(T, *F)`` jagged -> ``[B, max_len, *F]`` right-padded. Rows beyond ``max_len`` are dropped. No host read
+    (a CUDA graph can capture it)."""
     batch = offsets.numel() - 1
-    out = values.new_full((batch, max_len, *values.shape[1:]), pad_value)
-    if values.shape[0] == 0:
-        return out
-    seg = segment_ids(offsets, values.shape[0])
-    pos = torch.arange(values.shape[0], device=values.device) - offsets[seg]
-    keep = pos < max_len
-    out[seg[keep], pos[keep]] = values[keep]
-    return out
+    out = values.new_full((batch * max_len + 1, *values.shape[1:]), pad_value)
+    if values.shape[0]:
+        seg = segment_ids(offsets, values.shape[0])
+        pos = torch.arange(values.shape[0], device=values.device) - offsets[seg]
+        # rows beyond max_len land on a scratch row past the end: a boolean mask would read the device back
+        out[torch.where(pos < max_len, seg * max_len + pos, batch * max_len)] = values
+    return out[:-1].view(batch, max_len, *values.shape[1:])
 
 
-def padded_to_jagged(padded: Tensor, offsets: Tensor) -> Tensor:
-    """``[B, L, *F]`` right-padded -> ``(T, *F)`` jagged; ``n_b <= L`` is required."""
-    total = int(offsets[-1])
+def padded_to_jagged(padded: Tensor, offsets: Tensor, total: int | None = None) -> Tensor:
+    """``[B, L, *F]`` right-padded -> ``(T, *F)`` jagged; ``n_b <= L`` is required. ``total`` (T, when the caller
+    knows it) spares the host read of ``offsets[-1]``."""
+    total = int(offsets[-1]) if total is None else total
     seg = segment_ids(offsets, total)
     pos = torch.arange(total, device=padded.device) - offsets[seg]
     return padded[seg, pos]

@@ -16,6 +16,7 @@ import torch
 from ksa_rec.modules.config import EncoderConfig
 from ksa_rec.modules.encoder import SequenceEncoder
 from ksa_rec.modules.graphs import MAX_GRAPHS, EncoderGraphs
+from ksa_rec.modules.mka import MkaConfig
 from ksa_rec.utils.jagged import lengths_to_offsets, positions_in_segment
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -132,7 +133,7 @@ def _train_twins(eager, graphed, batches, steps_per_batch: int, autocast: bool, 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("pattern, summary_init", [("ksa,full", "chunk"), ("ksa,ksa", "slot"), ("full,full", "slot"),
-                                                   ("sca,swa", "slot")])
+                                                   ("sca,swa", "slot"), ("mka,fastmka", "slot")])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_graphed_training_equals_eager_training(pattern, summary_init, autocast):
     eager, graphed = _twins(pattern, "cuda", summary_init=summary_init)
@@ -169,15 +170,41 @@ def test_layouts_are_captured_when_they_repeat_and_the_least_recent_dropped():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_a_pass_that_cannot_be_captured_falls_back_to_eager_with_one_warning():
-    # MKA's forward reads lengths back to the host (its scan sizes), which a capture refuses
-    eager, graphed = _twins("mka,full", "cuda")
+def test_a_pass_that_cannot_be_captured_falls_back_to_eager_with_one_warning(monkeypatch):
+    eager, graphed = _twins("sca,full", "cuda")
+    attn = graphed.blocks[0].attn
+    forward = attn.forward
+
+    def reads_the_device(h, layout):  # as a layer that sized its work from the data would
+        if bool(h.isnan().any()):
+            raise AssertionError("unreachable")
+        return forward(h, layout)
+
+    monkeypatch.setattr(attn, "forward", reads_the_device)
     batches = [_batch([13, 4, 22], "cuda", seed=i) for i in range(2)]
     with pytest.warns(UserWarning, match="encoder.cuda_graphs: the pass cannot be captured, training runs eagerly") \
             as caught:
         _train_twins(eager, graphed, batches, steps_per_batch=2, autocast=False)
     assert len([w for w in caught if "cuda_graphs" in str(w.message)]) == 1
     assert graphed.graphs.disabled and (graphed.graphs.captures, graphed.graphs.eager) == (0, 4)
+
+
+@pytest.mark.parametrize("pattern", ["ksa,full", "ksa,ksa", "full,full", "sca,swa", "mka,fastmka", "mka,full",
+                                     "hstu,hstu"])
+def test_every_kinds_training_pass_reads_nothing_back_to_the_host(pattern, host_reads):
+    """What makes a pass capturable, checked on this CPU: the planned pass (``run``), forward and backward, on the
+    kernels CUDA runs (Triton, here interpreted) takes no value back to the host. ``mka`` layers used to (the
+    longest user, the block count, boolean masks), so graphs turned off for them."""
+    enc = SequenceEncoder(EncoderConfig(dim=32, num_heads=2, pattern=pattern, chunk_size=4, window=2,
+                                        attention_backend="triton",
+                                        summary_init="chunk" if "ksa" in pattern else "slot",
+                                        mka=MkaConfig(local_window=6, fast_window=6, block_size=4,
+                                                      window_backend="triton")))
+    tokens, offsets, positions, times, max_len = _batch([9, 4, 12], "cpu", first_position=3)
+    plan = enc.plan(offsets, tokens.shape[0], max_len)
+    with host_reads() as reads:
+        enc.run(tokens, positions, times, plan).sum().backward()
+    assert reads.found == []
 
 
 @pytest.mark.gpu

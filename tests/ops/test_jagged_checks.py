@@ -27,3 +27,25 @@ def test_a_valid_layout_is_checked_with_one_host_read():
 def test_a_bad_layout_names_what_is_wrong(offsets, total, message):
     with pytest.raises(ValueError, match=message):
         validate_offsets(torch.tensor(offsets), total)
+
+
+def test_jagged_to_padded_drops_rows_beyond_max_len_without_a_host_read(host_reads):
+    from ksa_rec.utils.jagged import jagged_to_padded, lengths_to_offsets, padded_to_jagged
+
+    lengths = [3, 0, 6, 2]
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    values = torch.randn(sum(lengths), 2, dtype=torch.float64, requires_grad=True)
+    with host_reads() as reads:
+        padded = jagged_to_padded(values, offsets, 4, pad_value=-1.0)
+        (padded * torch.arange(1.0, 17.0, dtype=torch.float64).view(4, 4, 1)).sum().backward()
+        back = padded_to_jagged(jagged_to_padded(values, offsets, 6), offsets, sum(lengths))
+    assert reads.found == []
+    want = torch.full((4, 4, 2), -1.0, dtype=torch.float64)
+    for b, (lo, n) in enumerate(zip(offsets[:-1].tolist(), lengths)):
+        kept = min(n, 4)
+        want[b, :kept] = values[lo:lo + kept].detach()
+    assert torch.equal(padded, want)
+    # the two rows of user 2 beyond max_len get no gradient; every other row its padded slot's weight
+    weight = torch.tensor([1, 2, 3, 9, 10, 11, 12, 0, 0, 13, 14], dtype=torch.float64)
+    assert torch.equal(values.grad, weight[:, None].expand(-1, 2))
+    assert torch.equal(back, values.detach())

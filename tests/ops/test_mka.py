@@ -152,12 +152,14 @@ def test_bank_slots_cover_every_block_a_piece_still_sees():
                 assert needed <= held, (W1, C3, M3, P, p0, p)
 
 
-def test_block_running_mean_matches_a_loop():
+@pytest.mark.parametrize("max_len", [None, 14, 21])
+def test_block_running_mean_matches_a_loop(max_len):
+    """``max_len`` (the longest user or more: a block count bound instead of a host read) changes nothing."""
     lengths, starts = [0, 1, 5, 9, 14], [0, 3, 8, 2, 0]
     offsets = lengths_to_offsets(torch.tensor(lengths))
     positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
     x = torch.randn(int(offsets[-1]), 3, dtype=torch.float64)
-    got = block_running_mean(x, offsets, positions, block_size=4)
+    got = block_running_mean(x, offsets, positions, block_size=4, max_len=max_len)
     for t in range(x.shape[0]):
         user = int(torch.searchsorted(offsets, t, right=True)) - 1
         same = [j for j in range(int(offsets[user]), t + 1) if positions[j] // 4 == positions[t] // 4]
@@ -205,15 +207,17 @@ def bank_brute_force(q, k, v, offsets, positions, *, local_window, block_size, m
 @pytest.mark.parametrize("local_window, block_size, max_blocks", [
     (8, 4, 3), (1, 1, 5), (3, 5, 2), (20, 4, 1), (8, 4, 500), (128, 32, 256), (5, 2, 40),
 ])
-def test_bank_attention_matches_brute_force_across_many_tiles(local_window, block_size, max_blocks):
+@pytest.mark.parametrize("max_len", [None, 333, 350])
+def test_bank_attention_matches_brute_force_across_many_tiles(local_window, block_size, max_blocks, max_len):
+    """``max_len`` (the longest user or more: the block count from it, no host read) gives the same results."""
     g = torch.Generator().manual_seed(local_window * 1000 + block_size)
-    lengths, starts = [0, 1, 9, 150, 333, 64], [0, 4, 1, 0, 8 * block_size, 3]
+    lengths, starts = [0, 1, 9, 150, 333, 64], [0, 4, 1, 0, 8 * block_size + 3, 3]
     offsets = lengths_to_offsets(torch.tensor(lengths))
     positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
     q, k, v = (torch.randn(int(offsets[-1]), 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     settings = dict(local_window=local_window, block_size=block_size, max_blocks=max_blocks, scale=0.7)
-    got, has = bank_attention(q, k, v, offsets, positions, **settings)
+    got, has = bank_attention(q, k, v, offsets, positions, **settings, max_len=max_len)
     want, want_has = bank_brute_force(q, k, v, offsets, positions, **settings)
     assert torch.equal(has, want_has)
     torch.testing.assert_close(got, want, **TIGHT)

@@ -66,4 +66,4 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, *, max_le
         qp, kp, vp = padded.split([heads, kv_heads, kv_heads], dim=1)
     out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=kv_heads != heads)
     out = out.transpose(1, 2)
-    return out.reshape(q.shape) if path == "dense" else padded_to_jagged(out, offsets)
+    return out.reshape(q.shape) if path == "dense" else padded_to_jagged(out, offsets, q.shape[0])

@@ -196,7 +196,8 @@ def mka_session(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, offsets: Ten
     """
     kv = jagged_to_padded(torch.cat([k, v], dim=-1), offsets, max_len)  # [B, L, H, 2D]
     num, den = ema_scan(kv, log_decay, chunk=chunk)
-    return session_attention(q, padded_to_jagged(num, offsets), padded_to_jagged(den, offsets), scale)
+    total = q.shape[0]
+    return session_attention(q, padded_to_jagged(num, offsets, total), padded_to_jagged(den, offsets, total), scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,15 +217,21 @@ class BlockRows:
     num_blocks: int
 
 
-def block_rows(offsets: Tensor, positions: Tensor, block_size: int) -> BlockRows:
-    """Aligned rows of a jagged batch whose users have consecutive absolute ``positions [T]``."""
+def block_rows(offsets: Tensor, positions: Tensor, block_size: int, max_len: int | None = None) -> BlockRows:
+    """Aligned rows of a jagged batch whose users have consecutive absolute ``positions [T]``.
+
+    ``max_len`` (the longest user, where the caller knows it): the block count is its bound, at most one empty
+    block more than the exact count, so that no host read is needed (a CUDA graph can capture the pass). Empty
+    blocks are never visible to an event, so every event's result is the same either way."""
     total = positions.shape[0]
     user = segment_ids(offsets, total)
     if total == 0:
         return BlockRows(user, user.clone(), 0)
     first = positions[offsets[:-1].clamp(max=total - 1)]
     index = first[user] % block_size + positions_in_segment(offsets, total)
-    return BlockRows(user, index, int(index.max()) // block_size + 1)
+    # the last aligned index is at most (block_size - 1) + (max_len - 1)
+    num_blocks = int(index.max()) // block_size + 1 if max_len is None else (block_size + max_len - 2) // block_size + 1
+    return BlockRows(user, index, num_blocks)
 
 
 def block_means(values: Tensor, rows: BlockRows, batch: int, block_size: int) -> Tensor:
@@ -246,7 +253,7 @@ def newest_visible_block(index: Tensor, *, local_window: int, block_size: int) -
 
 
 def bank_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, positions: Tensor, *, local_window: int,
-                   block_size: int, max_blocks: int, scale: float) -> tuple[Tensor, Tensor]:
+                   block_size: int, max_blocks: int, scale: float, max_len: int | None = None) -> tuple[Tensor, Tensor]:
     """MKA's L3 level: each event attends to the means of the newest ``M3`` visible blocks of its user.
 
     ``q, k, v (sum_b n_b, H, D)`` un-rotated; ``positions (sum_b n_b,)`` consecutive absolute indices per
@@ -257,11 +264,13 @@ def bank_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, positions: 
     ``M3 + G`` consecutive blocks, so keys are gathered per tile as ``[B, tiles, K, H, 2D]`` (about the size
     of k itself) and one masked SDPA call serves the batch. No ``T x T`` mask is built.
 
+    ``max_len``: the longest user, if known (``block_rows``: no host read then).
+
     Returns ``(out (sum_b n_b, H, D), has_bank (sum_b n_b,) bool)``; rows with no visible block are 0.
     """
     total, heads, dim = q.shape
     batch = offsets.numel() - 1
-    rows = block_rows(offsets, positions, block_size)
+    rows = block_rows(offsets, positions, block_size, max_len)
     nb = rows.num_blocks
     if total == 0 or max_blocks == 0:
         return q.new_zeros(q.shape), torch.zeros(total, dtype=torch.bool, device=q.device)
@@ -284,11 +293,13 @@ def bank_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, positions: 
     return out[rows.user, tile, row], has[tile, row]
 
 
-def block_running_mean(x: Tensor, offsets: Tensor, positions: Tensor, block_size: int) -> Tensor:
-    """FastMKA's L3 source: mean of ``x (sum_b n_b, C)`` over the events of each event's block up to itself."""
+def block_running_mean(x: Tensor, offsets: Tensor, positions: Tensor, block_size: int,
+                       max_len: int | None = None) -> Tensor:
+    """FastMKA's L3 source: mean of ``x (sum_b n_b, C)`` over the events of each event's block up to itself
+    (``max_len`` as for ``block_rows``)."""
     total, feat = x.shape
     batch = offsets.numel() - 1
-    rows = block_rows(offsets, positions, block_size)
+    rows = block_rows(offsets, positions, block_size, max_len)
     if total == 0:
         return x.new_zeros(x.shape)
     width = rows.num_blocks * block_size
@@ -322,8 +333,8 @@ def fastmka_sources(x: Tensor, router_logits: Tensor, log_decay: Tensor, offsets
     """
     weights = torch.softmax(router_logits, dim=-1)
     num, den = ema_scan(jagged_to_padded(x, offsets, max_len)[:, :, None], log_decay[None], chunk=chunk)
-    session = padded_to_jagged(session_summary(num[:, :, 0], den[:, :, 0]), offsets)
-    block = block_running_mean(x, offsets, positions, block_size)
+    session = padded_to_jagged(session_summary(num[:, :, 0], den[:, :, 0]), offsets, x.shape[0])
+    block = block_running_mean(x, offsets, positions, block_size, max_len)
     return fuse_sources(x, session, block, weights), weights
 
 
