@@ -284,7 +284,9 @@ STUDIES: dict[str, list[Run]] = {
                                                         ("ml-latest-small", "ml-latest-small",
                                                          "ml-latest-small/ratings.csv", [])]
                        for name, p, extra in [("full,full", "full,full", []), ("sca,sca", "sca,sca", []),
-                                              ("ksa,full[chunk]", "ksa,full", CHUNK)]],
+                                              ("ksa,full[chunk]", "ksa,full", CHUNK),
+                                              # the n/k-state recipe of long-range.md 2j (added 2026-12-07)
+                                              ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC])]],
     # Issue 15 study 2: long-range at thousands of events per user on the GPU (configs/synthetic-long-2l.yaml:
     # 1,500-6,000 events, evidence up to 3,000 back, raw window 32 chunks of 8 = 256 events, nothing truncated).
     "long-range-gpu": [Run(f"lrg-{name}", "synthetic-long-2l", None, [*_pattern(p), *extra], seeded=True)
