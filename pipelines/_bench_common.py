@@ -147,3 +147,57 @@ def write_outputs(prefix: Path, markdown: str, payload: dict) -> tuple[Path, Pat
 
 def fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
+    """Where ``steps`` calls of ``step`` spend their time: wall and device-busy ms per step, kernel launches
+    per step and the ``top`` kernels by device time (CUDA); off CUDA the ``top`` ops by self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    cpu_ops = prof.key_averages()  # aggregating the events is the slow part: once, for both uses below
+    totals: dict[str, list[float]] = {}  # name -> [us, calls]
+    if on_cuda:  # every kernel, memcpy and memset the steps ran on the device
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                entry = totals.setdefault(event.name, [0.0, 0])
+                entry[0] += event.time_range.elapsed_us()
+                entry[1] += 1
+    else:
+        for event in cpu_ops:
+            totals[event.key] = [float(event.self_cpu_time_total), event.count]
+    busy_us = sum(us for us, _ in totals.values())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    # Ops that bring a tensor's value to the host (item / int / bool, nonzero and boolean-mask indexing): on
+    # CUDA each waits for the device to drain, so the host cannot queue the next launches ahead of it.
+    host_reads = sum(e.count for e in cpu_ops if e.key in HOST_READS)
+    return {"what": "cuda kernels" if on_cuda else "cpu ops (self time)", "wall_ms": wall_ms,
+            "busy_ms": busy_us / 1e3 / steps, "launches": sum(n for _, n in totals.values()) / steps,
+            "host_reads": host_reads / steps,
+            "top": [{"name": name, "ms": us / 1e3 / steps, "calls": n / steps,
+                     "share": us / busy_us if busy_us else 0.0} for name, (us, n) in ranked]}
+
+
+def _short(name: str, width: int = 90) -> str:
+    name = name.replace("|", "/")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def top_table(title: str, profile: dict) -> list[str]:
+    """Markdown lines: ``profile_steps``' top kernels (or ops) of one row, under a ``###`` heading."""
+    return ["", f"### {title}: top {profile['what']}", "", "| name | ms / step | calls / step | share of busy |",
+            "|---|---|---|---|",
+            *[f"| `{_short(k['name'])}` | {k['ms']:.3f} | {k['calls']:.0f} | {k['share']:.0%} |"
+              for k in profile["top"]]]

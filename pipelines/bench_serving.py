@@ -4,6 +4,9 @@ How to run (repository root):
 
     python pipelines/bench_serving.py --out docs/results/serving.md            # CPU here, or the GPU if present
     python pipelines/bench_serving.py --histories 1000 10000 --batch 64 --quick
+    # where a step's time goes: the 12 kernels with the most device time per batch row (issue 17's float32 miss)
+    python pipelines/bench_serving.py --histories 10000 --batch 1024 --patterns 'ksa*3,full' 'ksa*4' \
+        --paths fixed graphed --state-dtypes fp32 bf16 --profile 12
 
 For each pattern (``ksa*3,full``, ``ksa*4``, ``full*4``, ``mka*3,full`` and ``fastmka*3,full``, the last
 two with MKA.md's defaults; dim 64, 4 heads, k = 8, W = 32 chunks, S = 1)
@@ -43,7 +46,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import command, header, machine, median_ms, now, write_outputs  # noqa: E402
+from _bench_common import command, header, machine, median_ms, now, profile_steps, top_table, write_outputs  # noqa: E402
 
 from ksa_rec.data.schema import DataSpec  # noqa: E402
 from ksa_rec.models.seqrec import SeqRecModel  # noqa: E402
@@ -77,9 +80,10 @@ def user_cache(block, kind: str, n: int, cfg: EncoderConfig, device, dtype) -> d
 
 
 def bench(pattern: str, n: int, users: int, repeats: int, device, path: str = "jagged",
-          dtype=torch.float32, state_dtype=torch.float32) -> tuple[float, int, float]:
-    """-> (seconds a step, state bytes of one user, seconds of the embedding lookup alone). ``state_dtype``: the
-    fixed buffers' (fixed and graphed paths)."""
+          dtype=torch.float32, state_dtype=torch.float32,
+          profile_top: int = 0) -> tuple[float, int, float, dict | None]:
+    """-> (seconds a step, state bytes of one user, seconds of the embedding lookup alone, ``profile_steps`` of
+    ``repeats`` more steps when ``profile_top``). ``state_dtype``: the fixed buffers' (fixed and graphed paths)."""
     path, _, attention = path.partition("-")
     cfg = EncoderConfig(dim=64, num_heads=4, pattern=pattern, dropout=0.0, chunk_size=8, window=32,
                         attention_backend=attention or None)
@@ -126,7 +130,8 @@ def bench(pattern: str, n: int, users: int, repeats: int, device, path: str = "j
     with torch.no_grad():
         ms = median_ms(step, warmup=3, reps=repeats, device=device)
         embedding_ms = median_ms(lambda: model.embedding(features), warmup=3, reps=repeats, device=device)
-    return ms / 1e3, state_bytes, embedding_ms / 1e3
+        profile = profile_steps(step, repeats, device, profile_top) if profile_top else None
+    return ms / 1e3, state_bytes, embedding_ms / 1e3, profile
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,29 +147,33 @@ def main(argv: list[str] | None = None) -> None:
                    help="how a step runs (module docstring); fixed/graphed only for kinds that have them")
     p.add_argument("--state-dtypes", nargs="+", default=["fp32"], choices=list(STATE_DTYPES),
                    help="fixed buffers' dtypes (fixed/graphed paths; module docstring)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile --repeats batch steps per row (torch.profiler) and report the N kernels that "
+                        "take the most device time (where does a step that misses its goal spend it?)")
     p.add_argument("--out", type=Path, default=None, help="FILE.md; FILE.json gets the rows")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if any(path.startswith("graphed") for path in args.paths) and device.type != "cuda":
         p.error("--paths graphed needs a CUDA device")
     repeats = 3 if args.quick else args.repeats
-    rows = []
+    rows, profiles = [], []
     for n in args.histories:
         for pattern in args.patterns:
             runs = [(p, s) for p in args.paths for s in (["fp32"] if p == "jagged" else args.state_dtypes)]
             for path, state in runs:
                 if path != "jagged" and AttentionLayer.no_fixed_step(EncoderConfig(pattern=pattern).layers):
                     continue
-                latency, state_bytes, embedding = bench(pattern, n, 1, repeats, device, path,
-                                                        state_dtype=STATE_DTYPES[state])
-                throughput = None
+                latency, state_bytes, embedding, _ = bench(pattern, n, 1, repeats, device, path,
+                                                           state_dtype=STATE_DTYPES[state])
+                throughput = profile = None
                 if n <= args.max_batch_history:
-                    batch_time, _, _ = bench(pattern, n, args.batch, repeats, device, path,
-                                             state_dtype=STATE_DTYPES[state])
+                    batch_time, _, _, profile = bench(pattern, n, args.batch, repeats, device, path,
+                                                      state_dtype=STATE_DTYPES[state], profile_top=args.profile)
                     throughput = args.batch / batch_time
                 full_kv = 2 * n * 64 * 4 * 4
                 label = path if state == "fp32" else f"{path}, {state} state"
                 rows.append((n, pattern, label, latency, embedding, throughput, state_bytes, full_kv))
+                profiles.append(profile)
                 print(f"n={n:>7} {pattern:<14} {label:<8} latency {latency * 1e3:8.2f} ms (embedding "
                       f"{embedding * 1e3:.2f})  updates/s {throughput or float('nan'):10.0f}  state "
                       f"{state_bytes / 1e6:8.2f} MB (full KV {full_kv / 1e6:.2f} MB)", flush=True)
@@ -183,13 +192,21 @@ def main(argv: list[str] | None = None) -> None:
         tput = f"{throughput:,.0f}" if throughput else "- (memory)"
         lines.append(f"| {n:,} | {name} | {path} | {latency * 1e3:.2f} | {embedding * 1e3:.2f} | {tput} | "
                      f"{state_bytes:,} | {full_kv:,} | {full_kv / state_bytes:.1f}x |")
+    for (n, name, path, *_), profile in zip(rows, profiles):
+        if profile:
+            busy, calls = (("device busy", "launches") if profile["what"] == "cuda kernels" else
+                           ("summed self CPU", "op calls"))
+            lines += top_table(f"`{name}`, {path}, n = {n:,}, batch {args.batch} (wall {profile['wall_ms']:.2f} ms, "
+                               f"{busy} {profile['busy_ms']:.2f} ms, {profile['launches']:.0f} {calls} a step)",
+                               profile)
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
         rows_json = [dict(history=n, model=name, path=path, latency_ms=latency * 1e3, embedding_ms=embedding * 1e3,
                           updates_per_s=throughput, state_bytes=state_bytes, full_kv_bytes=full_kv,
-                          machine=info["device"])
-                     for n, name, path, latency, embedding, throughput, state_bytes, full_kv in rows]
+                          machine=info["device"], profile=profile)
+                     for (n, name, path, latency, embedding, throughput, state_bytes, full_kv), profile
+                     in zip(rows, profiles)]
         write_outputs(args.out.with_suffix(""), report, rows_json)
 
 

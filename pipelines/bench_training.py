@@ -49,7 +49,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import command, header, machine, machine_line, median_ms, now, package_commit, sync, write_outputs  # noqa: E402
+from _bench_common import (  # noqa: E402
+    command,
+    header,
+    machine,
+    machine_line,
+    median_ms,
+    now,
+    package_commit,
+    profile_steps,
+    sync,
+    top_table,
+    write_outputs,
+)
 
 from ksa_rec.data.batch import random_training_batch  # noqa: E402
 from ksa_rec.data.schema import DataSpec  # noqa: E402
@@ -149,47 +161,6 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
         row["graphs"] = {"captures": graphs.captures, "replays": graphs.replays, "eager": graphs.eager,
                          "disabled": graphs.disabled}
     return row
-
-
-HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
-
-
-def profile_steps(step, steps: int, device: torch.device, top: int) -> dict:
-    """Where ``steps`` calls of ``step`` spend their time: wall and device-busy ms per step, kernel launches
-    per step and the ``top`` kernels by device time (CUDA); off CUDA the ``top`` ops by self CPU time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    on_cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    sync(device)
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
-    wall_ms = 1e3 * (time.perf_counter() - start) / steps
-    cpu_ops = prof.key_averages()  # aggregating the events is the slow part: once, for both uses below
-    totals: dict[str, list[float]] = {}  # name -> [us, calls]
-    if on_cuda:  # every kernel, memcpy and memset the steps ran on the device
-        for event in prof.events():
-            if event.device_type == DeviceType.CUDA:
-                entry = totals.setdefault(event.name, [0.0, 0])
-                entry[0] += event.time_range.elapsed_us()
-                entry[1] += 1
-    else:
-        for event in cpu_ops:
-            totals[event.key] = [float(event.self_cpu_time_total), event.count]
-    busy_us = sum(us for us, _ in totals.values())
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    # Ops that bring a tensor's value to the host (item / int / bool, nonzero and boolean-mask indexing): on
-    # CUDA each waits for the device to drain, so the host cannot queue the next launches ahead of it.
-    host_reads = sum(e.count for e in cpu_ops if e.key in HOST_READS)
-    return {"what": "cuda kernels" if on_cuda else "cpu ops (self time)", "wall_ms": wall_ms,
-            "busy_ms": busy_us / 1e3 / steps, "launches": sum(n for _, n in totals.values()) / steps,
-            "host_reads": host_reads / steps,
-            "top": [{"name": name, "ms": us / 1e3 / steps, "calls": n / steps,
-                     "share": us / busy_us if busy_us else 0.0} for name, (us, n) in ranked]}
 
 
 def run(args, device: torch.device, label: str, commit: str | None, on_row=None) -> list[dict]:
@@ -304,11 +275,6 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _short(name: str, width: int = 90) -> str:
-    name = name.replace("|", "/")
-    return name if len(name) <= width else name[: width - 3] + "..."
-
-
 def profile_tables(rows: list[dict]) -> list[str]:
     """``--profile``: one summary table (busy vs wall, launches) and each row's top kernels."""
     profiled = [r for r in rows if r.get("profile")]
@@ -333,10 +299,7 @@ def profile_tables(rows: list[dict]) -> list[str]:
                    f"{p['busy_ms']:.2f} | {p['busy_ms'] / p['wall_ms']:.0%} | {p['launches']:.0f} | "
                    f"{'-' if reads is None else f'{reads:.0f}'} |")
     for r in profiled:
-        p = r["profile"]
-        out += ["", f"### `{r['pattern']}`, {r['config']}, L = {r['length']:,}, label `{r['label']}`: top {what}", "",
-                "| name | ms / step | calls / step | share of busy |", "|---|---|---|---|"]
-        out += [f"| `{_short(k['name'])}` | {k['ms']:.3f} | {k['calls']:.0f} | {k['share']:.0%} |" for k in p["top"]]
+        out += top_table(f"`{r['pattern']}`, {r['config']}, L = {r['length']:,}, label `{r['label']}`", r["profile"])
     out.append("")
     return out
 

@@ -79,6 +79,19 @@ def test_bench_serving_times_each_step_path(tmp_path):
     assert "| 40 | ksa*3,full | fixed |" in out.read_text()
 
 
+def test_bench_serving_profile_names_where_a_batch_step_spends_its_time(tmp_path):
+    out = tmp_path / "serving.md"
+    _run("bench_serving.py", "--quick", "--histories", "40", "--batch", "3", "--patterns", "ksa*3,full",
+         "--paths", "fixed", "--profile", "4", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    (row,) = rows
+    profile = row["profile"]
+    assert len(profile["top"]) == 4 and profile["wall_ms"] > 0 and profile["busy_ms"] > 0
+    assert all(k["ms"] > 0 and k["calls"] > 0 for k in profile["top"])
+    assert "### `ksa*3,full`, fixed, n = 40, batch 3" in out.read_text()
+
+
 @pytest.mark.slow
 def test_bench_training_smoke_merges_labels(tmp_path):
     out = str(tmp_path / "training")
