@@ -54,7 +54,7 @@ class HostReads(TorchDispatchMode):
         if name in _READS or by_mask or unsized:
             where = [f"{f.filename.rsplit('ksa_rec/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
                      if "/ksa_rec/" in f.filename]
-            self.found.append(f"{name} <- {where[-1] if where else '(autograd)'}")
+            self.found.append(f"{name} <- {where[-1] if where else '(outside ksa_rec, e.g. autograd)'}")
         return func(*args, **(kwargs or {}))
 
 

@@ -189,6 +189,16 @@ def test_a_pass_that_cannot_be_captured_falls_back_to_eager_with_one_warning(mon
     assert graphed.graphs.disabled and (graphed.graphs.captures, graphed.graphs.eager) == (0, 4)
 
 
+def test_the_host_read_counter_sees_each_kind_of_host_read(host_reads):
+    """The counter the test below relies on: a pass it found clean is clean, not unwatched."""
+    x = torch.arange(6.0)
+    for read in (lambda: int(x.sum()), lambda: bool((x > 2).any()), lambda: x[x > 2],
+                 lambda: torch.repeat_interleave(torch.tensor([1, 2]))):
+        with host_reads() as reads:
+            read()
+        assert reads.found, read
+
+
 @pytest.mark.parametrize("pattern", ["ksa,full", "ksa,ksa", "full,full", "sca,swa", "mka,fastmka", "mka,full",
                                      "hstu,hstu"])
 def test_every_kinds_training_pass_reads_nothing_back_to_the_host(pattern, host_reads):
