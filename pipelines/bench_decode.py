@@ -240,8 +240,8 @@ def run(args) -> tuple[list[Row], list[str], list[str], float]:
         # launch overhead included) and replayed from a CUDA graph (the op never syncs, so it captures)
         for full_cache in (False, True):
             one = make_step(history, 1, full=full_cache, **shape)
-            block_q, splits = plan_launch(1, args.kv_heads, args.heads // args.kv_heads, 1, one.keys,
-                                          torch.device("cuda"), CachedTritonConfig())
+            _, _, splits = plan_launch(1, args.kv_heads, args.heads // args.kv_heads, 1, one.keys, args.dim,
+                                       torch.bfloat16, torch.device("cuda"), CachedTritonConfig())
             rows.append(measure(one, f"triton ({splits} splits)", triton_fn(one), history, args))
             rows.append(measure(one, f"triton ({splits} splits, CUDA graph)", graphed(triton_fn(one)), history,
                                 args))

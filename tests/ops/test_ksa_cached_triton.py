@@ -104,9 +104,41 @@ def _check_fp32(lengths, **kw):
 LENGTHS = [0, 1, 3, 4, 5, 23, 61, 0, 40]
 
 
+# float32 tiles: of few rows without tl.dot (what plan_launch picks for these batches), or 16 rows through tl.dot
+TILES = {"fma": {}, "dot": {"block_q": 16}}
+
+
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("window,S", [(0, 1), (1, 1), (1, 2), (None, 1), (1, 0), (None, 0)])
-def test_matches_torch(window, S):
-    _check_fp32(LENGTHS, k=4, S=S, W=window, heads=1, seed=3)
+def test_matches_torch(window, S, tile):
+    _check_fp32(LENGTHS, k=4, S=S, W=window, heads=1, seed=3, **TILES[tile])
+
+
+@pytest.mark.parametrize("max_new,block_q,block_n", [(1, None, None), (1, 2, 16), (3, 4, 32), (3, 8, None)])
+def test_float32_tiles_without_dot(max_new, block_q, block_n):
+    """Streaming-step shapes (one new event a user, so 1 + S rows): tiles of 2-8 rows, several key tiles."""
+    config = {key: val for key, val in (("block_q", block_q), ("block_n", block_n)) if val is not None}
+    _check_fp32(LENGTHS, k=4, S=1, W=2, heads=2, max_new=max_new, seed=12, **config)
+
+
+def test_plan_launch_tiles():
+    """Float32 with few rows a user: a tile of exactly those rows (at least 2) and a key tile cut to the product
+    bound; half precision, more rows, or fma_rows=0: 16..64 rows through tl.dot."""
+    cfg, cpu = triton_cached.CachedTritonConfig(), torch.device("cpu")
+
+    def plan(rows, dtype=torch.float32, group=1, head_dim=64, config=cfg):
+        return triton_cached.plan_launch(100, 4, group, rows * 100, 10_000, head_dim, dtype, cpu, config)[:2]
+
+    assert plan(1) == (2, 64)  # 2 x 64 (head dim) x 64 keys = the 8,192-element product tile
+    assert plan(2, head_dim=16) == (2, 128)  # the configured key tile already fits
+    assert plan(3, head_dim=16) == (4, 128)
+    assert plan(8, head_dim=16) == (8, 64)
+    assert plan(2, group=4, head_dim=16) == (8, 64)
+    assert plan(16) == (16, 128)
+    assert plan(2, dtype=torch.bfloat16) == (16, 128)
+    assert plan(2, config=triton_cached.CachedTritonConfig(fma_rows=0)) == (16, 128)
+    with pytest.raises(ValueError, match="grouped heads"):
+        plan(1, group=4, config=triton_cached.CachedTritonConfig(block_q=2))
 
 
 @pytest.mark.parametrize("cache", ["state", "all"])
@@ -153,6 +185,10 @@ def test_rejects_bad_inputs():
                                                   replace(summaries, k=three(summaries), v=three(summaries)), rule)
     with pytest.raises(ValueError, match="power of two"):
         triton_cached.CachedTritonConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_q must be a power of two >= 2"):
+        triton_cached.CachedTritonConfig(block_q=1)
+    with pytest.raises(ValueError, match="fma_rows"):
+        triton_cached.CachedTritonConfig(fma_rows=-1)
 
 
 # ---- CUDA only: full sizes, bf16 / fp16 ----------------------------------------------------------------
@@ -193,9 +229,10 @@ def test_gpu_fp32_and_auto_dispatch():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_fp32_within_2x_of_torch_fp32():
+@pytest.mark.parametrize("max_new", [9, 1])  # 9: 16-row tiles through tl.dot; 1 (a streaming step): 8 rows without
+def test_gpu_fp32_within_2x_of_torch_fp32(max_new):
     """float32 tiles (FMAs, ``ieee``) keep float32's error: within 2x the torch path's in float32."""
-    case = _batch(GPU_LENGTHS, k=8, S=1, W=32, heads=8, kv_heads=2, dim=64, max_new=9, seed=23)
+    case = _batch(GPU_LENGTHS, k=8, S=1, W=32, heads=8, kv_heads=2, dim=64, max_new=max_new, seed=23)
     want = ksa_cached_attention(*case, backend="torch")  # float64
     ref = ksa_cached_attention(*_cast(case, torch.float32), backend="torch")
     got = _kernel(case, torch.float32)

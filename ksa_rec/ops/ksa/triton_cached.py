@@ -19,7 +19,12 @@ one program per ``(user, key split, kv head)``, all users of the batch in one la
   (fp32) and ``ksa_cached_combine_kernel`` merges them;
 - the program's tile rows are ``(query row, query head of the kv head)`` pairs (GQA: the group's
   heads share one pass over K/V); a user with more rows than a tile loops over query blocks, each
-  block reading the split's K/V once.
+  block reading the split's K/V once;
+- ``tl.dot`` needs 16 tile rows. A streaming step has 1 + S rows a user, so in half precision the padding
+  costs nothing (tensor cores), but in float32 (``ieee``: FMAs) a 16-row tile does 8x the multiplies of a
+  2-row one. Float32 tiles of few rows (``CachedTritonConfig.fma_rows``) are therefore tiles of 2-8 rows that
+  multiply elementwise and reduce (``BLOCK_Q < 16``), with ``BLOCK_N`` cut so that the product tile stays
+  within ``_FMA_TILE`` elements a program.
 
 A row that sees no key at all (outside the contract: every token sees itself) gets zeros; the torch
 path gives it the value of the user's first cached event key.
@@ -52,6 +57,9 @@ class CachedTritonConfig:
     the output starts as NaN so an unwritten element shows."""
 
     block_q: int | None = None
+    # float32 tiles of at most this many rows use elementwise products instead of tl.dot (module docstring);
+    # 0: always tl.dot
+    fma_rows: int = 8
     # block_n / num_stages: the fastest of pipelines/bench_decode.py --sweep on an H100 (D=64, bf16; 2
     # stages need 168 registers instead of 255 and 40 KB of shared memory: 3 programs per SM)
     block_n: int = 128
@@ -62,10 +70,12 @@ class CachedTritonConfig:
     nan_fill: bool = False
 
     def __post_init__(self):
-        for name in ("block_q", "block_n"):
+        for name, least in (("block_q", 2), ("block_n", 16)):
             val = getattr(self, name)
-            if val is not None and (val < 16 or val & (val - 1)):
-                raise ValueError(f"CachedTritonConfig.{name} must be a power of two >= 16, got {val}")
+            if val is not None and (val < least or val & (val - 1)):
+                raise ValueError(f"CachedTritonConfig.{name} must be a power of two >= {least}, got {val}")
+        if self.fma_rows < 0:
+            raise ValueError(f"CachedTritonConfig.fma_rows must be >= 0, got {self.fma_rows}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"CachedTritonConfig.num_splits must be >= 1, got {self.num_splits}")
 
@@ -90,7 +100,8 @@ def _visible(i, q_sum, j, in_ev, W, M, CHUNK: tl.constexpr, SUMS: tl.constexpr, 
 @triton.jit
 def _cached_tile(acc, l_i, m_i, q, i_q, q_sum, k_ptr, v_ptr, idx_ptr, stride_k, stride_v, s, end, in_ev,
                  qk_scale, W, M, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     """One online-softmax step (log2 domain) over cached keys ``s .. s+BLOCK_N`` (< ``end``) of one stream."""
     offs_n = s + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -104,7 +115,10 @@ def _cached_tile(acc, l_i, m_i, q, i_q, q_sum, k_ptr, v_ptr, idx_ptr, stride_k, 
                       mask=in_seg[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * stride_v + offs_d[None, :],
                     mask=in_seg[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    qk = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale
+    if BLOCK_Q < 16:  # a float32 tile of few rows (module docstring): [BQ, D, 1] * [1, D, N] summed over D
+        qk = tl.sum(q.to(tl.float32)[:, :, None] * k_t.to(tl.float32)[None, :, :], 1) * qk_scale
+    else:
+        qk = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale
     vis = _visible(i_q, q_sum, j[None, :], in_ev, W, M, CHUNK, SUMS, UNIT) & in_seg[None, :]
     qk = tl.where(vis, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -113,7 +127,10 @@ def _cached_tile(acc, l_i, m_i, q, i_q, q_sum, k_ptr, v_ptr, idx_ptr, stride_k, 
     p = tl.math.exp2(qk - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    if BLOCK_Q < 16:  # [BQ, N, 1] * [1, N, D] summed over N
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -155,7 +172,7 @@ def _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm,
                 tl.where(in_ev, stride_vt, stride_vst),
                 tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N),
                 tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, CHUNK, SUMS, UNIT, HEAD_DIM, BLOCK_D,
-                BLOCK_N, DOT_PREC)
+                BLOCK_Q, BLOCK_N, DOT_PREC)
             t += 1
     else:
         for t in range(0, n_tiles):
@@ -166,7 +183,7 @@ def _cached_qblock(qb, Q, QIDX, QSUM, O, PO, PLSE, k_ev, v_ev, i_ev, k_sm, v_sm,
                 tl.where(in_ev, stride_vt, stride_vst),
                 tl.where(in_ev, ev_lo + t * BLOCK_N, sm_lo + (t - n_ev_tiles) * BLOCK_N),
                 tl.where(in_ev, ev_hi, sm_hi), in_ev, qk_scale, W, M, CHUNK, SUMS, UNIT, HEAD_DIM, BLOCK_D,
-                BLOCK_N, DOT_PREC)
+                BLOCK_Q, BLOCK_N, DOT_PREC)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw no key: 0
     if NUM_SPLITS == 1:
         tl.store(O + t_row[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
@@ -276,23 +293,41 @@ def _pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def plan_launch(users: int, kv_heads: int, group: int, q_rows: int, keys: int, device: torch.device,
-                cfg: CachedTritonConfig) -> tuple[int, int]:
-    """``(block_q, num_splits)`` from host-side totals only (no device sync).
+_FMA_TILE = 8192
+"""Elements of the product tile (``[BLOCK_Q, BLOCK_D, BLOCK_N]``) of a float32 tile without tl.dot: 64 a thread
+at 4 warps, so it stays in registers."""
 
-    block_q: the average rows per user times the group, as a power of two in 16..64 (at least the group).
+
+def plan_launch(users: int, kv_heads: int, group: int, q_rows: int, keys: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device, cfg: CachedTritonConfig) -> tuple[int, int, int]:
+    """``(block_q, block_n, num_splits)`` from host-side totals only (no device sync).
+
+    block_q: the average rows per user times the group, as a power of two (at least the group); in float32,
+    when that is at most ``cfg.fma_rows`` (and at least 2), a tile of exactly that many rows without tl.dot,
+    with ``block_n`` cut so that its product tile holds ``_FMA_TILE`` elements at most; else 16..64 rows.
     num_splits: 1 when ``users * kv_heads`` programs already fill the GPU (4 per multiprocessor); else
     enough splits to reach that, while a split keeps ``min_split_keys`` keys on average (at most 64).
     """
-    block_q = cfg.block_q or max(_pow2(group), min(64, max(16, _pow2(-(-q_rows // max(users, 1)) * group))))
+    rows = max(_pow2(group), 2, _pow2(-(-q_rows // max(users, 1)) * group))
+    block_n = cfg.block_n
+    if cfg.block_q is not None:
+        block_q = cfg.block_q
+    elif dtype == torch.float32 and rows <= cfg.fma_rows:
+        block_q = rows
+    else:
+        block_q = max(_pow2(group), min(64, max(16, rows)))
+    if block_q < 16:
+        block_n = max(16, min(block_n, _FMA_TILE // (block_q * max(16, _pow2(head_dim)))))
+    if block_q < group:
+        raise ValueError(f"a tile of {block_q} rows cannot hold a query's {group} grouped heads")
     if cfg.num_splits is not None:
-        return block_q, cfg.num_splits
+        return block_q, block_n, cfg.num_splits
     target = 4 * (_sm_count(device.index or 0) if device.type == "cuda" else 4)
     programs = max(users * kv_heads, 1)
     if programs >= target:
-        return block_q, 1
+        return block_q, block_n, 1
     by_size = max(1, keys // max(users, 1) // cfg.min_split_keys)
-    return block_q, max(1, min(-(-target // programs), by_size, 64))
+    return block_q, block_n, max(1, min(-(-target // programs), by_size, 64))
 
 
 def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, summaries: KeyRows, rule: KsaRule,
@@ -331,7 +366,7 @@ def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, 
     s_ends = summaries.offsets[1:] if summary_ends is None else summary_ends
     group = H // HK
     block_d = max(16, _pow2(D))
-    block_q, splits = plan_launch(users, HK, group, q_total, keys, q.device, cfg)
+    block_q, block_n, splits = plan_launch(users, HK, group, q_total, keys, D, q.dtype, q.device, cfg)
     if splits > 1:
         po = torch.empty((splits, q_total, H, block_d), dtype=torch.float32, device=q.device)
         plse = torch.empty((splits, q_total, H), dtype=torch.float32, device=q.device)
@@ -347,7 +382,7 @@ def ksa_cached_attention_triton(q: Tensor, queries: QueryRows, events: KeyRows, 
         q_total, scale * _LOG2E, UNBOUNDED if rule.window is None else min(rule.window, UNBOUNDED),
         UNBOUNDED if rule.max_summaries is None else min(rule.max_summaries, UNBOUNDED),
         H=H, HK=HK, GROUP=group, CHUNK=rule.chunk_size, SUMS=rule.summary_tokens, UNIT=rule.unit, HEAD_DIM=D,
-        BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=splits,
         # float32: FMAs. Three TF32 products ("tf32x3") were slower in the fixed step (docs/results/serving.md)
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, INTERPRET=_interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
