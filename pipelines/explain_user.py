@@ -12,8 +12,9 @@ least ``--min-distance`` is explained; the history is cut right before that targ
 is the one whose state ranks it. Prints where the evidence was, the weight the prediction puts on the
 summary holding it, and the top summaries (chunk, weight, the events each draws on).
 
-``--targets N`` averages instead, over the first N such targets (no plot): the first KSA layer's weight on all
-summaries, on raw events, and on the summary holding the evidence against a uniform share. ``--checkpoint init``
+``--targets N`` averages instead, over the first N such targets (below ``--max-distance`` if given; no plot): each
+KSA layer's weight on all summaries, on raw events, and on the summary holding the evidence against a uniform
+share, one line a layer. ``--checkpoint init``
 takes the config's model untrained (what the first steps of training see). Arguments after ``--`` go to the
 config (as to ``ksa-rec fit``)::
 
@@ -58,31 +59,40 @@ def find_target(loader, label: str, min_distance: int) -> tuple[SequenceBatch, i
     raise SystemExit(f"explain_user: no test target has {label} >= {min_distance}")
 
 
-def average_reading(model, loader, label: str, min_distance: int, targets: int) -> dict[str, float]:
-    """Over the first ``targets`` test targets with ``label >= min_distance``, what the first explained layer's
-    newest event reads: mean weight on all summaries, on raw events, and on the summary of the evidence's chunk
-    (where that chunk has one) beside the mean uniform share ``1 / summaries``."""
+def average_reading(model, loader, label: str, min_distance: int, targets: int,
+                    max_distance: int | None = None) -> list[dict[str, float]]:
+    """Over the first ``targets`` test targets with ``min_distance <= label < max_distance``, what the newest
+    event reads in each explained (KSA) layer: mean weight on all summaries, on raw events, and on the summary
+    of the evidence's chunk (where that chunk has one) beside the mean uniform share ``1 / summaries``.
+    One dict a layer, in layer order."""
     k = model.encoder_cfg.chunk_size
-    summaries, events, evidence, uniform = [], [], [], []
+    layers: list[int] = []
+    summaries, events, evidence, uniform = [], [], [], []  # each [target][layer row]
     for batch in loader:
         if len(summaries) == targets:
             break
-        for i in (batch.labels[label] >= min_distance).nonzero().flatten().tolist()[:targets - len(summaries)]:
+        labels = batch.labels[label]
+        hits = (labels >= min_distance) & (labels < (max_distance if max_distance is not None else labels.max() + 1))
+        for i in hits.nonzero().flatten().tolist()[:targets - len(summaries)]:
             user = one_user(batch, int(batch.eval_rows[i]))
             usage = explain_user(model, user)
-            sums = usage.summary_usage[0]
-            summaries.append(float(sums.sum()))
-            events.append(float(usage.event_usage[0].sum()))
-            chunk = (int(user.positions[-1]) + 1 - int(batch.labels[label][i]) - int(user.positions[0])) // k
-            if 0 <= chunk < sums.numel():
-                evidence.append(float(sums[chunk]))
-                uniform.append(1 / sums.numel())
+            layers = usage.layers
+            summaries.append([float(row.sum()) for row in usage.summary_usage])
+            events.append([float(row.sum()) for row in usage.event_usage])
+            chunk = (int(user.positions[-1]) + 1 - int(labels[i]) - int(user.positions[0])) // k
+            if 0 <= chunk < usage.summary_usage.shape[1]:
+                evidence.append([float(row[chunk]) for row in usage.summary_usage])
+                uniform.append(1 / usage.summary_usage.shape[1])
     n = len(summaries)
     if not n:
-        raise SystemExit(f"explain_user: no test target has {label} >= {min_distance}")
-    return {"targets": n, "on_summaries": sum(summaries) / n, "on_events": sum(events) / n,
-            "evidence_summary": sum(evidence) / max(len(evidence), 1),
-            "uniform_share": sum(uniform) / max(len(uniform), 1), "targets_with_evidence_summary": len(evidence)}
+        raise SystemExit(f"explain_user: no test target has {min_distance} <= {label} < {max_distance}")
+
+    def mean(rows, j):
+        return sum(row[j] for row in rows) / max(len(rows), 1)
+
+    return [{"layer": layer, "targets": n, "on_summaries": mean(summaries, j), "on_events": mean(events, j),
+             "evidence_summary": mean(evidence, j), "uniform_share": sum(uniform) / max(len(uniform), 1),
+             "targets_with_evidence_summary": len(evidence)} for j, layer in enumerate(layers)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a .ckpt, a run directory, or init (untrained)")
     parser.add_argument("--label", default="evidence_distance")
     parser.add_argument("--min-distance", type=int, default=150)
+    parser.add_argument("--max-distance", type=int, default=None, help="with --targets: targets below this only")
     parser.add_argument("--targets", type=int, default=None, help="average over this many targets (no plot)")
     parser.add_argument("--out", type=Path, default=Path("explain.png"))
     argv = sys.argv[1:] if argv is None else argv
@@ -109,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         model = RecModule.load_from_checkpoint(ckpt, map_location="cpu").model
     cli.datamodule.setup("test")
     if args.targets:
-        reading = average_reading(model, cli.datamodule.test_dataloader(), args.label, args.min_distance,
-                                  args.targets)
-        print(", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                        for key, value in reading.items()))
+        for reading in average_reading(model, cli.datamodule.test_dataloader(), args.label, args.min_distance,
+                                       args.targets, args.max_distance):
+            print(", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                            for key, value in reading.items()))
         return 0
     batch, row, target, distance = find_target(cli.datamodule.test_dataloader(), args.label, args.min_distance)
     user = one_user(batch, row)

@@ -382,6 +382,17 @@ STUDIES["ml-1m-regularise"] = [_pin(Run(f"ml-1m-full*8-64{tag}", "ml-1m-sasrec",
 # Issue 18: the KSA recipe at Beauty's shipped settings (500 warm-up steps since the night sweep).
 STUDIES["beauty-ksa-recipe"] = [Run("beauty-ksa,full[chunk,warm500]", "beauty", BEAUTY,
                                     [*_pattern("ksa,full"), *BEAUTY_SPAN, *CHUNK], seeded=True)]
+# Issue 15, real data: the n/k-state recipe (long-range.md 2j: ksa,ksa, chunk-seeded summaries, reconstruction
+# loss 0.3) beside full attention at each set's shipped settings, both in one call, so that each pair is a
+# same-run comparison (the CPU ML-100K rows of real-summaries were paired with day-older full,full runs).
+STUDIES["all-ksa-real"] = [Run(f"{data}-{name}", config, path, [*_pattern(p), *(extra and [*span, *extra])],
+                               seeded=True)
+                           for data, config, path, span in [("beauty", "beauty", BEAUTY, BEAUTY_SPAN),
+                                                            ("ml-latest-small", "ml-latest-small",
+                                                             "ml-latest-small/ratings.csv", []),
+                                                            ("ml-100k", "ml-100k", "ml-100k/u.data", [])]
+                           for name, p, extra in [("full,full", "full,full", []),
+                                                  ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC])]]
 
 # Issue 18: HSTU's attention unit (pointwise SiLU attention, distance bias, U gate; ``hstu`` layers) in place of
 # softmax attention at each dataset's shipped settings, and with HSTU's own loss and head on ML-1M. The sum's

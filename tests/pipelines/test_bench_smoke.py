@@ -252,14 +252,22 @@ def test_training_report_keeps_the_rows_measured_before_a_crash(load_pipeline, t
     assert "full*4" in (tmp_path / "t.md").read_text()
 
 
-def test_explain_user_averages_what_the_first_ksa_layer_reads(load_pipeline, tmp_path, capsys):
+def test_explain_user_averages_what_each_ksa_layer_reads(load_pipeline, tmp_path, capsys):
     """``--targets N``: over N targets, the newest event's weight on summaries and on raw events (they sum to 1:
-    one softmax), here for the untrained model (``--checkpoint init``) of a ksa,full pattern on the smoke data."""
+    one softmax), one line a KSA layer, here for the untrained model (``--checkpoint init``) of a ksa,ksa pattern
+    on the smoke data; ``--max-distance`` bounds the targets from above."""
     explain = load_pipeline("explain_user")
     assert explain.main(["--config", str(ROOT / "configs/smoke.yaml"), "--checkpoint", "init", "--targets", "5",
-                         "--min-distance", "1", "--", "--model.encoder.pattern", "ksa,full", "--data.cache_dir",
-                         str(tmp_path / "cache")]) == 0
-    reading = dict(part.rsplit(" ", 1) for part in capsys.readouterr().out.strip().splitlines()[-1].split(", "))
-    assert int(reading["targets"]) == 5
-    assert abs(float(reading["on_summaries"]) + float(reading["on_events"]) - 1) < 1e-4
-    assert 0 < float(reading["on_summaries"]) < 1
+                         "--min-distance", "1", "--max-distance", "1000", "--", "--model.encoder.pattern", "ksa,ksa",
+                         "--data.cache_dir", str(tmp_path / "cache")]) == 0
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if line.startswith("layer ")]
+    readings = [dict(part.rsplit(" ", 1) for part in line.split(", ")) for line in lines]
+    assert [reading["layer"] for reading in readings] == ["0", "1"]
+    for reading in readings:
+        assert int(reading["targets"]) == 5
+        assert abs(float(reading["on_summaries"]) + float(reading["on_events"]) - 1) < 1e-4
+        assert 0 < float(reading["on_summaries"]) < 1
+    with pytest.raises(SystemExit, match="no test target"):
+        explain.main(["--config", str(ROOT / "configs/smoke.yaml"), "--checkpoint", "init", "--targets", "5",
+                      "--min-distance", "1", "--max-distance", "1", "--", "--model.encoder.pattern", "ksa,ksa",
+                      "--data.cache_dir", str(tmp_path / "cache")])
