@@ -202,15 +202,17 @@ def test_the_host_read_counter_sees_each_kind_of_host_read(host_reads):
 @pytest.mark.parametrize("pattern", ["ksa,full", "ksa,ksa", "full,full", "sca,swa", "mka,fastmka", "mka,full",
                                      "hstu,hstu"])
 def test_every_kinds_training_pass_reads_nothing_back_to_the_host(pattern, host_reads):
-    """What makes a pass capturable, checked on this CPU: the planned pass (``run``), forward and backward, on the
-    kernels CUDA runs (Triton, here interpreted) takes no value back to the host. ``mka`` layers used to (the
-    longest user, the block count, boolean masks), so graphs turned off for them."""
+    """What makes a pass capturable, checked without a GPU too: the planned pass (``run``), forward and backward,
+    on the kernels CUDA runs (Triton: compiled on a CUDA machine, interpreted on a CPU one) takes no value back to
+    the host. ``mka`` layers used to (the longest user, the block count, boolean masks), so graphs turned off for
+    them."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # conftest interprets Triton only without CUDA
     enc = SequenceEncoder(EncoderConfig(dim=32, num_heads=2, pattern=pattern, chunk_size=4, window=2,
                                         attention_backend="triton",
                                         summary_init="chunk" if "ksa" in pattern else "slot",
                                         mka=MkaConfig(local_window=6, fast_window=6, block_size=4,
-                                                      window_backend="triton")))
-    tokens, offsets, positions, times, max_len = _batch([9, 4, 12], "cpu", first_position=3)
+                                                      window_backend="triton"))).to(device)
+    tokens, offsets, positions, times, max_len = _batch([9, 4, 12], device, first_position=3)
     plan = enc.plan(offsets, tokens.shape[0], max_len)
     with host_reads() as reads:
         enc.run(tokens, positions, times, plan).sum().backward()
