@@ -22,8 +22,9 @@ a 100K-item table, no in-batch ones: those cost tokens^2 and would hide the atte
 AdamW (``build_adamw``, the optimizer ``fit`` uses: fused on CUDA), on ``--tokens`` events (65,536) split
 into users of L events (every L makes the same number of next-item predictions); bf16 autocast on CUDA,
 float32 on CPU. Timed: the median wall-clock step of ``--steps`` steps after ``--warmup`` (GPU synchronised
-per step); peak memory: the most allocated during the
-timed steps. A model that runs out of memory is a row saying so.
+per step); peak memory: the most allocated during the warm-up and timed steps (with ``--cuda-graphs`` the capture,
+in warm-up, allocates what replays reuse; reports before 2026-12-07's sixth session reset the peak after warm-up,
+so their graphed peaks leave that pool out). A model that runs out of memory is a row saying so.
 
 ``--profile N`` (where a goal is missed, where does the time go?) adds, after the timed steps, ``--steps``
 profiled ones (``torch.profiler``) and reports per row: device-busy ms per step against the wall ms (a step
@@ -143,13 +144,15 @@ def bench(size: Size, pat: str, length: int, tokens: int, warmup: int, steps: in
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # the peak spans warm-up too: with CUDA graphs the step's activations live in the graph's pool, allocated
+    # while the warm-up captures and never again while it replays
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
     warmup_s = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     ms = median_ms(step, warmup=0, reps=steps, device=device)
     events = users * length
     row = {"users": users, "events": events, "step_ms": ms, "events_per_s": events / (ms * 1e-3), "warmup_s": warmup_s,
