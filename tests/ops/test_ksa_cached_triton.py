@@ -90,7 +90,7 @@ def _kernel(case, dtype, **config):
 
 
 def _check_fp32(lengths, **kw):
-    config = {key: kw.pop(key) for key in ("block_q", "block_n", "num_splits") if key in kw}
+    config = {key: kw.pop(key) for key in ("block_q", "block_n", "num_splits", "fma_rows") if key in kw}
     case = _batch(lengths, **kw)
     want = ksa_cached_attention(*case, backend="torch")
     got = _kernel(case, torch.float32, **config)
@@ -104,8 +104,8 @@ def _check_fp32(lengths, **kw):
 LENGTHS = [0, 1, 3, 4, 5, 23, 61, 0, 40]
 
 
-# float32 tiles: of few rows without tl.dot (what plan_launch picks for these batches), or 16 rows through tl.dot
-TILES = {"fma": {}, "dot": {"block_q": 16}}
+# float32 tiles: of as many rows as a user has on average (2-4 here) without tl.dot, or 16 rows through tl.dot
+TILES = {"fma": {"fma_rows": 8}, "dot": {"block_q": 16}}
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -131,12 +131,14 @@ def test_plan_launch_tiles():
 
     assert plan(1) == (2, 64)  # 2 x 64 (head dim) x 64 keys = the 8,192-element product tile
     assert plan(2, head_dim=16) == (2, 128)  # the configured key tile already fits
-    assert plan(3, head_dim=16) == (4, 128)
-    assert plan(8, head_dim=16) == (8, 64)
-    assert plan(2, group=4, head_dim=16) == (8, 64)
-    assert plan(16) == (16, 128)
+    assert plan(3, head_dim=16) == (16, 128)  # more rows than fma_rows (2 by default): tl.dot
     assert plan(2, dtype=torch.bfloat16) == (16, 128)
     assert plan(2, config=triton_cached.CachedTritonConfig(fma_rows=0)) == (16, 128)
+    up_to_8 = triton_cached.CachedTritonConfig(fma_rows=8)
+    assert plan(3, head_dim=16, config=up_to_8) == (4, 128)
+    assert plan(8, head_dim=16, config=up_to_8) == (8, 64)
+    assert plan(2, group=4, head_dim=16, config=up_to_8) == (8, 64)
+    assert plan(16, config=up_to_8) == (16, 128)
     with pytest.raises(ValueError, match="grouped heads"):
         plan(1, group=4, config=triton_cached.CachedTritonConfig(block_q=2))
 
@@ -229,13 +231,13 @@ def test_gpu_fp32_and_auto_dispatch():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("max_new", [9, 1])  # 9: 16-row tiles through tl.dot; 1 (a streaming step): 4 rows without
-def test_gpu_fp32_within_2x_of_torch_fp32(max_new):
+@pytest.mark.parametrize("max_new,config", [(9, {}), (1, {"fma_rows": 8})])  # 16-row tl.dot tiles; 4-row FMA ones
+def test_gpu_fp32_within_2x_of_torch_fp32(max_new, config):
     """float32 tiles (FMAs, ``ieee``) keep float32's error: within 2x the torch path's in float32."""
     case = _batch(GPU_LENGTHS, k=8, S=1, W=32, heads=8, kv_heads=2, dim=64, max_new=max_new, seed=23)
     want = ksa_cached_attention(*case, backend="torch")  # float64
     ref = ksa_cached_attention(*_cast(case, torch.float32), backend="torch")
-    got = _kernel(case, torch.float32)
+    got = _kernel(case, torch.float32, **config)
     err = (got.double() - want).abs().max().item()
     ref_err = (ref.double() - want).abs().max().item()
     assert err <= 2 * ref_err + 1e-6, f"kernel error {err:.2e} vs torch float32 error {ref_err:.2e}"

@@ -22,9 +22,9 @@ one program per ``(user, key split, kv head)``, all users of the batch in one la
   block reading the split's K/V once;
 - ``tl.dot`` needs 16 tile rows. A streaming step has 1 + S rows a user, so in half precision the padding
   costs nothing (tensor cores), but in float32 (``ieee``: FMAs) a 16-row tile does 8x the multiplies of a
-  2-row one. Float32 tiles of few rows (``CachedTritonConfig.fma_rows``) are therefore tiles of 2-8 rows that
-  multiply elementwise and reduce (``BLOCK_Q < 16``), with ``BLOCK_N`` cut so that the product tile stays
-  within ``_FMA_TILE`` elements a program.
+  2-row one. Float32 tiles of few rows (at most ``CachedTritonConfig.fma_rows``) are therefore tiles of exactly
+  that many rows (2-8, powers of two) that multiply elementwise and reduce (``BLOCK_Q < 16``), with ``BLOCK_N``
+  cut so that the product tile stays within ``_FMA_TILE`` elements a program.
 
 A row that sees no key at all (outside the contract: every token sees itself) gets zeros; the torch
 path gives it the value of the user's first cached event key.
@@ -58,8 +58,9 @@ class CachedTritonConfig:
 
     block_q: int | None = None
     # float32 tiles of at most this many rows use elementwise products instead of tl.dot (module docstring);
-    # 0: always tl.dot
-    fma_rows: int = 8
+    # 0: always tl.dot. 2 = the streaming step without GQA (1 + S rows), the case measured on an H100: 2.4x the
+    # 16-row tl.dot tile (docs/results/serving.md); 4-8 rows are correct (tests) but not timed
+    fma_rows: int = 2
     # block_n / num_stages: the fastest of pipelines/bench_decode.py --sweep on an H100 (D=64, bf16; 2
     # stages need 168 registers instead of 255 and 40 KB of shared memory: 3 programs per SM)
     block_n: int = 128
