@@ -72,7 +72,9 @@ def average_reading(model, loader, label: str, min_distance: int, targets: int,
         if len(summaries) == targets:
             break
         labels = batch.labels[label]
-        hits = (labels >= min_distance) & (labels < (max_distance if max_distance is not None else labels.max() + 1))
+        hits = labels >= min_distance
+        if max_distance is not None:
+            hits &= labels < max_distance
         for i in hits.nonzero().flatten().tolist()[:targets - len(summaries)]:
             user = one_user(batch, int(batch.eval_rows[i]))
             usage = explain_user(model, user)

@@ -385,7 +385,8 @@ STUDIES["beauty-ksa-recipe"] = [Run("beauty-ksa,full[chunk,warm500]", "beauty", 
 # Issue 15, real data: the n/k-state recipe (long-range.md 2j: ksa,ksa, chunk-seeded summaries, reconstruction
 # loss 0.3) beside full attention at each set's shipped settings, both in one call, so that each pair is a
 # same-run comparison (the CPU ML-100K rows of real-summaries were paired with day-older full,full runs).
-STUDIES["all-ksa-real"] = [Run(f"{data}-{name}", config, path, [*_pattern(p), *(extra and [*span, *extra])],
+# (the KSA span only on the KSA rows: full attention has no window to set)
+STUDIES["all-ksa-real"] = [Run(f"{data}-{name}", config, path, [*_pattern(p), *(span if extra else []), *extra],
                                seeded=True)
                            for data, config, path, span in [("beauty", "beauty", BEAUTY, BEAUTY_SPAN),
                                                             ("ml-latest-small", "ml-latest-small",

@@ -118,6 +118,12 @@ def test_matches_torch(window, S, tile):
 def test_float32_tiles_without_dot(max_new, block_q, block_n):
     """Streaming-step shapes (one new event a user, so 1 + S rows): tiles of 2-8 rows, several key tiles."""
     config = {key: val for key, val in (("block_q", block_q), ("block_n", block_n)) if val is not None}
+    if block_q is None:  # the default plan must pick a tile without tl.dot here, or this would test tl.dot again
+        q, queries, events, summaries, _ = _batch(LENGTHS, k=4, S=1, W=2, heads=2, max_new=max_new, seed=12)
+        users = queries.offsets.numel() - 1
+        planned = triton_cached.plan_launch(users, 2, 1, q.shape[0], events.k.shape[0], 16, torch.float32,
+                                            q.device, triton_cached.CachedTritonConfig())
+        assert planned[0] < 16, planned
     _check_fp32(LENGTHS, k=4, S=1, W=2, heads=2, max_new=max_new, seed=12, **config)
 
 

@@ -27,6 +27,17 @@ def test_every_kinds_study_compares_all_nine_patterns_at_one_span(quality):
         assert len({tuple(r.overrides[2:]) for r in runs}) == 1  # everything but the pattern is shared
 
 
+def test_all_ksa_real_pairs_each_recipe_row_with_full_attention_at_the_same_settings(quality):
+    """Each dataset: full,full and the all-KSA recipe, differing only in what the recipe adds (Beauty's KSA span
+    on its KSA row only: full attention has no window)."""
+    runs = {r.name: r.overrides for r in quality.STUDIES["all-ksa-real"]}
+    recipe = ["--model.encoder.summary_init", "chunk", "--model.loss.summary_reconstruction", "0.3"]
+    for data, span in [("beauty", quality.BEAUTY_SPAN), ("ml-latest-small", []), ("ml-100k", [])]:
+        assert runs[f"{data}-full,full"] == ["--model.encoder.pattern", "full,full"]
+        assert runs[f"{data}-ksa,ksa[chunk,rec0.3]"] == ["--model.encoder.pattern", "ksa,ksa", *span, *recipe]
+    assert len(runs) == 6
+
+
 def test_seed_table_is_the_mean_with_a_student_t_half_width(quality):
     metrics = {m: 0.0 for m in quality.METRICS}
     def fit(val, stop, seconds):
