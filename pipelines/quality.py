@@ -614,6 +614,12 @@ def paired_table(results: dict[str, dict], baseline: str, metric: str, family: s
     return "\n".join(lines)
 
 
+def paired_families(results: dict[str, dict]) -> list[str]:
+    """The breakdowns a paired table is made for: each family some run logged (the overall column alone when none
+    is), so that real-data pairs are also reported by history length."""
+    return [f for f in FAMILIES if group_names(results, "ndcg@10", f)] or ["dist"]
+
+
 def ci_cell(values: list[float], signed: bool = False, digits: int = 4) -> str:
     """A table cell: mean +- 95% t half-width of ``values`` ("-" when there are none)."""
     if not values:
@@ -712,7 +718,7 @@ def write_report(results: dict[str, dict], out: Path, paired: list[str] = ()) ->
     report = "\n\n".join(filter(None, [
         protocol_line(results), seed_table(results),
         *(seed_group_table(results, "ndcg@10", f) for f in ("dist", "hist")),
-        *(paired_table(results, base, "ndcg@10") for base in paired),
+        *(paired_table(results, base, "ndcg@10", f) for base in paired for f in paired_families(results)),
         table(results), *(group_table(results, m, f) for f in ("hist", "dist") for m in ("hr@10", "ndcg@10"))]))
     (out / "results.md").write_text(report + "\n")
     return report

@@ -107,6 +107,25 @@ def test_paired_table_reports_every_bucket_paired_by_seed(quality):
     assert quality.paired_table(results, "nosuch", "ndcg@10") == ""
 
 
+def test_report_pairs_by_every_breakdown_the_runs_logged(quality, tmp_path):
+    """Real-data runs log history-length groups only: their pairs are reported by history length too."""
+    base = {m: 0.1 for m in quality.METRICS} | {f"{m}_ci95": 0.01 for m in quality.METRICS} | {"targets": 10}
+
+    def run(all_, short, long_):
+        groups = {f"{g}/{key}": value for g in ("hist_1_8", "hist_8_16")
+                  for key, value in [("ndcg@10_ci95", 0.01), ("targets", 5)]}
+        return {"test": base | groups | {"ndcg@10": all_, "hist_1_8/ndcg@10": short, "hist_8_16/ndcg@10": long_},
+                "wall_s": 1.0}
+
+    results = {"full-s0": run(0.50, 0.40, 0.60), "full-s1": run(0.52, 0.42, 0.62),
+               "ksa-s0": run(0.51, 0.40, 0.64), "ksa-s1": run(0.53, 0.42, 0.66)}
+    report = quality.write_report(results, tmp_path, ["full"])
+    paired = [t for t in report.split("\n\n") if t.startswith("| model | seeds |")]
+    assert paired == ["| model | seeds | all | hist_1_8 | hist_8_16 |\n|---|---|---|---|---|\n"
+                      "| ksa | 2 | +0.0100 ± 0.0000 | +0.0000 ± 0.0000 | +0.0400 ± 0.0000 |"]
+    assert quality.paired_families({"a": {"test": {"ndcg@10": 0.1}}}) == ["dist"]
+
+
 def test_studies_that_share_a_run_run_it_once(quality):
     beauty = [r for r in quality.expand(quality.STUDIES["beauty-sweep"] + quality.STUDIES["real-summaries"], [0])
               if r.name.startswith("beauty-")]
