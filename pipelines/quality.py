@@ -380,7 +380,7 @@ STUDIES["ml-1m-regularise"] = [_pin(Run(f"ml-1m-full*8-64{tag}", "ml-1m-sasrec",
                                                   ("[drop0.1]", ["--model.encoder.dropout", "0.1"]),
                                                   ("[drop0.3]", ["--model.encoder.dropout", "0.3"])]]
 # Issue 18, the ML-1M gap: a cheap sequence augmentation. With the last 200 training events a user, training sees
-# 652K of ML-1M's 987K training targets; a random 200-event window a (user, epoch) (``data.train_window: random``)
+# about 652K of ML-1M's 988K training targets; a random 200-event window a (user, epoch) (``data.train_window: random``)
 # shows the rest over epochs. Evaluation reads the last 200 events either way (the protocol).
 STUDIES["ml-1m-augment"] = [Run("ml-1m-full*8-64[random]", "ml-1m-sasrec", ML1M,
                                 ["--data.train_window", "random"], seeded=True)]
