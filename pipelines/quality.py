@@ -405,6 +405,12 @@ STUDIES["all-ksa-real"] = [Run(f"{data}-{name}", config, path, [*_pattern(p), *(
                            for name, p, extra in [("full,full", "full,full", []),
                                                   ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC])]]
 
+# Issue 15, study 1 at 2 layers: the reconstruction loss is what makes all-KSA read far back (long-range.md 2l);
+# a heavier weight than the recipe's 0.3, at the recipe's budget (the shipped config: 60 epochs, patience 30).
+REC1 = ["--model.loss.summary_reconstruction", "1.0"]
+STUDIES["long-range-cpu-rec-weight"] = [Run("lr2-ksa,ksa[chunk,rec1.0]", "synthetic-long-cpu", None,
+                                            [*_pattern("ksa,ksa"), *CHUNK, *REC1], seeded=True)]
+
 # Issue 18: HSTU's attention unit (pointwise SiLU attention, distance bias, U gate; ``hstu`` layers) in place of
 # softmax attention at each dataset's shipped settings, and with HSTU's own loss and head on ML-1M. The sum's
 # divisor is the training length, as in HSTU (200 on ML-1M, ML-100K and ML-latest-small, 50 on Beauty). ML-1M's
