@@ -411,6 +411,19 @@ REC1 = ["--model.loss.summary_reconstruction", "1.0"]
 STUDIES["long-range-cpu-rec-weight"] = [Run("lr2-ksa,ksa[chunk,rec1.0]", "synthetic-long-cpu", None,
                                             [*_pattern("ksa,ksa"), *CHUNK, *REC1], seeded=True)]
 
+# Issue 18: LiGR layers (gated residuals and a SwiGLU feed-forward block), eSASRec's layer, in place of the plain
+# pre-norm block at each dataset's shipped settings, one change at a time and both together.
+LIGR = {"[gates]": ["--model.encoder.residual_gates", "true"],
+        "[swiglu]": ["--model.encoder.ffn_activation", "swiglu"],
+        "[ligr]": ["--model.encoder.residual_gates", "true", "--model.encoder.ffn_activation", "swiglu"]}
+STUDIES["ligr"] = [Run(f"{data}-{p}{tag}", config, path, [*_pattern(p), *extra], seeded=True)
+                   for data, config, path, p in [("ml-1m", "ml-1m-sasrec", ML1M, "full*8"),
+                                                 ("beauty", "beauty", BEAUTY, "full,full"),
+                                                 ("ml-100k", "ml-100k", "ml-100k/u.data", "full,full"),
+                                                 ("ml-latest-small", "ml-latest-small", "ml-latest-small/ratings.csv",
+                                                  "full,full")]
+                   for tag, extra in LIGR.items()]
+
 # Issue 18: HSTU's attention unit (pointwise SiLU attention, distance bias, U gate; ``hstu`` layers) in place of
 # softmax attention at each dataset's shipped settings, and with HSTU's own loss and head on ML-1M. The sum's
 # divisor is the training length, as in HSTU (200 on ML-1M, ML-100K and ML-latest-small, 50 on Beauty). ML-1M's

@@ -39,6 +39,13 @@ class EncoderConfig:
     """Attention kind per layer, comma-separated, ``kind*N`` repeats: full, ksa, sca, swa, mka, fastmka, hstu."""
     ffn_mult: int = 4
     """Hidden width of each feed-forward block, as a multiple of dim."""
+    ffn_activation: str = "gelu"
+    """Feed-forward block: "gelu" (Linear, GELU, Linear) or "swiglu" (a SiLU-gated linear unit of the same hidden
+    width, as LiGR layers and most recent LLMs use)."""
+    residual_gates: bool = False
+    """Scale each block's attention and feed-forward output by ``sigmoid(W h + b)`` of the stream it is added to,
+    per channel, before the residual add (the gated residuals of LiGR layers, which eSASRec uses). A token's gates
+    depend on that token only, so training, streaming and scoring compute them alike."""
     dropout: float = 0.2
     """Dropout on inputs, attention outputs and feed-forward outputs."""
     event_mask: float = 0.0
@@ -91,6 +98,8 @@ class EncoderConfig:
                 "encoder.dim", f"must be a positive multiple of num_heads ({self.num_heads}), got {self.dim}")
         require((self.dim // self.num_heads) % 2 == 0, "encoder.dim",
                 "dim / num_heads must be even (RoPE rotates pairs)")
+        require(self.ffn_activation in ("gelu", "swiglu"), "encoder.ffn_activation",
+                f"must be gelu or swiglu, got {self.ffn_activation!r}")
         require(0.0 <= self.dropout < 1.0, "encoder.dropout", f"must be in [0, 1), got {self.dropout}")
         require(0.0 <= self.event_mask < 1.0, "encoder.event_mask", f"must be in [0, 1), got {self.event_mask}")
         require(self.chunk_size >= 1, "encoder.chunk_size", f"must be >= 1, got {self.chunk_size}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ksa_rec.modules.attention import KINDS, FixedLayout, StepLayout, StreamLayout
@@ -66,6 +67,23 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
 
 
+class SwiGLU(nn.Module):
+    """``W_out dropout(silu(x W_a) * (x W_b))`` with hidden width ``mult * dim`` (``W_a``, ``W_b`` as one matmul)."""
+
+    def __init__(self, dim: int, mult: int, dropout: float):
+        super().__init__()
+        self.inner = nn.Linear(dim, 2 * mult * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.inner(x).chunk(2, dim=-1)
+        return self.out(self.dropout(F.silu(gate) * value))
+
+
+FFN_KINDS = {"gelu": FeedForward, "swiglu": SwiGLU}
+
+
 class Block(nn.Module):
     """One pre-norm transformer block; events and summaries share everything but Q/K/V projections, so both
     streams go through it as one tensor (events, then summaries), in training as in a streaming step."""
@@ -75,8 +93,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_backend)
         self.attn = KINDS[kind](cfg, with_summaries)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_backend)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_mult, cfg.dropout)
+        self.ffn = FFN_KINDS[cfg.ffn_activation](cfg.dim, cfg.ffn_mult, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
+        # LiGR's gated residuals (EncoderConfig.residual_gates): None keeps the plain residual add
+        self.attn_gate = nn.Linear(cfg.dim, cfg.dim) if cfg.residual_gates else None
+        self.ffn_gate = nn.Linear(cfg.dim, cfg.dim) if cfg.residual_gates else None
 
     def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
         """``h [T + Ts, dim]``: the batch's events, then its summaries (``StreamLayout``)."""
@@ -93,8 +114,13 @@ class Block(nn.Module):
         return self.residual_and_ffn(h, self.attn.fixed_step(self.attn_norm(h), layout, cache))
 
     def residual_and_ffn(self, h: Tensor, a: Tensor) -> Tensor:
-        h, x = self.ffn_norm.add_and_norm(h, self.dropout(a))
-        return h + self.dropout(self.ffn(x))
+        """``h + a`` and the feed-forward block after it (each branch gated when ``residual_gates``)."""
+        h, x = self.ffn_norm.add_and_norm(h, self.gated(self.attn_gate, h, self.dropout(a)))
+        return h + self.gated(self.ffn_gate, h, self.dropout(self.ffn(x)))
+
+    @staticmethod
+    def gated(gate: nn.Linear | None, h: Tensor, branch: Tensor) -> Tensor:
+        return branch if gate is None else torch.sigmoid(gate(h)) * branch
 
 
 class SequenceEncoder(nn.Module):

@@ -237,3 +237,69 @@ def test_layers_of_one_pass_share_the_kernels_block_tables(monkeypatch):
     assert len(built) == 2
     want = _encoder("ksa*3,full").float()(tokens.float(), offsets, positions)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def _ligr(pattern: str, gate_bias: float, **kw) -> SequenceEncoder:
+    """An encoder with gated residuals whose gates are the constant ``sigmoid(gate_bias)``."""
+    enc = _encoder(pattern, residual_gates=True, **kw)
+    with torch.no_grad():
+        for block in enc.blocks:
+            for gate in (block.attn_gate, block.ffn_gate):
+                gate.weight.zero_()
+                gate.bias.fill_(gate_bias)
+    return enc
+
+
+@pytest.mark.parametrize("pattern", ["full,full", "ksa,ksa", "sca,full"])
+def test_residual_gates_scale_each_branch_by_their_sigmoid(pattern):
+    """Closed gates leave the stream as it came in (every block is the identity); open gates give the plain
+    encoder with the same weights; a gate of 1/2 halves both branches, like the plain block with each branch's
+    output layer halved."""
+    tokens, offsets, positions = _inputs(LENGTHS)
+    plain = _encoder(pattern)
+    closed, open_ = _ligr(pattern, -80.0), _ligr(pattern, 80.0)
+    for gated in (closed, open_):
+        missing = gated.load_state_dict(plain.state_dict(), strict=False).missing_keys
+        assert missing and all("_gate." in key for key in missing)
+    torch.testing.assert_close(closed(tokens, offsets, positions), closed.final_norm(tokens), atol=1e-12, rtol=0)
+    torch.testing.assert_close(open_(tokens, offsets, positions), plain(tokens, offsets, positions),
+                               atol=1e-12, rtol=0)
+    half = _ligr(pattern, 0.0)
+    half.load_state_dict(plain.state_dict(), strict=False)
+    halved = _encoder(pattern)
+    halved.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for block in halved.blocks:
+            block.attn.out.weight.mul_(0.5)  # (no bias)
+            block.ffn[3].weight.mul_(0.5)
+            block.ffn[3].bias.mul_(0.5)
+    torch.testing.assert_close(half(tokens, offsets, positions), halved(tokens, offsets, positions),
+                               atol=1e-12, rtol=0)
+
+
+def test_swiglu_feed_forward_is_silu_gate_times_value():
+    enc = _encoder("full,full", ffn_activation="swiglu", ffn_mult=3)
+    ffn = enc.blocks[0].ffn
+    x = torch.randn(5, 16, dtype=torch.float64)
+    a, b = ffn.inner.weight[:48], ffn.inner.weight[48:]
+    ba, bb = ffn.inner.bias[:48], ffn.inner.bias[48:]
+    expected = (torch.nn.functional.silu(x @ a.T + ba) * (x @ b.T + bb)) @ ffn.out.weight.T + ffn.out.bias
+    torch.testing.assert_close(ffn(x), expected)
+    assert ffn.inner.weight.shape == (96, 16)  # hidden width ffn_mult * dim, for the gate and the value
+
+
+@pytest.mark.parametrize("pattern", ["full,full", "ksa,ksa", "mka,full"])
+def test_gated_swiglu_encoder_stays_causal(pattern):
+    enc = _encoder(pattern, residual_gates=True, ffn_activation="swiglu")
+    tokens, offsets, positions = _inputs([37])
+    base = enc(tokens, offsets, positions)
+    for j in (4, 17):
+        changed = tokens.clone()
+        changed[j] += 1.0
+        out = enc(changed, offsets, positions)
+        assert torch.allclose(out[:j], base[:j], atol=1e-12) and not torch.allclose(out[j], base[j])
+
+
+def test_unknown_ffn_activation_names_the_field():
+    with pytest.raises(ValueError, match="encoder.ffn_activation"):
+        EncoderConfig(ffn_activation="relu")

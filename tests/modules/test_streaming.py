@@ -109,6 +109,18 @@ def test_chunk_seeded_summaries_stream_like_the_full_pass(pattern, seed):
         assert kept.shape[0] == n % 4 and torch.equal(kept, tokens[b][n - n % 4:])
 
 
+@pytest.mark.parametrize("pattern", ["full,full", "ksa,ksa", "sca,full", "hstu,full", "mka,full"])
+def test_gated_residuals_and_swiglu_stream_like_the_full_pass(pattern):
+    """The gates and the SwiGLU block are per token, so the step computes them as the full pass does."""
+    rnd = random.Random(7)
+    lengths = [rnd.randint(0, 40) for _ in range(4)]
+    enc = _encoder(pattern, residual_gates=True, ffn_activation="swiglu", summary_init="chunk")
+    tokens, times = _histories(lengths, 7)
+    full = _full_pass(enc, tokens, times)
+    streamed, _ = _streamed(enc, tokens, times, [_random_pieces(n, rnd) for n in lengths])
+    torch.testing.assert_close(streamed, full, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("summary_init", ["slot", "chunk"])
