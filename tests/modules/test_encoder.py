@@ -277,6 +277,22 @@ def test_residual_gates_scale_each_branch_by_their_sigmoid(pattern):
                                atol=1e-12, rtol=0)
 
 
+def test_each_gate_reads_the_stream_its_branch_joins():
+    """With learned (non-constant) gates: the attention branch is gated by the block's input, the feed-forward
+    branch by the stream after the attention add, as LiGR layers do. Every path (forward, step, fixed step) goes
+    through ``residual_and_ffn``."""
+    block = _encoder("full,full", residual_gates=True).blocks[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for gate in (block.attn_gate, block.ffn_gate):
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g, dtype=torch.float64))
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=g, dtype=torch.float64))
+    h, a = (torch.randn(7, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    mid = h + torch.sigmoid(block.attn_gate(h)) * a
+    want = mid + torch.sigmoid(block.ffn_gate(mid)) * block.ffn(block.ffn_norm(mid))
+    torch.testing.assert_close(block.residual_and_ffn(h, a), want)
+
+
 def test_swiglu_feed_forward_is_silu_gate_times_value():
     enc = _encoder("full,full", ffn_activation="swiglu", ffn_mult=3)
     ffn = enc.blocks[0].ffn
