@@ -94,6 +94,17 @@ class RecCLI(LightningCLI):
         self.config = parser.parse_args(args)
         self.ckpt_file = self._read_ckpt_path()
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning rebuilds ``model`` from the ``--ckpt_path`` checkpoint's hyper-parameters, over what the command
+        gave. That is right for what the weights were trained as (encoder, loss, optimiser), not for how they are
+        scored: ``model.eval`` (the seen-item rule, the bucket edges) stays the command's, so one checkpoint can be
+        tested under another protocol than the one it was trained with, and the command never silently loses it."""
+        subcommand = self.config.get("subcommand")
+        evaluation = self.config[subcommand]["model"]["eval"] if subcommand else None
+        super()._parse_ckpt_path()
+        if evaluation is not None:
+            self.config[subcommand]["model"]["eval"] = evaluation
+
     def _read_ckpt_path(self) -> dict | None:
         """The ``--ckpt_path`` file, read safely now so that a bad one fails in one line before anything runs."""
         subcommand = self.config.get("subcommand")

@@ -283,6 +283,27 @@ def test_test_rescores_a_fit_checkpoint_and_prints_buckets_on_request(fitted, ca
 
 
 @pytest.mark.slow
+def test_test_scores_a_checkpoint_under_the_protocol_the_command_gives(fitted):
+    """The checkpoint decides the model; the command decides how it is scored (model.eval). Lightning alone would
+    rebuild model.eval from the checkpoint too and drop these options without a word."""
+    work, _, _, results = fitted
+    assert results["protocol"]["seen_items"] == "mask"  # smoke.yaml's rule, what the fit scored with
+    with contextlib.chdir(work):
+        assert main(["test", "--config", SMOKE, "--data.cache_dir", str(work / "cache"), "--ckpt_path",
+                     results["checkpoint"], "--trainer.default_root_dir", str(work / "keep"),
+                     "--model.eval.seen_items", "keep", "--model.eval.history_edges", "[10]",
+                     "--model.encoder.dim", "999"]) == 0
+    again = json.loads((work / "keep/csv/version_0/metrics.json").read_text())
+    assert again["protocol"]["seen_items"] == "keep"
+    buckets = sorted(key.split("/")[0] for key in again["test"] if key.startswith("hist_") and key.endswith("/targets"))
+    assert buckets == ["hist_10_plus"]  # every smoke user has 40+ events: all in the one bucket the edge leaves
+    assert again["test"]["hist_10_plus/targets"] == again["test"]["targets"] == results["test"]["targets"]
+    # Model options are the checkpoint's: dim 999 would not have loaded its weights.
+    saved = (work / "keep/csv/version_0/config.yaml").read_text()
+    assert "dim: 999" not in saved and "seen_items: keep" in saved
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--trainer.limit_val_batches", "0"], ["--trainer.check_val_every_n_epoch", "2"]],
                          ids=["no-validation-batches", "too-short-to-validate"])
 def test_metrics_say_when_no_validation_ran(tmp_path, monkeypatch, args):
