@@ -517,13 +517,15 @@ def table(results: dict[str, dict]) -> str:
     for name, res in results.items():
         test = res.get("test") or {}
         stop = (res.get("fit") or {}).get("stopped_by", "-")
+        # a checkpoint re-tested by `ksa-rec test` (its metrics.json as the run) has no fit and no wall time
+        wall = f"{res['wall_s']:.0f}" if "wall_s" in res else "-"
         if not test:
             dashes = " | ".join("-" for _ in METRICS)
-            lines.append(f"| {name} | {dashes} | - | - | - | {stop} | {res['wall_s']:.0f} |")
+            lines.append(f"| {name} | {dashes} | - | - | - | {stop} | {wall} |")
             continue
         cells = [f"{test[m]:.4f} ± {test[m + '_ci95']:.4f}" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seen_items(res)} | {int(test['targets'])} | "
-                     f"{res.get('epochs', '-')} | {stop} | {res['wall_s']:.0f} |")
+                     f"{res.get('epochs', '-')} | {stop} | {wall} |")
     return "\n".join(lines)
 
 

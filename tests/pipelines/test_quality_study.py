@@ -90,6 +90,16 @@ def test_report_names_each_runs_seen_items_rule(quality, tmp_path):
     assert len({line.count("|") for line in rows.values()}) == 1  # every row fills every column
 
 
+def test_report_takes_a_re_tested_checkpoint_as_a_run(quality, tmp_path):
+    """`ksa-rec test --ckpt_path` writes metrics.json with no fit and no wall time; merged as runs (e.g. to break
+    old checkpoints down by other distance edges) the report leaves those cells empty instead of failing."""
+    test = {m: 0.1 for m in quality.METRICS} | {f"{m}_ci95": 0.01 for m in quality.METRICS} | {"targets": 10}
+    results = {"full-s0": {"checkpoint": "best.ckpt", "protocol": {"seen_items": "keep"}, "test": test}}
+    report = quality.write_report(results, tmp_path)
+    row = next(line for line in report.splitlines() if line.startswith("| full-s0 |"))
+    assert row.endswith("| keep | 10 | - | - | - |")
+
+
 def test_paired_table_reports_every_bucket_paired_by_seed(quality):
     def test(all_, near, far):
         return {"ndcg@10": all_, "dist_1_20/ndcg@10": near, "dist_150_plus/ndcg@10": far}
