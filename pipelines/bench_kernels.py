@@ -87,10 +87,10 @@ class Setup:
 
 
 def ksa_op(inputs: list[torch.Tensor], offsets: torch.Tensor, s: Setup, *, backend: str = "triton",
-           config: KsaTritonConfig | None = None, sums: int | None = None):
+           config: KsaTritonConfig | None = None, sums: int | None = None, max_summaries: int | None = None):
     """The one place that calls the KSA op. ``config`` (tile experiments) reaches the Triton op itself: the
-    dispatcher takes no tiles."""
-    rule = KsaRule(s.chunk, s.window, s.sums if sums is None else sums)
+    dispatcher takes no tiles. ``sums`` / ``max_summaries`` override the setup's rule (stage variants)."""
+    rule = KsaRule(s.chunk, s.window, s.sums if sums is None else sums, max_summaries)
     if config is not None:
         return ksa_attention_triton(*inputs, offsets, rule, config=config)
     return ksa_attention(*inputs, offsets, rule, backend=backend, check_offsets=False)
@@ -149,7 +149,7 @@ def make_lengths(kind: str, L: int, total: int, seed: int = 0) -> list[int]:
     return lengths
 
 
-def ksa_pairs(lengths: list[int], chunk: int, window: int | None, sums: int) -> int:
+def ksa_pairs(lengths: list[int], chunk: int, window: int | None, sums: int, max_summaries: int | None = None) -> int:
     """Visible (query, key) pairs of the KSA rule (KSA.md section 3), both streams, exactly."""
     total = 0
     for n in lengths:
@@ -157,7 +157,10 @@ def ksa_pairs(lengths: list[int], chunk: int, window: int | None, sums: int) -> 
         lo = 0 if window is None else np.maximum(c - window, 0) * chunk
         total += int((np.arange(1, n + 1) - lo).sum())  # event -> event
         if window is not None and sums:
-            total += int((np.maximum(c - window, 0) * sums).sum())  # event -> summary
+            seen = np.maximum(c - window, 0)
+            if max_summaries is not None:
+                seen = seen - np.maximum(c - window - max_summaries, 0)
+            total += int((seen * sums).sum())  # event -> summary
         n_chunks = n // chunk
         total += n_chunks * sums * chunk + n_chunks * sums * (sums + 1) // 2  # summary -> own chunk
     return total
@@ -376,6 +379,8 @@ def sweep_suite(args, s: Setup, report: Report, device: torch.device) -> None:
                  replace(base, dkdv_block_n=kn, dkdv_block_m=km, dkdv_warps=kw, dkdv_stages=ks, dq_block_m=qm,
                          dq_block_n=qn, dq_warps=qw, dq_stages=qs))
                 for kn, km, kw, ks, qm, qn, qw, qs in bwd_tiles]
+    # summary-query rows per program (forward and dQ): few of each tile's keys are visible to them
+    configs += [("fwd+bwd", f"sum_block={sb}", replace(base, sum_block=sb)) for sb in (32, 64)]
     for L in args.lengths:
         batch = make_batch("uniform", L, args.total, s, device)
         for which, name, cfg in configs:
@@ -395,7 +400,8 @@ KERNEL_MATMULS = {"ksa_fwd_kernel": 2, "ksa_bwd_dkdv_kernel": 4, "ksa_bwd_dq_ker
 
 def stages_suite(args, s: Setup, report: Report, device: torch.device) -> None:
     """Where forward+backward time goes: per-kernel device time (torch.profiler) of the Triton op on
-    uniform batches, deterministic vs atomic-dQ backward, and without the summary stream (S = 0)."""
+    uniform batches, deterministic vs atomic-dQ backward, without the summary stream (S = 0), and with
+    the summary stream but no event reading it (M = 0: what the summary queries and keys cost alone)."""
     if device.type != "cuda":
         report.notes.append("stages suite: skipped (needs CUDA for the profiler's kernel times)")
         return
@@ -407,14 +413,17 @@ def stages_suite(args, s: Setup, report: Report, device: torch.device) -> None:
         batch = make_batch("uniform", L, args.total, s, device)
         q, k, v, qs, ks, vs = batch.inputs
         no_sum = [t[:0].detach().requires_grad_() for t in (qs, ks, vs)]
-        variants = [("deterministic", base, s.sums, batch.inputs, batch.grads),
-                    ("atomic-dQ", replace(base, deterministic=False), s.sums, batch.inputs, batch.grads),
-                    ("S=0 (event band only)", base, 0, [q, k, v, *no_sum], [batch.grads[0], batch.grads[1][:0]])]
-        for name, cfg, sums, inputs, grads in variants:
-            pairs = ksa_pairs(batch.lengths, s.chunk, s.window, sums)
+        variants = [("deterministic", base, s.sums, None, batch.inputs, batch.grads),
+                    ("atomic-dQ", replace(base, deterministic=False), s.sums, None, batch.inputs, batch.grads),
+                    ("S=0 (event band only)", base, 0, None, [q, k, v, *no_sum], [batch.grads[0], batch.grads[1][:0]]),
+                    ("M=0 (band + summary stream, no event reads a summary)", base, s.sums, 0, batch.inputs,
+                     batch.grads)]
+        for name, cfg, sums, max_sum, inputs, grads in variants:
+            pairs = ksa_pairs(batch.lengths, s.chunk, s.window, sums, max_sum)
 
-            def step(inputs=inputs, offsets=batch.offsets, cfg=cfg, sums=sums, grads=grads):
-                torch.autograd.backward(ksa_op(inputs, offsets, s, config=cfg, sums=sums), grads)
+            def step(inputs=inputs, offsets=batch.offsets, cfg=cfg, sums=sums, max_sum=max_sum, grads=grads):
+                torch.autograd.backward(ksa_op(inputs, offsets, s, config=cfg, sums=sums, max_summaries=max_sum),
+                                        grads)
                 for leaf in inputs:
                     leaf.grad = None
 

@@ -271,3 +271,12 @@ def test_explain_user_averages_what_each_ksa_layer_reads(load_pipeline, tmp_path
         explain.main(["--config", str(ROOT / "configs/smoke.yaml"), "--checkpoint", "init", "--targets", "5",
                       "--min-distance", "1", "--max-distance", "1", "--", "--model.encoder.pattern", "ksa,ksa",
                       "--data.cache_dir", str(tmp_path / "cache")])
+
+
+@pytest.mark.parametrize("window, sums, max_summaries", [(2, 1, None), (2, 2, 0), (1, 2, 3), (None, 1, None)])
+def test_ksa_pairs_counts_the_dense_rules_visible_pairs(kernels, window, sums, max_summaries):
+    from ksa_rec.ops.ksa.dense import ksa_visibility
+
+    lengths = [1, 7, 24, 37]
+    want = sum(int(ksa_visibility(n, 4, window, sums, max_summaries).sum()) for n in lengths)
+    assert kernels.ksa_pairs(lengths, 4, window, sums, max_summaries) == want
