@@ -380,7 +380,7 @@ def sweep_suite(args, s: Setup, report: Report, device: torch.device) -> None:
                          dq_block_n=qn, dq_warps=qw, dq_stages=qs))
                 for kn, km, kw, ks, qm, qn, qw, qs in bwd_tiles]
     # summary-query rows per program (forward and dQ): few of each tile's keys are visible to them
-    configs += [("fwd+bwd", f"sum_block={sb}", replace(base, sum_block=sb)) for sb in (32, 64)]
+    configs += [("fwd+bwd", f"sum_block={sb}", replace(base, sum_block=sb)) for sb in (16, 64)]
     for L in args.lengths:
         batch = make_batch("uniform", L, args.total, s, device)
         for which, name, cfg in configs:

@@ -4,15 +4,18 @@ Three launches, each element of every gradient written by exactly one program (n
 backward is bitwise deterministic:
 
 1. ``ksa_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` per (row, head), fp32, one stream a launch.
-2. ``ksa_bwd_dkdv_kernel``: one program per (key block, kv head) of either stream; it walks the query
-   interval that sees its keys (a band of events for event keys, a run of later chunks for summary keys,
-   plus the chunk's own summary queries) and accumulates dK, dV in registers. With GQA it also walks
-   the GROUP query heads of its kv head, so dK/dV still need no atomics.
-3. ``ksa_bwd_dq_kernel``: one program per (query block, head), same key walk as the forward.
+2. ``ksa_bwd_dkdv_kernel``: one program per (key block, kv head) of either stream; it walks the event
+   queries that see its keys in matmul tiles (a band for event keys, a run of later chunks for summary
+   keys), then adds the few summary queries that see them (the S slots of the key's chunk) row by row,
+   and accumulates dK, dV in registers. With GQA it also walks the GROUP query heads of its kv head, so
+   dK/dV still need no atomics.
+3. ``ksa_bwd_dq_kernel``: one program per (query block, head), the forward's key walk (event queries in
+   matmul tiles, summary queries row by row).
 
 ``ATOMIC_DQ`` (opt-in, non-deterministic): the dkdv programs also add ``dS @ K`` into an fp32 dQ buffer
-with atomics and launch 3 is skipped. It saves the recomputation of QK^T and dO V^T (7 -> 5 matmuls per
-visible tile) at the price of run-to-run bit differences.
+of the event queries with atomics, and launch 3 runs only its summary-query programs. It saves the
+recomputation of QK^T and dO V^T (7 -> 5 matmuls per visible tile) at the price of run-to-run bit
+differences.
 
 Pointers: dK/dV/dQ outputs and dO are contiguous ``[rows, heads, D]``; LSE and delta are ``[H, rows]``.
 """
@@ -24,15 +27,12 @@ import triton.language as tl
 
 from ksa_rec.ops.ksa.triton_fwd import (
     _kev_qev,
-    _kev_qsum,
     _ksum_qev,
-    _ksum_qsum,
     _ntiles,
     _qev_kev,
     _qev_ksum,
-    _qsum_kev,
-    _qsum_ksum,
     _split,
+    _sum_row_keys,
     _walk_step,
 )
 
@@ -84,41 +84,33 @@ def _dkdv_tile(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_q
 
 
 @triton.jit
-def _dkdv_walk(dk, dv, k, v,
-               qa, doa, lsea, deltaa, dqa, stride_qa, lo_a, hi_a, flo_a, fhi_a, row_lo_a, row_hi_a,
-               qb, dob, lseb, deltab, dqb, stride_qb, lo_b, hi_b, flo_b, fhi_b, row_lo_b, row_hi_b,
+def _dkdv_walk(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_q, lo, hi, flo, fhi, row_lo, row_hi,
                stride_do, qk_scale, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """Query rows ``[lo_a, hi_a)`` of stream a then ``[lo_b, hi_b)`` of stream b, one loop (see
-    ``triton_fwd._fwd_walk`` for the arguments and the interpreter's while loop)."""
-    a0, a1 = _split(lo_a, hi_a, flo_a, fhi_a, BLOCK_M)
-    b0, b1 = _split(lo_b, hi_b, flo_b, fhi_b, BLOCK_M)
-    na = _ntiles(lo_a, hi_a, BLOCK_M)
-    n_tiles = na + _ntiles(lo_b, hi_b, BLOCK_M)
+    """Event query rows ``[lo, hi)`` in tiles of BLOCK_M; ``[flo, fhi)``: rows that see every key of the
+    program (tiles inside it skip the mask). See ``triton_fwd._fwd_walk`` for the interpreter's while loop."""
+    a0, a1 = _split(lo, hi, flo, fhi, BLOCK_M)
+    n_tiles = _ntiles(lo, hi, BLOCK_M)
     if INTERPRET:
         t = 0
         while t < n_tiles:
-            in_a, s, end, masked = _walk_step(t, na, lo_a, lo_b, a0, a1, b0, b1, hi_a, hi_b, BLOCK_M)
-            dk, dv = _dkdv_tile(dk, dv, k, v, tl.where(in_a, qa, qb), tl.where(in_a, doa, dob),
-                                tl.where(in_a, lsea, lseb), tl.where(in_a, deltaa, deltab), tl.where(in_a, dqa, dqb),
-                                tl.where(in_a, stride_qa, stride_qb), stride_do, s, end, masked,
-                                tl.where(in_a, row_lo_a, row_lo_b), tl.where(in_a, row_hi_a, row_hi_b),
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, ATOMIC_DQ, DOT_PREC)
+            s = lo + t * BLOCK_M
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_q, stride_do, s, hi,
+                                (s < a0) | (s >= a1), row_lo, row_hi, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                ATOMIC_DQ, DOT_PREC)
             t += 1
     else:
         for t in range(0, n_tiles):
-            in_a, s, end, masked = _walk_step(t, na, lo_a, lo_b, a0, a1, b0, b1, hi_a, hi_b, BLOCK_M)
-            dk, dv = _dkdv_tile(dk, dv, k, v, tl.where(in_a, qa, qb), tl.where(in_a, doa, dob),
-                                tl.where(in_a, lsea, lseb), tl.where(in_a, deltaa, deltab), tl.where(in_a, dqa, dqb),
-                                tl.where(in_a, stride_qa, stride_qb), stride_do, s, end, masked,
-                                tl.where(in_a, row_lo_a, row_lo_b), tl.where(in_a, row_hi_a, row_hi_b),
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, ATOMIC_DQ, DOT_PREC)
+            s = lo + t * BLOCK_M
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_q, stride_do, s, hi,
+                                (s < a0) | (s >= a1), row_lo, row_hi, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                ATOMIC_DQ, DOT_PREC)
     return dk, dv
 
 
 @triton.jit
 def ksa_bwd_dkdv_kernel(
-    Q, K, V, QS, KS, VS, DO, DOS, LSE, LSES, DELTA, DELTAS, DK, DV, DKS, DVS, DQA, DQSA, EVK_TABLE, SUMK_TABLE,
+    Q, K, V, QS, KS, VS, DO, DOS, LSE, LSES, DELTA, DELTAS, DK, DV, DKS, DVS, DQA, EVK_TABLE, SUMK_TABLE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qst, stride_qsh, stride_kst, stride_ksh, stride_vst, stride_vsh,
     T, TS, n_sum_programs, qk_scale, sm_scale, W, M,
@@ -130,9 +122,10 @@ def ksa_bwd_dkdv_kernel(
     """One program = one (block of BLOCK_N key rows, kv head). Programs ``[0, n_sum_programs)`` own
     summary keys (SUMK_TABLE, most-seen first: they are the long ones), the rest event keys.
 
-    Every program walks the event queries that see its keys, then the summary queries that do, over
-    the GROUP query heads of its kv head. dK, dV ``[rows, HK, D]`` contiguous, written once;
-    DQA/DQSA: fp32 ``[rows, H, D]`` accumulators, touched only when ATOMIC_DQ.
+    Every program walks the event queries that see its keys in matmul tiles, then adds the summary
+    queries that do (the S slots of a key's chunk) row by row, over the GROUP query heads of its kv
+    head. dK, dV ``[rows, HK, D]`` contiguous, written once; DQA: fp32 ``[T, H, D]`` accumulator of the
+    event queries' dQ, touched only when ATOMIC_DQ (summary queries' dQ comes from ``ksa_bwd_dq_kernel``).
     """
     H: tl.constexpr = HK * GROUP
     pid = tl.program_id(0)
@@ -158,44 +151,41 @@ def ksa_bwd_dkdv_kernel(
         stride_v = tl.where(is_sum, stride_vst, stride_vt)
         k = tl.load(k_ptr + offs[:, None] * stride_k + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         v = tl.load(v_ptr + offs[:, None] * stride_v + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        # stream a: event queries. Event keys: a band (diagonal and far edge masked); summary keys: the
-        # events of chunks W+1 .. W+M after theirs, one dense run (masked at its two ends).
+        # event queries. Event keys: a band (diagonal and far edge masked); summary keys: the events of
+        # chunks W+1 .. W+M after theirs, one dense run (masked at its two ends).
         if is_sum:
             # (SUMS == 0: no summary programs exist; the guard keeps x // SUMS out of the compiled code)
             if HAS_SUM and SUMS > 0:
-                row_lo_a, row_hi_a = _ksum_qev(offs, n, CHUNK, SUMS, W, M)
-                lo_a, fhi_a = _ksum_qev(r0, n, CHUNK, SUMS, W, M)
-                flo_a, hi_a = _ksum_qev(last, n, CHUNK, SUMS, W, M)
+                row_lo, row_hi = _ksum_qev(offs, n, CHUNK, SUMS, W, M)
+                lo, fhi = _ksum_qev(r0, n, CHUNK, SUMS, W, M)
+                flo, hi = _ksum_qev(last, n, CHUNK, SUMS, W, M)
             else:
-                row_lo_a, row_hi_a = offs, offs
-                lo_a, hi_a, flo_a, fhi_a = r0, r0, r0, r0
-            # stream b: the summary queries of the key's own chunk (slots j >= j')
-            if SUMS > 0:
-                row_lo_b, row_hi_b = _ksum_qsum(offs, SUMS)
-                lo_b, _ = _ksum_qsum(r0, SUMS)
-                _, hi_b = _ksum_qsum(last, SUMS)
-            else:
-                row_lo_b, row_hi_b = offs, offs
-                lo_b, hi_b = r0, r0
+                row_lo, row_hi = offs, offs
+                lo, hi, flo, fhi = r0, r0, r0, r0
         else:
-            row_lo_a, row_hi_a = _kev_qev(offs, n, UNIT, W)
-            lo_a, fhi_a = _kev_qev(r0, n, UNIT, W)
-            flo_a, hi_a = _kev_qev(last, n, UNIT, W)
-            row_lo_b, row_hi_b = _kev_qsum(offs, n, CHUNK, SUMS)
-            lo_b, _ = _kev_qsum(r0, n, CHUNK, SUMS)
-            _, hi_b = _kev_qsum(last, n, CHUNK, SUMS)
+            row_lo, row_hi = _kev_qev(offs, n, UNIT, W)
+            lo, fhi = _kev_qev(r0, n, UNIT, W)
+            flo, hi = _kev_qev(last, n, UNIT, W)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        # summary queries: an event key of a complete chunk c is seen by the S slots of c; summary key
+        # (c, j') by the slots j >= j' of its own chunk
+        if SUMS > 0:
+            c = tl.where(is_sum, offs // SUMS, offs // CHUNK)
+            first_slot = tl.where(is_sum, offs - c * SUMS, 0)
+            in_chunk = row_ok & (c < n // CHUNK)
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                for j in range(SUMS):
+                    dk, dv = _dkdv_from_summary_queries(
+                        dk, dv, k, v, c * SUMS + j, in_chunk & (j >= first_slot),
+                        QS + s0 * stride_qst + h * stride_qsh, DOS + (s0 * H + h) * HEAD_DIM, LSES + h * TS + s0,
+                        DELTAS + h * TS + s0, stride_qst, H * HEAD_DIM, qk_scale, HEAD_DIM)
         for g in range(GROUP):
             h = hk * GROUP + g
             dk, dv = _dkdv_walk(
-                dk, dv, k, v,
-                Q + e0 * stride_qt + h * stride_qh, DO + (e0 * H + h) * HEAD_DIM, LSE + h * T + e0,
-                DELTA + h * T + e0, DQA + (e0 * H + h) * HEAD_DIM, stride_qt,
-                lo_a, hi_a, flo_a, fhi_a, row_lo_a, row_hi_a,
-                QS + s0 * stride_qst + h * stride_qsh, DOS + (s0 * H + h) * HEAD_DIM, LSES + h * TS + s0,
-                DELTAS + h * TS + s0, DQSA + (s0 * H + h) * HEAD_DIM, stride_qst,
-                lo_b, hi_b, hi_b, lo_b, row_lo_b, row_hi_b,
+                dk, dv, k, v, Q + e0 * stride_qt + h * stride_qh, DO + (e0 * H + h) * HEAD_DIM, LSE + h * T + e0,
+                DELTA + h * T + e0, DQA + (e0 * H + h) * HEAD_DIM, stride_qt, lo, hi, flo, fhi, row_lo, row_hi,
                 H * HEAD_DIM, qk_scale, sm_scale, BLOCK_M, HEAD_DIM, ATOMIC_DQ, DOT_PREC, INTERPRET)
         out = tl.where(is_sum, s0, e0) + offs[:, None]
         ptrs = out * (HK * HEAD_DIM) + hk * HEAD_DIM + offs_d[None, :]
@@ -317,19 +307,48 @@ def ksa_bwd_dq_kernel(
     # S == 0: no summary programs exist; the constexpr test keeps x // SUMS out of the compiled code
     if SUMS > 0:
         if is_sum & (r0 >= 0):
-            n_sum = n // CHUNK * SUMS
             offs = r0 + tl.arange(0, SUM_BLOCK)
-            row_ok = offs < n_sum
-            last = tl.minimum(r0 + SUM_BLOCK, n_sum) - 1
+            row_ok = offs < n // CHUNK * SUMS
             q, do, lse, delta, dq_ptrs = _dq_rows(QS + h * stride_qsh, DOS, LSES, DELTAS, DQS, s0, h, stride_qst, TS,
                                                   offs, row_ok, H, HEAD_DIM)
-            row_lo_a, row_hi_a = _qsum_kev(offs, CHUNK, SUMS)
-            lo_a, _ = _qsum_kev(r0, CHUNK, SUMS)
-            _, hi_a = _qsum_kev(last, CHUNK, SUMS)
-            row_lo_b, row_hi_b = _qsum_ksum(offs, SUMS)
-            lo_b, _ = _qsum_ksum(r0, SUMS)
-            _, hi_b = _qsum_ksum(last, SUMS)
-            dq = _dq_walk(q, do, lse, delta, k_ev, v_ev, stride_kt, stride_vt, lo_a, hi_a, hi_a, lo_a, row_lo_a,
-                          row_hi_a, k_sum, v_sum, stride_kst, stride_vst, lo_b, hi_b, hi_b, lo_b, row_lo_b, row_hi_b,
-                          qk_scale, SUM_BLOCK, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)
+            dq = _sum_rows_dq(q.to(tl.float32), do.to(tl.float32), lse, delta, k_ev, v_ev, stride_kt, stride_vt,
+                              k_sum, v_sum, stride_kst, stride_vst, offs, row_ok, qk_scale, SUM_BLOCK, CHUNK, SUMS,
+                              HEAD_DIM)
             tl.store(dq_ptrs, (dq * sm_scale).to(DQS.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _sum_rows_dq(q, do, lse, delta, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum, stride_ks, stride_vs, offs, row_ok,
+                 qk_scale, ROWS: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dQ (unscaled, fp32) of summary query rows ``offs``: the keys of ``triton_fwd._sum_rows_fwd``, one a step
+    (q, dO ``[ROWS, D]`` fp32)."""
+    c = offs // SUMS
+    slot = offs - c * SUMS
+    dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for step in range(CHUNK + SUMS):
+        is_ev = step < CHUNK
+        vis = row_ok & (is_ev | (step - CHUNK <= slot))
+        row = tl.where(is_ev, c * CHUNK + step, c * SUMS + step - CHUNK)
+        k = _sum_row_keys(tl.where(is_ev, k_ev, k_sum), tl.where(is_ev, stride_k, stride_ks), row, vis, HEAD_DIM)
+        v = _sum_row_keys(tl.where(is_ev, v_ev, v_sum), tl.where(is_ev, stride_v, stride_vs), row, vis, HEAD_DIM)
+        p = tl.where(vis, tl.math.exp2(tl.sum(q * k, 1) * qk_scale - lse), 0.0)
+        ds = p * (tl.sum(do * v, 1) - delta)
+        dq += ds[:, None] * k
+    return dq
+
+
+@triton.jit
+def _dkdv_from_summary_queries(dk, dv, k, v, q_rows, vis, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q, stride_do,
+                               qk_scale, HEAD_DIM: tl.constexpr):
+    """Add one summary query per key row (``q_rows [BLOCK_N]``, where ``vis``) to dK, dV (``[BLOCK_N, D]``
+    fp32): the few summary queries that see a key (its chunk's S slots) are gathered row by row instead
+    of walked in matmul tiles (see ``triton_fwd._sum_rows_fwd``). Gathered rows stay in the input dtype
+    and widen inside each product, which keeps the register peak of the dK/dV kernel that of its walk."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_d[None, :], mask=vis[:, None], other=0.0)
+    do = tl.load(do_ptr + q_rows[:, None] * stride_do + offs_d[None, :], mask=vis[:, None], other=0.0)
+    lse = tl.load(lse_ptr + q_rows, mask=vis, other=0.0)
+    delta = tl.load(delta_ptr + q_rows, mask=vis, other=0.0)
+    p = tl.where(vis, tl.math.exp2(tl.sum(k.to(tl.float32) * q.to(tl.float32), 1) * qk_scale - lse), 0.0)
+    ds = p * (tl.sum(v.to(tl.float32) * do.to(tl.float32), 1) - delta)
+    return dk + ds[:, None] * q.to(tl.float32), dv + p[:, None] * do.to(tl.float32)

@@ -258,24 +258,56 @@ def ksa_fwd_kernel(
     # S == 0: no summary programs exist; the constexpr test keeps x // SUMS out of the compiled code
     if SUMS > 0:
         if is_sum & (r0 >= 0):
-            n_sum = n // CHUNK * SUMS
             offs = r0 + tl.arange(0, SUM_BLOCK)
-            row_ok = offs < n_sum
-            last = tl.minimum(r0 + SUM_BLOCK, n_sum) - 1
+            row_ok = offs < n // CHUNK * SUMS
             q = tl.load(QS + s0 * stride_qst + h * stride_qsh + offs[:, None] * stride_qst + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            # a few rows seeing k + S keys each: every tile masked (full ranges passed empty)
-            row_lo_a, row_hi_a = _qsum_kev(offs, CHUNK, SUMS)
-            lo_a, _ = _qsum_kev(r0, CHUNK, SUMS)
-            _, hi_a = _qsum_kev(last, CHUNK, SUMS)
-            row_lo_b, row_hi_b = _qsum_ksum(offs, SUMS)
-            lo_b, _ = _qsum_ksum(r0, SUMS)
-            _, hi_b = _qsum_ksum(last, SUMS)
-            acc, l_i, m_i = _fwd_walk(q, k_ev, v_ev, stride_kt, stride_vt, lo_a, hi_a, hi_a, lo_a, row_lo_a, row_hi_a,
-                                      k_sum, v_sum, stride_kst, stride_vst, lo_b, hi_b, hi_b, lo_b, row_lo_b, row_hi_b,
-                                      qk_scale, SUM_BLOCK, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)
+                        mask=row_ok[:, None], other=0.0).to(tl.float32)
+            acc, l_i, m_i = _sum_rows_fwd(q, k_ev, v_ev, stride_kt, stride_vt, k_sum, v_sum, stride_kst, stride_vst,
+                                          offs, row_ok, qk_scale, SUM_BLOCK, CHUNK, SUMS, HEAD_DIM)
             _fwd_store(acc, l_i, m_i, OS + s0 * stride_ost + h * stride_osh, stride_ost, LSES + h * TS + s0, offs,
                        row_ok, HEAD_DIM)
+
+
+# ---- summary queries: k + S keys a row, one key a step ---------------------------------------------------
+
+@triton.jit
+def _sum_row_keys(ptr, stride, rows, ok, HEAD_DIM: tl.constexpr):
+    """One key (or value) row per query row: ``[ROWS, D]`` fp32, zero where not ``ok``."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sum_rows_fwd(q, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum, stride_ks, stride_vs, offs, row_ok, qk_scale,
+                  ROWS: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online softmax of summary query rows ``offs`` (user-local; q ``[ROWS, D]`` fp32) over the k events of
+    their chunk, then the slots ``<= `` their own of that chunk, one key a step.
+
+    A summary row sees k + S keys (KSA.md section 3): a matmul tile would compute a score for every
+    (row, key) of the tile and keep 1 in 16 or fewer, so rows are walked elementwise instead: each
+    step loads every row's own key (``[ROWS, D]``) and reduces over D. Returns ``(acc, l, m)`` as
+    ``_fwd_walk`` does. Every row has a visible key (its chunk's first event), so m is finite after step 0.
+    """
+    c = offs // SUMS
+    slot = offs - c * SUMS
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    for step in range(CHUNK + SUMS):
+        is_ev = step < CHUNK
+        # event c*k + step, then summary slot step - k of the same chunk (visible up to the row's own slot)
+        vis = row_ok & (is_ev | (step - CHUNK <= slot))
+        row = tl.where(is_ev, c * CHUNK + step, c * SUMS + step - CHUNK)
+        k = _sum_row_keys(tl.where(is_ev, k_ev, k_sum), tl.where(is_ev, stride_k, stride_ks), row, vis, HEAD_DIM)
+        v = _sum_row_keys(tl.where(is_ev, v_ev, v_sum), tl.where(is_ev, stride_v, stride_vs), row, vis, HEAD_DIM)
+        score = tl.where(vis | ~row_ok, tl.sum(q * k, 1) * qk_scale, MASKED_SCORE)
+        m_new = tl.maximum(m_i, score)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(score - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 # ---- block tables ----------------------------------------------------------------------------------------

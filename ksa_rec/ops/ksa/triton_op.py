@@ -32,17 +32,18 @@ class KsaTritonConfig:
     """Tile sizes (powers of two >= 16) and launch parameters of the three kernels.
 
     ``block_m`` event queries per forward program, ``block_n`` key rows per forward tile;
-    ``sum_block`` summary queries per program (and per tile where summary queries are walked);
+    ``sum_block`` summary queries per forward / dQ program (they see k + S keys each, walked one key a
+    step, not in matmul tiles);
     ``dkdv_block_n`` key rows per dK/dV program, walking query tiles of ``dkdv_block_m``;
     ``dq_block_m`` queries per dQ program, walking key tiles of ``dq_block_n``.
-    ``deterministic=False`` accumulates dQ with fp32 atomics inside the dK/dV kernel (5 instead of 7
-    matmuls per visible tile in backward, results vary in the last bits run to run).
+    ``deterministic=False`` accumulates the event queries' dQ with fp32 atomics inside the dK/dV kernel
+    (5 instead of 7 matmuls per visible tile in backward, results vary in the last bits run to run).
     ``nan_fill`` (debug/tests): outputs and gradients start as NaN so an unwritten element shows.
     """
 
     block_m: int = 64
     block_n: int = 64
-    sum_block: int = 16
+    sum_block: int = 32
     fwd_warps: int = 4
     fwd_stages: int = 3
     dkdv_block_n: int = 64
@@ -237,17 +238,14 @@ def _backward(d_out, d_out_s, q, k, v, qs, ks, vs, out, out_s, lse, lse_s, ev_ta
     dv = _alloc((T, HK, D), k, nan_fill=cfg.nan_fill)
     dks = _alloc((Ts, HK, D), k, nan_fill=cfg.nan_fill)
     dvs = _alloc((Ts, HK, D), k, nan_fill=cfg.nan_fill)
-    if cfg.deterministic:
-        dqa = dqsa = dk  # never dereferenced (ATOMIC_DQ is False)
-    else:
-        dqa = torch.zeros((T, H, D), dtype=torch.float32, device=q.device)
-        dqsa = torch.zeros((Ts, H, D), dtype=torch.float32, device=q.device)
+    # event queries' dQ: fp32 atomics inside dK/dV, or the dQ kernel's event programs
+    dqa = dk if cfg.deterministic else torch.zeros((T, H, D), dtype=torch.float32, device=q.device)
     meta = _common_meta(q, k, spec)
     qk_scale = spec.scale * _LOG2E
     # an empty summary stream is never dereferenced (no summary programs, HAS_SUM is False)
     qs_, ks_, vs_ = (qs, ks, vs) if Ts else (q, k, v)
     dos_, lses_, deltas_ = (d_out_s, lse_s, delta_s) if Ts else (d_out, lse, delta)
-    dks_, dvs_, dqsa_ = (dks, dvs, dqsa) if Ts else (dk, dv, dqa)
+    dks_, dvs_ = (dks, dvs) if Ts else (dk, dv)
 
     # the forward's event-query table serves as event-key table when the block sizes agree (order
     # does not matter for correctness, and all event-key blocks cost about the same)
@@ -256,30 +254,29 @@ def _backward(d_out, d_out_s, q, k, v, qs, ks, vs, out, out_s, lse, lse_s, ev_ta
     n_sum, n_ev = sumk_table.shape[0] * HK, evk_table.shape[0] * HK
     if n_sum + n_ev:
         ksa_bwd_dkdv_kernel[(n_sum + n_ev,)](
-            q, k, v, qs_, ks_, vs_, d_out, dos_, lse, lses_, delta, deltas_, dk, dv, dks_, dvs_, dqa, dqsa_,
+            q, k, v, qs_, ks_, vs_, d_out, dos_, lse, lses_, delta, deltas_, dk, dv, dks_, dvs_, dqa,
             evk_table, sumk_table, *_strides(q, k, v, qs_, ks_, vs_),
             T, Ts, n_sum, qk_scale, spec.scale, spec.window, spec.max_sum,
             HK=HK, BLOCK_N=cfg.dkdv_block_n, BLOCK_M=cfg.dkdv_block_m, ATOMIC_DQ=not cfg.deterministic,
             **{key: val for key, val in meta.items() if key != "SUM_BLOCK"},
             num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
         )
-    if not cfg.deterministic:
-        return dqa.to(q.dtype), dk, dv, dqsa.to(q.dtype), dks, dvs
 
-    dq = _alloc((T, H, D), q, nan_fill=cfg.nan_fill)
+    dq = _alloc((T, H, D), q, nan_fill=cfg.nan_fill) if cfg.deterministic else None
     dqs = _alloc((Ts, H, D), q, nan_fill=cfg.nan_fill)
-    dqs_ = dqs if Ts else dq
+    dqs_ = dqs if Ts else dqa
     dq_ev_table = ev_table if cfg.dq_block_m == cfg.block_m else plan.event_queries(cfg.dq_block_m)
-    n_ev, n_sum = dq_ev_table.shape[0] * H, sum_table.shape[0] * H
+    n_ev = dq_ev_table.shape[0] * H if cfg.deterministic else 0
+    n_sum = sum_table.shape[0] * H
     if n_ev + n_sum:
         ksa_bwd_dq_kernel[(n_ev + n_sum,)](
-            q, k, v, qs_, ks_, vs_, d_out, dos_, lse, lses_, delta, deltas_, dq, dqs_, dq_ev_table, sum_table,
-            *_strides(q, k, v, qs_, ks_, vs_),
+            q, k, v, qs_, ks_, vs_, d_out, dos_, lse, lses_, delta, deltas_, dqa if dq is None else dq, dqs_,
+            dq_ev_table, sum_table, *_strides(q, k, v, qs_, ks_, vs_),
             T, Ts, n_ev, qk_scale, spec.scale, spec.window, spec.max_sum,
             H=H, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, **meta,
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
-    return dq, dk, dv, dqs, dks, dvs
+    return (dqa.to(q.dtype) if dq is None else dq), dk, dv, dqs, dks, dvs
 
 
 class _KsaTritonFunction(torch.autograd.Function):
