@@ -3,7 +3,7 @@
 Three launches, each element of every gradient written by exactly one program (no atomics), so the
 backward is bitwise deterministic:
 
-1. ``ksa_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` per (row, head), fp32, both streams.
+1. ``ksa_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` per (row, head), fp32, one stream a launch.
 2. ``ksa_bwd_dkdv_kernel``: one program per (key block, kv head) of either stream; it walks the event
    queries that see its keys in matmul tiles (a band for event keys, a run of later chunks for summary
    keys), then adds the few summary queries that see them (the S slots of the key's chunk) row by row,
@@ -38,23 +38,16 @@ from ksa_rec.ops.ksa.triton_fwd import (
 
 
 @triton.jit
-def ksa_bwd_preprocess_kernel(O, DO, DELTA, OS, DOS, DELTAS, T, TS, n_ev_programs, H: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """``DELTA[h, t] = sum_d O[t, h, d] * DO[t, h, d]`` of both streams (all contiguous ``[rows, H, D]``) in one
-    launch: programs ``[0, n_ev_programs)`` own BLOCK event rows, the rest BLOCK summary rows, every head
-    (a program reads whole rows, not one head's slice of many)."""
-    pid = tl.program_id(0)
-    is_ev = pid < n_ev_programs
-    offs = tl.where(is_ev, pid, pid - n_ev_programs) * BLOCK + tl.arange(0, BLOCK)
-    rows = tl.where(is_ev, T, TS)
-    ok = offs < rows
-    o_ptr, do_ptr, delta_ptr = tl.where(is_ev, O, OS), tl.where(is_ev, DO, DOS), tl.where(is_ev, DELTA, DELTAS)
+def ksa_bwd_preprocess_kernel(O, DO, DELTA, T, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """``DELTA[h, t] = sum_d O[t, h, d] * DO[t, h, d]`` (both contiguous ``[T, H, D]``); grid (cdiv(T, BLOCK), H)."""
+    h = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    for h in tl.static_range(H):
-        ptrs = offs.to(tl.int64)[:, None] * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
-        o = tl.load(o_ptr + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(delta_ptr + h * rows + offs, tl.sum(o * do, 1), mask=ok)
+    ok = offs < T
+    ptrs = offs.to(tl.int64)[:, None] * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + h * T + offs, tl.sum(o * do, 1), mask=ok)
 
 
 # ---- dK / dV: key rows fixed, walk the query tiles that see them -----------------------------------
@@ -332,7 +325,7 @@ def _sum_rows_dq(q, do, lse, delta, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum
     c = offs // SUMS
     slot = offs - c * SUMS
     dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for step in tl.static_range(CHUNK + SUMS):
+    for step in range(CHUNK + SUMS):
         is_ev = step < CHUNK
         vis = row_ok & (is_ev | (step - CHUNK <= slot))
         row = tl.where(is_ev, c * CHUNK + step, c * SUMS + step - CHUNK)

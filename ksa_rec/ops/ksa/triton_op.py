@@ -218,26 +218,22 @@ def _forward(q, k, v, qs, ks, vs, plan: _Plan):
     return out, out_s, lse, lse_s, ev_table, sum_table
 
 
-def _deltas(out: Tensor, d_out: Tensor, out_s: Tensor, d_out_s: Tensor, nan_fill: bool) -> tuple[Tensor, Tensor]:
-    """``rowsum(dO * O)`` per (head, row) of both streams: fp32 ``[H, T]`` and ``[H, Ts]``, one launch."""
-    (T, H, D), Ts = out.shape, out_s.shape[0]
-    delta = _alloc((H, T), out, torch.float32, nan_fill)
-    delta_s = _alloc((H, Ts), out, torch.float32, nan_fill)
-    block = 64
-    n_ev, n_sum = triton.cdiv(T, block), triton.cdiv(Ts, block)
-    if n_ev + n_sum:
-        # an empty summary stream is never dereferenced (no summary programs)
-        os_, dos_, deltas_ = (out_s, d_out_s, delta_s) if Ts else (out, d_out, delta)
-        ksa_bwd_preprocess_kernel[(n_ev + n_sum,)](out, d_out, delta, os_, dos_, deltas_, T, Ts, n_ev, H=H,
-                                                   HEAD_DIM=D, BLOCK=block)
-    return delta, delta_s
+def _delta(out: Tensor, d_out: Tensor, nan_fill: bool) -> Tensor:
+    rows, H, D = out.shape
+    delta = _alloc((H, rows), out, torch.float32, nan_fill)
+    if rows:
+        block = 64
+        ksa_bwd_preprocess_kernel[(triton.cdiv(rows, block), H)](out, d_out, delta, rows, H=H, HEAD_DIM=D,
+                                                                   BLOCK=block)
+    return delta
 
 
 def _backward(d_out, d_out_s, q, k, v, qs, ks, vs, out, out_s, lse, lse_s, ev_table, sum_table, plan: _Plan):
     spec, cfg = plan.spec, plan.spec.cfg
     (T, H, D), Ts, HK = q.shape, qs.shape[0], k.shape[1]
     d_out, d_out_s = d_out.contiguous(), d_out_s.contiguous()
-    delta, delta_s = _deltas(out, d_out, out_s, d_out_s, cfg.nan_fill)
+    delta = _delta(out, d_out, cfg.nan_fill)
+    delta_s = _delta(out_s, d_out_s, cfg.nan_fill)
     dk = _alloc((T, HK, D), k, nan_fill=cfg.nan_fill)
     dv = _alloc((T, HK, D), k, nan_fill=cfg.nan_fill)
     dks = _alloc((Ts, HK, D), k, nan_fill=cfg.nan_fill)
