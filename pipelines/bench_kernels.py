@@ -398,6 +398,14 @@ def sweep_suite(args, s: Setup, report: Report, device: torch.device) -> None:
 KERNEL_MATMULS = {"ksa_fwd_kernel": 2, "ksa_bwd_dkdv_kernel": 4, "ksa_bwd_dq_kernel": 3}
 
 
+def kernel_matmuls(kernel: str, deterministic: bool) -> int:
+    """Matmuls per visible tile of ``kernel`` (0: no rate). With atomic dQ the dK/dV kernel adds dS K and the
+    dQ kernel runs only its summary-query programs, which use no matmul: a rate on all pairs would be made up."""
+    if not deterministic and kernel == "ksa_bwd_dq_kernel":
+        return 0
+    return KERNEL_MATMULS.get(kernel, 0) + (kernel == "ksa_bwd_dkdv_kernel" and not deterministic)
+
+
 def stages_suite(args, s: Setup, report: Report, device: torch.device) -> None:
     """Where forward+backward time goes: per-kernel device time (torch.profiler) of the Triton op on
     uniform batches, deterministic vs atomic-dQ backward, without the summary stream (S = 0), and with
@@ -441,8 +449,7 @@ def stages_suite(args, s: Setup, report: Report, device: torch.device) -> None:
                     times[key] = times.get(key, 0.0) + evt.self_device_time_total / 1e3 / iters
             total = sum(times.values())
             for kernel, ms in [*sorted(times.items(), key=lambda kv: -kv[1]), ("total (device time)", total)]:
-                mm = (FWD_BWD_FACTOR * 2 if kernel.startswith("total") else
-                      KERNEL_MATMULS.get(kernel, 0) + (kernel == "ksa_bwd_dkdv_kernel" and not cfg.deterministic))
+                mm = (FWD_BWD_FACTOR * 2 if kernel.startswith("total") else kernel_matmuls(kernel, cfg.deterministic))
                 rate = 2 * mm * pairs * s.dim * s.heads / (ms * 1e-3) / 1e12 if mm else None
                 report.stages.append({"L": L, "variant": name, "kernel": kernel, "ms": ms, "share": ms / total,
                                       "tflops": rate})

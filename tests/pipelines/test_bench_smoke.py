@@ -280,3 +280,12 @@ def test_ksa_pairs_counts_the_dense_rules_visible_pairs(kernels, window, sums, m
     lengths = [1, 7, 24, 37]
     want = sum(int(ksa_visibility(n, 4, window, sums, max_summaries).sum()) for n in lengths)
     assert kernels.ksa_pairs(lengths, 4, window, sums, max_summaries) == want
+
+
+def test_stage_rates_count_only_the_matmuls_a_kernel_runs(kernels):
+    assert kernels.kernel_matmuls("ksa_bwd_dkdv_kernel", deterministic=True) == 4
+    assert kernels.kernel_matmuls("ksa_bwd_dkdv_kernel", deterministic=False) == 5
+    assert kernels.kernel_matmuls("ksa_bwd_dq_kernel", deterministic=True) == 3
+    # with atomic dQ the dQ launch holds only summary-query programs (no matmul): no rate for it
+    assert kernels.kernel_matmuls("ksa_bwd_dq_kernel", deterministic=False) == 0
+    assert kernels.kernel_matmuls("other (torch glue: tables, sort, fills, casts)", deterministic=True) == 0
