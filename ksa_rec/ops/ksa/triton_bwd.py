@@ -27,10 +27,14 @@ import triton.language as tl
 
 from ksa_rec.ops.ksa.triton_fwd import (
     _kev_qev,
+    _kev_qsum,
     _ksum_qev,
+    _ksum_qsum,
     _ntiles,
     _qev_kev,
     _qev_ksum,
+    _qsum_kev,
+    _qsum_ksum,
     _split,
     _sum_row_keys,
     _walk_step,
@@ -169,16 +173,17 @@ def ksa_bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         # summary queries: an event key of a complete chunk c is seen by the S slots of c; summary key
-        # (c, j') by the slots j >= j' of its own chunk
+        # (c, j') by the slots j >= j' of its own chunk. Both are a run of at most S summary rows.
         if SUMS > 0:
-            c = tl.where(is_sum, offs // SUMS, offs // CHUNK)
-            first_slot = tl.where(is_sum, offs - c * SUMS, 0)
-            in_chunk = row_ok & (c < n // CHUNK)
+            ev_lo, ev_hi = _kev_qsum(offs, n, CHUNK, SUMS)
+            sum_lo, sum_hi = _ksum_qsum(offs, SUMS)
+            q_lo = tl.where(is_sum, sum_lo, ev_lo)
+            q_hi = tl.where(is_sum, sum_hi, ev_hi)
             for g in range(GROUP):
                 h = hk * GROUP + g
                 for j in range(SUMS):
                     dk, dv = _dkdv_from_summary_queries(
-                        dk, dv, k, v, c * SUMS + j, in_chunk & (j >= first_slot),
+                        dk, dv, k, v, q_lo + j, row_ok & (q_lo + j < q_hi),
                         QS + s0 * stride_qst + h * stride_qsh, DOS + (s0 * H + h) * HEAD_DIM, LSES + h * TS + s0,
                         DELTAS + h * TS + s0, stride_qst, H * HEAD_DIM, qk_scale, HEAD_DIM)
         for g in range(GROUP):
@@ -322,13 +327,13 @@ def _sum_rows_dq(q, do, lse, delta, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum
                  qk_scale, ROWS: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """dQ (unscaled, fp32) of summary query rows ``offs``: the keys of ``triton_fwd._sum_rows_fwd``, one a step
     (q, dO ``[ROWS, D]`` fp32)."""
-    c = offs // SUMS
-    slot = offs - c * SUMS
+    ev_lo, _ = _qsum_kev(offs, CHUNK, SUMS)
+    sum_lo, sum_hi = _qsum_ksum(offs, SUMS)
     dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for step in range(CHUNK + SUMS):
         is_ev = step < CHUNK
-        vis = row_ok & (is_ev | (step - CHUNK <= slot))
-        row = tl.where(is_ev, c * CHUNK + step, c * SUMS + step - CHUNK)
+        row = tl.where(is_ev, ev_lo + step, sum_lo + step - CHUNK)
+        vis = row_ok & (is_ev | (row < sum_hi))
         k = _sum_row_keys(tl.where(is_ev, k_ev, k_sum), tl.where(is_ev, stride_k, stride_ks), row, vis, HEAD_DIM)
         v = _sum_row_keys(tl.where(is_ev, v_ev, v_sum), tl.where(is_ev, stride_v, stride_vs), row, vis, HEAD_DIM)
         p = tl.where(vis, tl.math.exp2(tl.sum(q * k, 1) * qk_scale - lse), 0.0)

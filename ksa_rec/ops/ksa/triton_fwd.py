@@ -281,23 +281,23 @@ def _sum_row_keys(ptr, stride, rows, ok, HEAD_DIM: tl.constexpr):
 def _sum_rows_fwd(q, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum, stride_ks, stride_vs, offs, row_ok, qk_scale,
                   ROWS: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Online softmax of summary query rows ``offs`` (user-local; q ``[ROWS, D]`` fp32) over the k events of
-    their chunk, then the slots ``<= `` their own of that chunk, one key a step.
+    their chunk, then their chunk's slots up to their own, one key a step.
 
     A summary row sees k + S keys (KSA.md section 3): a matmul tile would compute a score for every
     (row, key) of the tile and keep 1 in 16 or fewer, so rows are walked elementwise instead: each
     step loads every row's own key (``[ROWS, D]``) and reduces over D. Returns ``(acc, l, m)`` as
     ``_fwd_walk`` does. Every row has a visible key (its chunk's first event), so m is finite after step 0.
     """
-    c = offs // SUMS
-    slot = offs - c * SUMS
+    ev_lo, _ = _qsum_kev(offs, CHUNK, SUMS)
+    sum_lo, sum_hi = _qsum_ksum(offs, SUMS)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     for step in range(CHUNK + SUMS):
         is_ev = step < CHUNK
-        # event c*k + step, then summary slot step - k of the same chunk (visible up to the row's own slot)
-        vis = row_ok & (is_ev | (step - CHUNK <= slot))
-        row = tl.where(is_ev, c * CHUNK + step, c * SUMS + step - CHUNK)
+        # the k events of the chunk (all visible), then its S slots (visible up to the row's own)
+        row = tl.where(is_ev, ev_lo + step, sum_lo + step - CHUNK)
+        vis = row_ok & (is_ev | (row < sum_hi))
         k = _sum_row_keys(tl.where(is_ev, k_ev, k_sum), tl.where(is_ev, stride_k, stride_ks), row, vis, HEAD_DIM)
         v = _sum_row_keys(tl.where(is_ev, v_ev, v_sum), tl.where(is_ev, stride_v, stride_vs), row, vis, HEAD_DIM)
         score = tl.where(vis | ~row_ok, tl.sum(q * k, 1) * qk_scale, MASKED_SCORE)
