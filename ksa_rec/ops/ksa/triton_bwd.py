@@ -36,7 +36,7 @@ from ksa_rec.ops.ksa.triton_fwd import (
     _qsum_kev,
     _qsum_ksum,
     _split,
-    _sum_row_keys,
+    _sum_row_step,
     _walk_step,
 )
 
@@ -331,11 +331,8 @@ def _sum_rows_dq(q, do, lse, delta, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum
     sum_lo, sum_hi = _qsum_ksum(offs, SUMS)
     dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for step in range(CHUNK + SUMS):
-        is_ev = step < CHUNK
-        row = tl.where(is_ev, ev_lo + step, sum_lo + step - CHUNK)
-        vis = row_ok & (is_ev | (row < sum_hi))
-        k = _sum_row_keys(tl.where(is_ev, k_ev, k_sum), tl.where(is_ev, stride_k, stride_ks), row, vis, HEAD_DIM)
-        v = _sum_row_keys(tl.where(is_ev, v_ev, v_sum), tl.where(is_ev, stride_v, stride_vs), row, vis, HEAD_DIM)
+        k, v, vis = _sum_row_step(step, ev_lo, sum_lo, sum_hi, row_ok, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum,
+                                  stride_ks, stride_vs, CHUNK, HEAD_DIM)
         p = tl.where(vis, tl.math.exp2(tl.sum(q * k, 1) * qk_scale - lse), 0.0)
         ds = p * (tl.sum(do * v, 1) - delta)
         dq += ds[:, None] * k

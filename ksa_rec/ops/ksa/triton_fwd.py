@@ -278,6 +278,19 @@ def _sum_row_keys(ptr, stride, rows, ok, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _sum_row_step(step, ev_lo, sum_lo, sum_hi, row_ok, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum, stride_ks,
+                  stride_vs, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key and value ``[ROWS, D]`` (fp32) of step ``step`` of summary rows whose keys are the events
+    ``[ev_lo, ev_lo + k)`` (all visible), then the slots ``[sum_lo, sum_hi)`` of their chunk; and where visible."""
+    is_ev = step < CHUNK
+    row = tl.where(is_ev, ev_lo + step, sum_lo + step - CHUNK)
+    vis = row_ok & (is_ev | (row < sum_hi))
+    k = _sum_row_keys(tl.where(is_ev, k_ev, k_sum), tl.where(is_ev, stride_k, stride_ks), row, vis, HEAD_DIM)
+    v = _sum_row_keys(tl.where(is_ev, v_ev, v_sum), tl.where(is_ev, stride_v, stride_vs), row, vis, HEAD_DIM)
+    return k, v, vis
+
+
+@triton.jit
 def _sum_rows_fwd(q, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum, stride_ks, stride_vs, offs, row_ok, qk_scale,
                   ROWS: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Online softmax of summary query rows ``offs`` (user-local; q ``[ROWS, D]`` fp32) over the k events of
@@ -294,12 +307,8 @@ def _sum_rows_fwd(q, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum, stride_ks, st
     l_i = tl.zeros([ROWS], tl.float32)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     for step in range(CHUNK + SUMS):
-        is_ev = step < CHUNK
-        # the k events of the chunk (all visible), then its S slots (visible up to the row's own)
-        row = tl.where(is_ev, ev_lo + step, sum_lo + step - CHUNK)
-        vis = row_ok & (is_ev | (row < sum_hi))
-        k = _sum_row_keys(tl.where(is_ev, k_ev, k_sum), tl.where(is_ev, stride_k, stride_ks), row, vis, HEAD_DIM)
-        v = _sum_row_keys(tl.where(is_ev, v_ev, v_sum), tl.where(is_ev, stride_v, stride_vs), row, vis, HEAD_DIM)
+        k, v, vis = _sum_row_step(step, ev_lo, sum_lo, sum_hi, row_ok, k_ev, v_ev, stride_k, stride_v, k_sum, v_sum,
+                                  stride_ks, stride_vs, CHUNK, HEAD_DIM)
         score = tl.where(vis | ~row_ok, tl.sum(q * k, 1) * qk_scale, MASKED_SCORE)
         m_new = tl.maximum(m_i, score)
         alpha = tl.math.exp2(m_i - m_new)
