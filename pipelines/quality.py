@@ -455,6 +455,15 @@ STUDIES["hstu"] = [
 METRICS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr"]
 
 
+def open_run_log(log_root: Path, args: list[str]):
+    """``log_root/stdout.log`` opened for the run's output, after a line with the date and the command. Appended,
+    not replaced: a run name launched again (another seed list, a resumed study) keeps the earlier run's log."""
+    out = (log_root / "stdout.log").open("a")
+    out.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(args)}\n")
+    out.flush()
+    return out
+
+
 def launch(run: Run, study: str, data_root: Path, max_time: str | None, extra: list[str],
            threads: int) -> tuple[subprocess.Popen, Path]:
     log_root = ROOT / "runs" / study / run.name
@@ -466,10 +475,7 @@ def launch(run: Run, study: str, data_root: Path, max_time: str | None, extra: l
         args += ["--data.path", str(data_root / run.data_file)]
     if max_time:
         args += ["--trainer.max_time", max_time]
-    # appended, not replaced: a run name launched again (another seed list, a resumed study) keeps the earlier log
-    out = (log_root / "stdout.log").open("a")
-    out.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(args)}\n")
-    out.flush()
+    out = open_run_log(log_root, args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=log_root, env=env)

@@ -223,3 +223,13 @@ def test_report_from_rewrites_a_finished_study_with_other_pairings(quality, monk
         quality.main()
     assert stop.value.code == 2 and "exists and holds other results" in capsys.readouterr().err
     assert (tmp_path / "again" / "results.json").read_text() == "{}"
+
+
+def test_a_run_launched_again_keeps_the_earlier_runs_log(quality, tmp_path):
+    for command in (["fit", "--seed_everything", "0"], ["fit", "--seed_everything", "1"]):
+        with quality.open_run_log(tmp_path, command) as out:
+            out.write(f"trained {command[-1]}\n")
+    lines = (tmp_path / "stdout.log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines if line.startswith("==== ")] == [
+        "fit --seed_everything 0", "fit --seed_everything 1"]
+    assert "trained 0" in lines and "trained 1" in lines
