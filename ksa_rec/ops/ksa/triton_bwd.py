@@ -344,8 +344,8 @@ def _dkdv_from_summary_queries(dk, dv, k, v, q_rows, vis, q_ptr, do_ptr, lse_ptr
                                qk_scale, HEAD_DIM: tl.constexpr):
     """Add one summary query per key row (``q_rows [BLOCK_N]``, where ``vis``) to dK, dV (``[BLOCK_N, D]``
     fp32): the few summary queries that see a key (its chunk's S slots) are gathered row by row instead
-    of walked in matmul tiles (see ``triton_fwd._sum_rows_fwd``). Gathered rows stay in the input dtype
-    and widen inside each product, which keeps the register peak of the dK/dV kernel that of its walk."""
+    of walked in matmul tiles (see ``triton_fwd._sum_rows_fwd``). The kernel calls it before its matmul walk:
+    after the walk it raised the kernel's registers from 167 to 240 (ptxas, sm_90a)."""
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_d[None, :], mask=vis[:, None], other=0.0)
     do = tl.load(do_ptr + q_rows[:, None] * stride_do + offs_d[None, :], mask=vis[:, None], other=0.0)
