@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow  # the kernels under the Triton interpreter take a
 
 
 def _small_config(**overrides) -> "triton_op.KsaTritonConfig":
-    base = dict(block_m=16, block_n=16, sum_block=16, dkdv_block_n=16, dkdv_block_m=16, dq_block_m=16,
+    base = dict(block_m=16, block_n=16, dkdv_block_n=16, dkdv_block_m=16, dq_block_m=16,
                 dq_block_n=16, fwd_warps=4, dkdv_warps=4, dq_warps=4, fwd_stages=1, dkdv_stages=1, dq_stages=1,
                 nan_fill=True)
     base.update(overrides)
@@ -124,10 +124,17 @@ def test_odd_chunk_and_tiles_not_multiple_of_chunk():
     _check_fp32([2, 3, 17, 40, 29], chunk=3, window=2, sums=1, max_summaries=4)
 
 
+@pytest.mark.parametrize("chunk", [16, 24, 40])
+def test_chunks_as_long_as_or_longer_than_tiles(chunk):
+    # a forward / dQ program computes the summary queries of the chunks that END in its 16-row block:
+    # k = 16 (one a block), 24 (a chunk across two blocks, neither size divides the other), 40
+    _check_fp32([7, chunk - 1, chunk, chunk + 1, 2 * chunk + 5, 5 * chunk], chunk=chunk, window=1, sums=2)
+
+
 def test_larger_tiles_than_users():
     # 32-row query tiles with 16-row key tiles (and 32/16 in backward): several chunks per tile
     _check_fp32(MIXED, chunk=4, window=1, sums=2,
-                config=_small_config(block_m=32, dkdv_block_n=32, dq_block_m=32, sum_block=32))
+                config=_small_config(block_m=32, dkdv_block_n=32, dq_block_m=32))
 
 
 def test_grouped_query_attention():
@@ -255,13 +262,15 @@ def compile_for_sm90(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
 for sums, has_sum, group in ((1, True, 1), (0, False, 2)):
     common = dict(GROUP=group, CHUNK=8, SUMS=sums, UNIT=8, HEAD_DIM=64, HAS_SUM=has_sum, DOT_PREC=None,
                   INTERPRET=False)
-    kernels = [(ksa_fwd_kernel, dict(H=8, BLOCK_M=128, BLOCK_N=64, SUM_BLOCK=16, **common)),
-               (ksa_bwd_dq_kernel, dict(H=8, BLOCK_M=128, BLOCK_N=32, SUM_BLOCK=16, **common))]
+    kernels = [(ksa_fwd_kernel, dict(H=8, BLOCK_M=128, BLOCK_N=64, SUM_ROWS=16, **common))]
+    kernels += [(ksa_bwd_dq_kernel, dict(H=8, BLOCK_M=128, BLOCK_N=32, SUM_ROWS=16, EVENT_DQ=event_dq, **common))
+                for event_dq in (True, False)]
     kernels += [(ksa_bwd_dkdv_kernel, dict(HK=8 // group, BLOCK_N=128, BLOCK_M=32, ATOMIC_DQ=atomic, **common))
                 for atomic in (False, True)]
     for kernel, constexprs in kernels:
         compiled = compile_for_sm90(kernel, constexprs, 8, 3)
-        assert "wgmma.mma_async" in compiled.asm["ptx"], kernel.fn.__name__  # the Hopper tensor-core path
+        if constexprs.get("EVENT_DQ", True):  # (the atomic mode's dQ launch has only summary rows: no matmul)
+            assert "wgmma.mma_async" in compiled.asm["ptx"], kernel.fn.__name__  # the Hopper tensor-core path
 compile_for_sm90(ksa_bwd_preprocess_kernel, dict(H=8, HEAD_DIM=64, BLOCK=64), 4, 1)
 for kind in (1, 2):
     compile_for_sm90(ksa_plan_kernel, dict(BLOCK=128, CHUNK=8, SUMS=1, UNIT=8, KIND=kind, HAS_SUM=True, TILE=256,

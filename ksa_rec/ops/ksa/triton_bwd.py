@@ -9,11 +9,11 @@ backward is bitwise deterministic:
    keys), then adds the few summary queries that see them (the S slots of the key's chunk) row by row,
    and accumulates dK, dV in registers. With GQA it also walks the GROUP query heads of its kv head, so
    dK/dV still need no atomics.
-3. ``ksa_bwd_dq_kernel``: one program per (query block, head), the forward's key walk (event queries in
-   matmul tiles, summary queries row by row).
+3. ``ksa_bwd_dq_kernel``: one program per (event query block, head), the forward's key walk in matmul
+   tiles, then the summary queries of the chunks that end in the block, row by row.
 
 ``ATOMIC_DQ`` (opt-in, non-deterministic): the dkdv programs also add ``dS @ K`` into an fp32 dQ buffer
-of the event queries with atomics, and launch 3 runs only its summary-query programs. It saves the
+of the event queries with atomics, and launch 3 computes only the summary queries' dQ. It saves the
 recomputation of QK^T and dO V^T (7 -> 5 matmuls per visible tile) at the price of run-to-run bit
 differences.
 
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ksa_rec.ops.ksa.triton_fwd import (
+    _block_summary_rows,
     _kev_qev,
     _kev_qsum,
     _ksum_qev,
@@ -262,25 +263,23 @@ def _dq_rows(Q, DO, LSE, DELTA, DQ, e0, h, stride_qt, rows_total, offs, row_ok, 
 
 @triton.jit
 def ksa_bwd_dq_kernel(
-    Q, K, V, QS, KS, VS, DO, DOS, LSE, LSES, DELTA, DELTAS, DQ, DQS, EV_TABLE, SUM_TABLE,
+    Q, K, V, QS, KS, VS, DO, DOS, LSE, LSES, DELTA, DELTAS, DQ, DQS, EV_TABLE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qst, stride_qsh, stride_kst, stride_ksh, stride_vst, stride_vsh,
-    T, TS, n_ev_programs, qk_scale, sm_scale, W, M,
+    T, TS, qk_scale, sm_scale, W, M,
     H: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_BLOCK: tl.constexpr, HAS_SUM: tl.constexpr,
-    DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_ROWS: tl.constexpr, HAS_SUM: tl.constexpr,
+    EVENT_DQ: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Program layout of ``ksa_fwd_kernel``: event query blocks (EV_TABLE) then summary query blocks
-    (SUM_TABLE). dO and dQ are contiguous ``[rows, H, D]``."""
+    """Program layout of ``ksa_fwd_kernel``: one (event query block, head) of EV_TABLE, then the summary
+    queries of the chunks that end in the block. ``EVENT_DQ`` False (atomic dQ: the event rows' dQ came
+    from the dK/dV kernel): the summary queries only. dO and dQ are contiguous ``[rows, H, D]``."""
     pid = tl.program_id(0)
-    is_ev = pid < n_ev_programs
-    is_sum = pid >= n_ev_programs
-    pid = tl.where(is_ev, pid, pid - n_ev_programs)
     blk = pid // H
     h = pid % H
     hk = h // GROUP
-    table = tl.where(is_ev, EV_TABLE, SUM_TABLE) + blk * 4
+    table = EV_TABLE + blk * 4
     e0 = tl.load(table).to(tl.int64)
     n = tl.load(table + 1)
     s0 = tl.load(table + 2).to(tl.int64)
@@ -289,37 +288,36 @@ def ksa_bwd_dq_kernel(
     v_ev = V + e0 * stride_vt + hk * stride_vh
     k_sum = KS + s0 * stride_kst + hk * stride_ksh
     v_sum = VS + s0 * stride_vst + hk * stride_vsh
-    if is_ev & (r0 >= 0):
-        offs = r0 + tl.arange(0, BLOCK_M)
-        row_ok = offs < n
+    if r0 >= 0:
         last = tl.minimum(r0 + BLOCK_M, n) - 1
-        q, do, lse, delta, dq_ptrs = _dq_rows(Q + h * stride_qh, DO, LSE, DELTA, DQ, e0, h, stride_qt, T, offs,
-                                              row_ok, H, HEAD_DIM)
-        row_lo_a, row_hi_a = _qev_kev(offs, UNIT, W)
-        lo_a, fhi_a = _qev_kev(r0, UNIT, W)
-        flo_a, hi_a = _qev_kev(last, UNIT, W)
-        if HAS_SUM:
-            row_lo_b, row_hi_b = _qev_ksum(offs, CHUNK, SUMS, W, M)
-            lo_b, fhi_b = _qev_ksum(r0, CHUNK, SUMS, W, M)
-            flo_b, hi_b = _qev_ksum(last, CHUNK, SUMS, W, M)
-        else:
-            row_lo_b, row_hi_b = row_lo_a, row_hi_a
-            lo_b, hi_b, flo_b, fhi_b = 0, 0, 0, 0
-        dq = _dq_walk(q, do, lse, delta, k_ev, v_ev, stride_kt, stride_vt, lo_a, hi_a, flo_a, fhi_a, row_lo_a,
-                      row_hi_a, k_sum, v_sum, stride_kst, stride_vst, lo_b, hi_b, flo_b, fhi_b, row_lo_b, row_hi_b,
-                      qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)
-        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-    # S == 0: no summary programs exist; the constexpr test keeps x // SUMS out of the compiled code
-    if SUMS > 0:
-        if is_sum & (r0 >= 0):
-            offs = r0 + tl.arange(0, SUM_BLOCK)
-            row_ok = offs < n // CHUNK * SUMS
+        if EVENT_DQ:
+            offs = r0 + tl.arange(0, BLOCK_M)
+            row_ok = offs < n
+            q, do, lse, delta, dq_ptrs = _dq_rows(Q + h * stride_qh, DO, LSE, DELTA, DQ, e0, h, stride_qt, T, offs,
+                                                  row_ok, H, HEAD_DIM)
+            row_lo_a, row_hi_a = _qev_kev(offs, UNIT, W)
+            lo_a, fhi_a = _qev_kev(r0, UNIT, W)
+            flo_a, hi_a = _qev_kev(last, UNIT, W)
+            if HAS_SUM:
+                row_lo_b, row_hi_b = _qev_ksum(offs, CHUNK, SUMS, W, M)
+                lo_b, fhi_b = _qev_ksum(r0, CHUNK, SUMS, W, M)
+                flo_b, hi_b = _qev_ksum(last, CHUNK, SUMS, W, M)
+            else:
+                row_lo_b, row_hi_b = row_lo_a, row_hi_a
+                lo_b, hi_b, flo_b, fhi_b = 0, 0, 0, 0
+            dq = _dq_walk(q, do, lse, delta, k_ev, v_ev, stride_kt, stride_vt, lo_a, hi_a, flo_a, fhi_a, row_lo_a,
+                          row_hi_a, k_sum, v_sum, stride_kst, stride_vst, lo_b, hi_b, flo_b, fhi_b, row_lo_b,
+                          row_hi_b, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)
+            tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        # (see ksa_fwd_kernel: after the event rows, and no x // SUMS compiled when S == 0)
+        if SUMS > 0:
+            offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
             q, do, lse, delta, dq_ptrs = _dq_rows(QS + h * stride_qsh, DOS, LSES, DELTAS, DQS, s0, h, stride_qst, TS,
-                                                  offs, row_ok, H, HEAD_DIM)
+                                                  offs_s, ok_s, H, HEAD_DIM)
             dq = _sum_rows_dq(q.to(tl.float32), do.to(tl.float32), lse, delta, k_ev, v_ev, stride_kt, stride_vt,
-                              k_sum, v_sum, stride_kst, stride_vst, offs, row_ok, qk_scale, SUM_BLOCK, CHUNK, SUMS,
+                              k_sum, v_sum, stride_kst, stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS,
                               HEAD_DIM)
-            tl.store(dq_ptrs, (dq * sm_scale).to(DQS.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(dq_ptrs, (dq * sm_scale).to(DQS.dtype.element_ty), mask=ok_s[:, None])
 
 
 @triton.jit

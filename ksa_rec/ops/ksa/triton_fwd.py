@@ -198,31 +198,38 @@ def _fwd_store(acc, l_i, m_i, o_ptr, stride_o, lse_ptr, offs, row_ok, HEAD_DIM: 
 
 
 @triton.jit
+def _block_summary_rows(r0, last, CHUNK: tl.constexpr, SUMS: tl.constexpr, SUM_ROWS: tl.constexpr):
+    """Summary rows (user-local ``[SUM_ROWS]``, and which exist) of the chunks whose last event lies in
+    the event rows ``r0 .. last``: the event program that holds a chunk's end also computes its summary
+    queries, whose keys (the chunk's events) it has just loaded. At most ``cdiv(BLOCK_M, k)`` chunks end
+    in a block, so ``SUM_ROWS = next_pow2(cdiv(BLOCK_M, k) * S)`` (``sum_rows_per_block``) covers them."""
+    rows = r0 // CHUNK * SUMS + tl.arange(0, SUM_ROWS)
+    return rows, rows < (last + 1) // CHUNK * SUMS
+
+
+@triton.jit
 def ksa_fwd_kernel(
-    Q, K, V, QS, KS, VS, O, OS, LSE, LSES, EV_TABLE, SUM_TABLE,
+    Q, K, V, QS, KS, VS, O, OS, LSE, LSES, EV_TABLE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_qst, stride_qsh, stride_kst, stride_ksh, stride_vst, stride_vsh, stride_ost, stride_osh,
-    T, TS, n_ev_programs, qk_scale, W, M,
+    T, TS, qk_scale, W, M,
     H: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_ROWS: tl.constexpr,
     HAS_SUM: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """One program = one (query block, head). Programs ``[0, n_ev_programs)`` own BLOCK_M event
-    queries (EV_TABLE, heaviest first); the rest own SUM_BLOCK summary queries (SUM_TABLE).
+    """One program = one (block of BLOCK_M event queries, head), EV_TABLE heaviest first; it then
+    computes the summary queries of the chunks that end in its block (``_block_summary_rows``).
 
-    Tables: int32 ``[G, 4]`` rows ``(event offset, n, summary offset, first row)``; first row < 0
+    Table: int32 ``[G, 4]`` rows ``(event offset, n, summary offset, first row)``; first row < 0
     marks padding (the grid is an upper bound so that building it needs no host sync).
     LSE ``[H, T]``, LSES ``[H, TS]``: fp32 log2-sum-exp of the scaled scores, saved for backward.
     """
     pid = tl.program_id(0)
-    is_ev = pid < n_ev_programs
-    is_sum = pid >= n_ev_programs
-    pid = tl.where(is_ev, pid, pid - n_ev_programs)
     blk = pid // H
     h = pid % H
     hk = h // GROUP
-    table = tl.where(is_ev, EV_TABLE, SUM_TABLE) + blk * 4
+    table = EV_TABLE + blk * 4
     e0 = tl.load(table).to(tl.int64)
     n = tl.load(table + 1)
     s0 = tl.load(table + 2).to(tl.int64)
@@ -232,7 +239,7 @@ def ksa_fwd_kernel(
     k_sum = KS + s0 * stride_kst + hk * stride_ksh
     v_sum = VS + s0 * stride_vst + hk * stride_vsh
     offs_d = tl.arange(0, HEAD_DIM)
-    if is_ev & (r0 >= 0):
+    if r0 >= 0:
         offs = r0 + tl.arange(0, BLOCK_M)
         row_ok = offs < n
         last = tl.minimum(r0 + BLOCK_M, n) - 1
@@ -255,17 +262,16 @@ def ksa_fwd_kernel(
                                   row_hi_b, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)
         _fwd_store(acc, l_i, m_i, O + e0 * stride_ot + h * stride_oh, stride_ot, LSE + h * T + e0, offs, row_ok,
                    HEAD_DIM)
-    # S == 0: no summary programs exist; the constexpr test keeps x // SUMS out of the compiled code
-    if SUMS > 0:
-        if is_sum & (r0 >= 0):
-            offs = r0 + tl.arange(0, SUM_BLOCK)
-            row_ok = offs < n // CHUNK * SUMS
-            q = tl.load(QS + s0 * stride_qst + h * stride_qsh + offs[:, None] * stride_qst + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0).to(tl.float32)
-            acc, l_i, m_i = _sum_rows_fwd(q, k_ev, v_ev, stride_kt, stride_vt, k_sum, v_sum, stride_kst, stride_vst,
-                                          offs, row_ok, qk_scale, SUM_BLOCK, CHUNK, SUMS, HEAD_DIM)
-            _fwd_store(acc, l_i, m_i, OS + s0 * stride_ost + h * stride_osh, stride_ost, LSES + h * TS + s0, offs,
-                       row_ok, HEAD_DIM)
+        # after the event rows are stored, so that the walk's register peak stays its own; S == 0: the
+        # constexpr test keeps x // SUMS out of the compiled code
+        if SUMS > 0:
+            offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
+            q_s = tl.load(QS + s0 * stride_qst + h * stride_qsh + offs_s[:, None] * stride_qst + offs_d[None, :],
+                          mask=ok_s[:, None], other=0.0).to(tl.float32)
+            acc, l_i, m_i = _sum_rows_fwd(q_s, k_ev, v_ev, stride_kt, stride_vt, k_sum, v_sum, stride_kst, stride_vst,
+                                          offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS, HEAD_DIM)
+            _fwd_store(acc, l_i, m_i, OS + s0 * stride_ost + h * stride_osh, stride_ost, LSES + h * TS + s0, offs_s,
+                       ok_s, HEAD_DIM)
 
 
 # ---- summary queries: k + S keys a row, one key a step ---------------------------------------------------

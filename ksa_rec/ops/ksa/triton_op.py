@@ -31,9 +31,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class KsaTritonConfig:
     """Tile sizes (powers of two >= 16) and launch parameters of the three kernels.
 
-    ``block_m`` event queries per forward program, ``block_n`` key rows per forward tile;
-    ``sum_block`` summary queries per forward / dQ program (they see k + S keys each, walked one key a
-    step, not in matmul tiles);
+    ``block_m`` event queries per forward program, ``block_n`` key rows per forward tile (a forward or
+    dQ program also computes the summary queries of the chunks that end in its block: they see k + S
+    keys each, walked one key a step, not in matmul tiles);
     ``dkdv_block_n`` key rows per dK/dV program, walking query tiles of ``dkdv_block_m``;
     ``dq_block_m`` queries per dQ program, walking key tiles of ``dq_block_n``.
     ``deterministic=False`` accumulates the event queries' dQ with fp32 atomics inside the dK/dV kernel
@@ -43,7 +43,6 @@ class KsaTritonConfig:
 
     block_m: int = 64
     block_n: int = 64
-    sum_block: int = 32
     fwd_warps: int = 4
     fwd_stages: int = 3
     dkdv_block_n: int = 64
@@ -59,7 +58,7 @@ class KsaTritonConfig:
     nan_fill: bool = False
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "sum_block", "dkdv_block_n", "dkdv_block_m", "dq_block_m", "dq_block_n"):
+        for name in ("block_m", "block_n", "dkdv_block_n", "dkdv_block_m", "dq_block_m", "dq_block_n"):
             val = getattr(self, name)
             if val < 16 or val & (val - 1):
                 raise ValueError(f"KsaTritonConfig.{name} must be a power of two >= 16, got {val}")
@@ -152,9 +151,6 @@ class _Plan:
     def event_queries(self, block: int) -> Tensor:
         return self._table(True, block, kind=1)
 
-    def summary_queries(self, block: int) -> Tensor:
-        return self._table(False, block, kind=0)
-
     def event_keys(self, block: int) -> Tensor:
         return self._table(True, block, kind=0)
 
@@ -185,7 +181,7 @@ def _alloc(shape, like: Tensor, dtype=None, nan_fill: bool = False) -> Tensor:
 def _common_meta(q: Tensor, k: Tensor, spec: _Spec) -> dict:
     return dict(
         GROUP=q.shape[1] // k.shape[1], CHUNK=spec.chunk, SUMS=spec.sums, UNIT=spec.unit, HEAD_DIM=q.shape[2],
-        SUM_BLOCK=spec.cfg.sum_block, HAS_SUM=spec.has_sum,
+        HAS_SUM=spec.has_sum,
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else None, INTERPRET=_interpreting(),
     )
 
@@ -194,8 +190,15 @@ def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in (t.stride(0), t.stride(1))]
 
 
+def sum_rows_per_block(block_m: int, chunk: int, sums: int) -> int:
+    """Summary rows an event-query program of ``block_m`` rows computes (a power of two): the S slots of
+    each chunk that ends in its block, at most ``cdiv(block_m, k)`` chunks (``triton_fwd._block_summary_rows``)."""
+    rows = -(-block_m // chunk) * max(sums, 1)
+    return 1 << (rows - 1).bit_length()
+
+
 def _forward(q, k, v, qs, ks, vs, plan: _Plan):
-    """Returns ``out [T, H, D]``, ``out_sum [Ts, H, D]``, ``lse [H, T]``, ``lse_sum [H, Ts]``, tables."""
+    """Returns ``out [T, H, D]``, ``out_sum [Ts, H, D]``, ``lse [H, T]``, ``lse_sum [H, Ts]``, the event table."""
     spec, cfg = plan.spec, plan.spec.cfg
     (T, H, D), Ts = q.shape, qs.shape[0]
     out = _alloc((T, H, D), q, nan_fill=cfg.nan_fill)
@@ -203,19 +206,18 @@ def _forward(q, k, v, qs, ks, vs, plan: _Plan):
     lse = _alloc((H, T), q, torch.float32, cfg.nan_fill)
     lse_s = _alloc((H, Ts), q, torch.float32, cfg.nan_fill)
     ev_table = plan.event_queries(cfg.block_m)
-    sum_table = plan.summary_queries(cfg.sum_block)
-    n_ev, n_sum = ev_table.shape[0] * H, sum_table.shape[0] * H
-    if n_ev + n_sum:
-        # an empty summary stream is never dereferenced (no summary programs, HAS_SUM is False)
+    if ev_table.shape[0]:
+        # an empty summary stream is never dereferenced (no chunk is complete: every summary row is masked)
         qs_, ks_, vs_, os_, lses_ = (qs, ks, vs, out_s, lse_s) if Ts else (q, k, v, out, lse)
-        ksa_fwd_kernel[(n_ev + n_sum,)](
-            q, k, v, qs_, ks_, vs_, out, os_, lse, lses_, ev_table, sum_table,
+        ksa_fwd_kernel[(ev_table.shape[0] * H,)](
+            q, k, v, qs_, ks_, vs_, out, os_, lse, lses_, ev_table,
             *_strides(q, k, v, out, qs_, ks_, vs_, os_),
-            T, Ts, n_ev, spec.scale * _LOG2E, spec.window, spec.max_sum,
-            H=H, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_common_meta(q, k, spec),
+            T, Ts, spec.scale * _LOG2E, spec.window, spec.max_sum,
+            H=H, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            SUM_ROWS=sum_rows_per_block(cfg.block_m, spec.chunk, spec.sums), **_common_meta(q, k, spec),
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         )
-    return out, out_s, lse, lse_s, ev_table, sum_table
+    return out, out_s, lse, lse_s, ev_table
 
 
 def _delta(out: Tensor, d_out: Tensor, nan_fill: bool) -> Tensor:
@@ -228,7 +230,7 @@ def _delta(out: Tensor, d_out: Tensor, nan_fill: bool) -> Tensor:
     return delta
 
 
-def _backward(d_out, d_out_s, q, k, v, qs, ks, vs, out, out_s, lse, lse_s, ev_table, sum_table, plan: _Plan):
+def _backward(d_out, d_out_s, q, k, v, qs, ks, vs, out, out_s, lse, lse_s, ev_table, plan: _Plan):
     spec, cfg = plan.spec, plan.spec.cfg
     (T, H, D), Ts, HK = q.shape, qs.shape[0], k.shape[1]
     d_out, d_out_s = d_out.contiguous(), d_out_s.contiguous()
@@ -258,7 +260,7 @@ def _backward(d_out, d_out_s, q, k, v, qs, ks, vs, out, out_s, lse, lse_s, ev_ta
             evk_table, sumk_table, *_strides(q, k, v, qs_, ks_, vs_),
             T, Ts, n_sum, qk_scale, spec.scale, spec.window, spec.max_sum,
             HK=HK, BLOCK_N=cfg.dkdv_block_n, BLOCK_M=cfg.dkdv_block_m, ATOMIC_DQ=not cfg.deterministic,
-            **{key: val for key, val in meta.items() if key != "SUM_BLOCK"},
+            **meta,
             num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
         )
 
@@ -266,14 +268,14 @@ def _backward(d_out, d_out_s, q, k, v, qs, ks, vs, out, out_s, lse, lse_s, ev_ta
     dqs = _alloc((Ts, H, D), q, nan_fill=cfg.nan_fill)
     dqs_ = dqs if Ts else dqa
     dq_ev_table = ev_table if cfg.dq_block_m == cfg.block_m else plan.event_queries(cfg.dq_block_m)
-    n_ev = dq_ev_table.shape[0] * H if cfg.deterministic else 0
-    n_sum = sum_table.shape[0] * H
-    if n_ev + n_sum:
-        ksa_bwd_dq_kernel[(n_ev + n_sum,)](
+    # atomic dQ: the launch still runs, for the summary queries (unless there are none)
+    if dq_ev_table.shape[0] and (cfg.deterministic or Ts):
+        ksa_bwd_dq_kernel[(dq_ev_table.shape[0] * H,)](
             q, k, v, qs_, ks_, vs_, d_out, dos_, lse, lses_, delta, deltas_, dqa if dq is None else dq, dqs_,
-            dq_ev_table, sum_table, *_strides(q, k, v, qs_, ks_, vs_),
-            T, Ts, n_ev, qk_scale, spec.scale, spec.window, spec.max_sum,
-            H=H, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, **meta,
+            dq_ev_table, *_strides(q, k, v, qs_, ks_, vs_),
+            T, Ts, qk_scale, spec.scale, spec.window, spec.max_sum,
+            H=H, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+            SUM_ROWS=sum_rows_per_block(cfg.dq_block_m, spec.chunk, spec.sums), EVENT_DQ=cfg.deterministic, **meta,
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     return (dqa.to(q.dtype) if dq is None else dq), dk, dv, dqs, dks, dvs
@@ -284,8 +286,8 @@ class _KsaTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_sum, k_sum, v_sum, plan: _Plan):
-        out, out_s, lse, lse_s, ev_table, sum_table = _forward(q, k, v, q_sum, k_sum, v_sum, plan)
-        ctx.save_for_backward(q, k, v, q_sum, k_sum, v_sum, out, out_s, lse, lse_s, ev_table, sum_table)
+        out, out_s, lse, lse_s, ev_table = _forward(q, k, v, q_sum, k_sum, v_sum, plan)
+        ctx.save_for_backward(q, k, v, q_sum, k_sum, v_sum, out, out_s, lse, lse_s, ev_table)
         ctx.plan = plan
         return out, out_s
 
