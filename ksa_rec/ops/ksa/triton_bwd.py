@@ -309,15 +309,16 @@ def ksa_bwd_dq_kernel(
                           row_hi_a, k_sum, v_sum, stride_kst, stride_vst, lo_b, hi_b, flo_b, fhi_b, row_lo_b,
                           row_hi_b, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)
             tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        # (see ksa_fwd_kernel: after the event rows, and no x // SUMS compiled when S == 0)
+        # (see ksa_fwd_kernel: after the event rows, no x // SUMS compiled when S == 0, blocks where no chunk ends)
         if SUMS > 0:
-            offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
-            q, do, lse, delta, dq_ptrs = _dq_rows(QS + h * stride_qsh, DOS, LSES, DELTAS, DQS, s0, h, stride_qst, TS,
-                                                  offs_s, ok_s, H, HEAD_DIM)
-            dq = _sum_rows_dq(q.to(tl.float32), do.to(tl.float32), lse, delta, k_ev, v_ev, stride_kt, stride_vt,
-                              k_sum, v_sum, stride_kst, stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS,
-                              HEAD_DIM)
-            tl.store(dq_ptrs, (dq * sm_scale).to(DQS.dtype.element_ty), mask=ok_s[:, None])
+            if (last + 1) // CHUNK > r0 // CHUNK:
+                offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
+                q, do, lse, delta, dq_ptrs = _dq_rows(QS + h * stride_qsh, DOS, LSES, DELTAS, DQS, s0, h, stride_qst,
+                                                      TS, offs_s, ok_s, H, HEAD_DIM)
+                dq = _sum_rows_dq(q.to(tl.float32), do.to(tl.float32), lse, delta, k_ev, v_ev, stride_kt, stride_vt,
+                                  k_sum, v_sum, stride_kst, stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS,
+                                  HEAD_DIM)
+                tl.store(dq_ptrs, (dq * sm_scale).to(DQS.dtype.element_ty), mask=ok_s[:, None])
 
 
 @triton.jit

@@ -263,15 +263,17 @@ def ksa_fwd_kernel(
         _fwd_store(acc, l_i, m_i, O + e0 * stride_ot + h * stride_oh, stride_ot, LSE + h * T + e0, offs, row_ok,
                    HEAD_DIM)
         # after the event rows are stored, so that the walk's register peak stays its own; S == 0: the
-        # constexpr test keeps x // SUMS out of the compiled code
+        # constexpr test keeps x // SUMS out of the compiled code; a block in which no chunk ends (k > BLOCK_M,
+        # a user's last rows) skips the k + S steps
         if SUMS > 0:
-            offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
-            q_s = tl.load(QS + s0 * stride_qst + h * stride_qsh + offs_s[:, None] * stride_qst + offs_d[None, :],
-                          mask=ok_s[:, None], other=0.0).to(tl.float32)
-            acc, l_i, m_i = _sum_rows_fwd(q_s, k_ev, v_ev, stride_kt, stride_vt, k_sum, v_sum, stride_kst, stride_vst,
-                                          offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS, HEAD_DIM)
-            _fwd_store(acc, l_i, m_i, OS + s0 * stride_ost + h * stride_osh, stride_ost, LSES + h * TS + s0, offs_s,
-                       ok_s, HEAD_DIM)
+            if (last + 1) // CHUNK > r0 // CHUNK:
+                offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
+                q_s = tl.load(QS + s0 * stride_qst + h * stride_qsh + offs_s[:, None] * stride_qst + offs_d[None, :],
+                              mask=ok_s[:, None], other=0.0).to(tl.float32)
+                acc, l_i, m_i = _sum_rows_fwd(q_s, k_ev, v_ev, stride_kt, stride_vt, k_sum, v_sum, stride_kst,
+                                              stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS, HEAD_DIM)
+                _fwd_store(acc, l_i, m_i, OS + s0 * stride_ost + h * stride_osh, stride_ost, LSES + h * TS + s0,
+                           offs_s, ok_s, HEAD_DIM)
 
 
 # ---- summary queries: k + S keys a row, one key a step ---------------------------------------------------
