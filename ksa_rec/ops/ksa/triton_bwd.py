@@ -313,12 +313,13 @@ def ksa_bwd_dq_kernel(
         if SUMS > 0:
             if (last + 1) // CHUNK > r0 // CHUNK:
                 offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
-                q, do, lse, delta, dq_ptrs = _dq_rows(QS + h * stride_qsh, DOS, LSES, DELTAS, DQS, s0, h, stride_qst,
-                                                      TS, offs_s, ok_s, H, HEAD_DIM)
-                dq = _sum_rows_dq(q.to(tl.float32), do.to(tl.float32), lse, delta, k_ev, v_ev, stride_kt, stride_vt,
-                                  k_sum, v_sum, stride_kst, stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS,
-                                  HEAD_DIM)
-                tl.store(dq_ptrs, (dq * sm_scale).to(DQS.dtype.element_ty), mask=ok_s[:, None])
+                # (names of their own: a runtime branch may not retype the event rows' tensors)
+                q_s, do_s, lse_s, delta_s, dqs_ptrs = _dq_rows(QS + h * stride_qsh, DOS, LSES, DELTAS, DQS, s0, h,
+                                                               stride_qst, TS, offs_s, ok_s, H, HEAD_DIM)
+                dq_s = _sum_rows_dq(q_s.to(tl.float32), do_s.to(tl.float32), lse_s, delta_s, k_ev, v_ev, stride_kt,
+                                    stride_vt, k_sum, v_sum, stride_kst, stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS,
+                                    CHUNK, SUMS, HEAD_DIM)
+                tl.store(dqs_ptrs, (dq_s * sm_scale).to(DQS.dtype.element_ty), mask=ok_s[:, None])
 
 
 @triton.jit

@@ -270,9 +270,9 @@ def ksa_fwd_kernel(
                 offs_s, ok_s = _block_summary_rows(r0, last, CHUNK, SUMS, SUM_ROWS)
                 q_s = tl.load(QS + s0 * stride_qst + h * stride_qsh + offs_s[:, None] * stride_qst + offs_d[None, :],
                               mask=ok_s[:, None], other=0.0).to(tl.float32)
-                acc, l_i, m_i = _sum_rows_fwd(q_s, k_ev, v_ev, stride_kt, stride_vt, k_sum, v_sum, stride_kst,
-                                              stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS, HEAD_DIM)
-                _fwd_store(acc, l_i, m_i, OS + s0 * stride_ost + h * stride_osh, stride_ost, LSES + h * TS + s0,
+                acc_s, l_s, m_s = _sum_rows_fwd(q_s, k_ev, v_ev, stride_kt, stride_vt, k_sum, v_sum, stride_kst,
+                                                stride_vst, offs_s, ok_s, qk_scale, SUM_ROWS, CHUNK, SUMS, HEAD_DIM)
+                _fwd_store(acc_s, l_s, m_s, OS + s0 * stride_ost + h * stride_osh, stride_ost, LSES + h * TS + s0,
                            offs_s, ok_s, HEAD_DIM)
 
 
