@@ -27,13 +27,12 @@ import triton.language as tl
 
 from ksa_rec.ops.ksa.triton_fwd import (
     _block_summary_rows,
+    _event_query_keys,
     _kev_qev,
     _kev_qsum,
     _ksum_qev,
     _ksum_qsum,
     _ntiles,
-    _qev_kev,
-    _qev_ksum,
     _qsum_kev,
     _qsum_ksum,
     _split,
@@ -295,16 +294,9 @@ def ksa_bwd_dq_kernel(
             row_ok = offs < n
             q, do, lse, delta, dq_ptrs = _dq_rows(Q + h * stride_qh, DO, LSE, DELTA, DQ, e0, h, stride_qt, T, offs,
                                                   row_ok, H, HEAD_DIM)
-            row_lo_a, row_hi_a = _qev_kev(offs, UNIT, W)
-            lo_a, fhi_a = _qev_kev(r0, UNIT, W)
-            flo_a, hi_a = _qev_kev(last, UNIT, W)
-            if HAS_SUM:
-                row_lo_b, row_hi_b = _qev_ksum(offs, CHUNK, SUMS, W, M)
-                lo_b, fhi_b = _qev_ksum(r0, CHUNK, SUMS, W, M)
-                flo_b, hi_b = _qev_ksum(last, CHUNK, SUMS, W, M)
-            else:
-                row_lo_b, row_hi_b = row_lo_a, row_hi_a
-                lo_b, hi_b, flo_b, fhi_b = 0, 0, 0, 0
+            (lo_a, hi_a, flo_a, fhi_a, row_lo_a, row_hi_a,
+             lo_b, hi_b, flo_b, fhi_b, row_lo_b, row_hi_b) = _event_query_keys(offs, r0, last, W, M, CHUNK, SUMS,
+                                                                               UNIT, HAS_SUM)
             dq = _dq_walk(q, do, lse, delta, k_ev, v_ev, stride_kt, stride_vt, lo_a, hi_a, flo_a, fhi_a, row_lo_a,
                           row_hi_a, k_sum, v_sum, stride_kst, stride_vst, lo_b, hi_b, flo_b, fhi_b, row_lo_b,
                           row_hi_b, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)

@@ -198,6 +198,28 @@ def _fwd_store(acc, l_i, m_i, o_ptr, stride_o, lse_ptr, offs, row_ok, HEAD_DIM: 
 
 
 @triton.jit
+def _event_query_keys(offs, r0, last, W, M, CHUNK: tl.constexpr, SUMS: tl.constexpr, UNIT: tl.constexpr,
+                      HAS_SUM: tl.constexpr):
+    """The key walk of event query rows ``offs`` (rows ``r0 .. last`` of one user), per stream (a: events,
+    b: summaries): ``lo, hi`` (keys visited), ``flo, fhi`` (keys every row sees) and each row's ``row_lo, row_hi``.
+
+    Events: ``[first row's window start, last row]``: window edge (masked), interior, diagonal (masked).
+    Summaries: one dense run ``[lo(first), hi(last))`` per user, masked only at its two ends (none without HAS_SUM).
+    """
+    row_lo_a, row_hi_a = _qev_kev(offs, UNIT, W)
+    lo_a, fhi_a = _qev_kev(r0, UNIT, W)
+    flo_a, hi_a = _qev_kev(last, UNIT, W)
+    if HAS_SUM:
+        row_lo_b, row_hi_b = _qev_ksum(offs, CHUNK, SUMS, W, M)
+        lo_b, fhi_b = _qev_ksum(r0, CHUNK, SUMS, W, M)
+        flo_b, hi_b = _qev_ksum(last, CHUNK, SUMS, W, M)
+    else:
+        row_lo_b, row_hi_b = row_lo_a, row_hi_a
+        lo_b, hi_b, flo_b, fhi_b = 0, 0, 0, 0
+    return lo_a, hi_a, flo_a, fhi_a, row_lo_a, row_hi_a, lo_b, hi_b, flo_b, fhi_b, row_lo_b, row_hi_b
+
+
+@triton.jit
 def _block_summary_rows(r0, last, CHUNK: tl.constexpr, SUMS: tl.constexpr, SUM_ROWS: tl.constexpr):
     """Summary rows (user-local ``[SUM_ROWS]``, and which exist) of the chunks whose last event lies in
     the event rows ``r0 .. last``: the event program that holds a chunk's end also computes its summary
@@ -245,18 +267,9 @@ def ksa_fwd_kernel(
         last = tl.minimum(r0 + BLOCK_M, n) - 1
         q = tl.load(Q + e0 * stride_qt + h * stride_qh + offs[:, None] * stride_qt + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
-        # events: [first row's window start, last row]: window edge (masked), interior, diagonal (masked)
-        row_lo_a, row_hi_a = _qev_kev(offs, UNIT, W)
-        lo_a, fhi_a = _qev_kev(r0, UNIT, W)
-        flo_a, hi_a = _qev_kev(last, UNIT, W)
-        # summaries: one dense run [lo(first), hi(last)) per user, masks only at its two ends
-        if HAS_SUM:
-            row_lo_b, row_hi_b = _qev_ksum(offs, CHUNK, SUMS, W, M)
-            lo_b, fhi_b = _qev_ksum(r0, CHUNK, SUMS, W, M)
-            flo_b, hi_b = _qev_ksum(last, CHUNK, SUMS, W, M)
-        else:
-            row_lo_b, row_hi_b = row_lo_a, row_hi_a
-            lo_b, hi_b, flo_b, fhi_b = 0, 0, 0, 0
+        (lo_a, hi_a, flo_a, fhi_a, row_lo_a, row_hi_a,
+         lo_b, hi_b, flo_b, fhi_b, row_lo_b, row_hi_b) = _event_query_keys(offs, r0, last, W, M, CHUNK, SUMS, UNIT,
+                                                                           HAS_SUM)
         acc, l_i, m_i = _fwd_walk(q, k_ev, v_ev, stride_kt, stride_vt, lo_a, hi_a, flo_a, fhi_a, row_lo_a, row_hi_a,
                                   k_sum, v_sum, stride_kst, stride_vst, lo_b, hi_b, flo_b, fhi_b, row_lo_b,
                                   row_hi_b, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, INTERPRET)
