@@ -228,36 +228,11 @@ def test_rejects_bad_inputs():
 # ---- the compiled path, checked without a GPU ---------------------------------------------------------
 
 _COMPILE_FOR_HOPPER = """
-import inspect, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+sys.path.insert(0, "pipelines")
+from kernel_registers import compile_for_sm90
 from ksa_rec.ops.ksa.triton_fwd import ksa_fwd_kernel, ksa_plan_kernel
 from ksa_rec.ops.ksa.triton_bwd import ksa_bwd_dkdv_kernel, ksa_bwd_dq_kernel, ksa_bwd_preprocess_kernel
-
-def compile_for_sm90(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
-    # the signature the JIT would build, with its 16-divisibility hints on pointers and strides
-    names = list(inspect.signature(kernel.fn).parameters)
-    sig = {}
-    for name in names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        elif name.islower() or name in ("W", "M", "T", "TS"):
-            sig[name] = "i32"
-        elif name in ("EV_OFF", "LENGTHS", "SUM_OFF", "ROWS", "CUM"):
-            sig[name] = "*i64"
-        elif "TABLE" in name or name == "COST":
-            sig[name] = "*i32"
-        elif name.startswith(("LSE", "DELTA", "DQA", "DQSA")):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "*" + dtype
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-             if sig[name].startswith("*") or name.startswith("stride")}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 for sums, has_sum, group in ((1, True, 1), (0, False, 2)):
     common = dict(GROUP=group, CHUNK=8, SUMS=sums, UNIT=8, HEAD_DIM=64, HAS_SUM=has_sum, DOT_PREC=None,
