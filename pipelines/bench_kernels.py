@@ -249,11 +249,10 @@ def _built(make):
 def ksa_calls(batch: Batch, s: Setup, ksa_flops: float, reference_max_l: int) -> list[Call]:
     triton_ok = batch.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     why = None if triton_ok else "needs CUDA (or TRITON_INTERPRET=1 on CPU)"
-    kept: dict = {}  # lives as long as the calls: the first call builds the tables, the rest reuse them
-    calls = [Call("ksa-triton", "ksa", (lambda: ksa_op(batch.inputs, batch.offsets, s, tables=kept)) if triton_ok
-                  else None, batch.inputs, batch.grads, ksa_flops, setting="block tables reused", unavailable=why),
-             Call("ksa-triton", "ksa", (lambda: ksa_op(batch.inputs, batch.offsets, s)) if triton_ok else None,
-                  batch.inputs, batch.grads, ksa_flops, setting="block tables built each call", unavailable=why)]
+    # a dict kept as long as the calls: the first call builds the tables, the rest reuse them; None: every call
+    calls = [Call("ksa-triton", "ksa", (lambda t=tables: ksa_op(batch.inputs, batch.offsets, s, tables=t)) if triton_ok
+                  else None, batch.inputs, batch.grads, ksa_flops, setting=setting, unavailable=why)
+             for setting, tables in (("block tables reused", {}), ("block tables built each call", None))]
     if batch.L <= reference_max_l:
         calls.append(Call("ksa torch reference", "ksa", lambda: ksa_op(batch.inputs, batch.offsets, s, backend="torch"),
                           batch.inputs, batch.grads, ksa_flops))
@@ -405,7 +404,7 @@ KERNEL_MATMULS = {"ksa_fwd_kernel": 2, "ksa_bwd_dkdv_kernel": 4, "ksa_bwd_dq_ker
 
 def kernel_matmuls(kernel: str, deterministic: bool) -> int:
     """Matmuls per visible tile of ``kernel`` (0: no rate). With atomic dQ the dK/dV kernel adds dS K and the
-    dQ kernel runs only its summary-query programs, which use no matmul: a rate on all pairs would be made up."""
+    dQ kernel computes only the summary queries, which use no matmul: a rate on all pairs would be made up."""
     if not deterministic and kernel == "ksa_bwd_dq_kernel":
         return 0
     return KERNEL_MATMULS.get(kernel, 0) + (kernel == "ksa_bwd_dkdv_kernel" and not deterministic)

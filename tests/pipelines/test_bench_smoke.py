@@ -294,3 +294,28 @@ def test_stage_rates_count_only_the_matmuls_a_kernel_runs(kernels):
     # with atomic dQ the dQ launch holds only summary-query programs (no matmul): no rate for it
     assert kernels.kernel_matmuls("ksa_bwd_dq_kernel", deterministic=False) == 0
     assert kernels.kernel_matmuls("other (torch glue: tables, sort, fills, casts)", deterministic=True) == 0
+
+
+@pytest.mark.slow
+def test_ksa_triton_row_with_reused_tables_builds_them_once(kernels, monkeypatch):
+    """The "block tables reused" row must not rebuild the op's tables on every call (the other row must)."""
+    from ksa_rec.ops.ksa import triton_op
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # (tests/conftest.py: the kernels run on CPU)
+    built = []
+    original_init = triton_op._Plan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_op._Plan, "__init__", counting_init)
+    s = kernels.Setup(heads=1, dim=16, chunk=4, window=1, sums=1, dtype=torch.float32)
+    batch = kernels.make_batch("uniform", 32, 64, s, torch.device("cpu"))
+    counts = {}
+    for call in kernels.ksa_calls(batch, s, ksa_flops=1.0, reference_max_l=0):
+        built.clear()
+        for _ in range(3):
+            call.fn()
+        counts[call.setting] = len(built)
+    assert counts == {"block tables reused": 1, "block tables built each call": 3}
