@@ -424,6 +424,19 @@ STUDIES["long-range-cpu-near"] = [Run(f"lrn-{name}", "synthetic-long-cpu", None,
                                                          ("sca,sca", "sca,sca", NO_REC),
                                                          ("ksa,ksa[chunk,rec0.3]", "ksa,ksa", [*CHUNK, *REC])]]
 
+# Issue 15, long-range.md 2o/2p's reading: without a full layer, all-KSA learns two lookups (raw events in its window,
+# summaries beyond it) through two sets of projections, each trained only by the targets at its distances. With
+# summary_qkv: shared both streams go through the events' Q/K/V, so summary keys live in the event keys' space and
+# one lookup is trained by targets at every distance. The recipe otherwise as shipped (2j), on the shipped data
+# (evidence 30-300 back, scored with 2o's finer buckets) and on 2p's (evidence 3-300 back).
+SHARED = ["--model.encoder.summary_qkv", "shared"]
+FINE = ["--model.eval.distance_edges", "[3,16,20,64,150]"]
+STUDIES["long-range-cpu-shared"] = [
+    Run("lr2-ksa,ksa[chunk,rec0.3,shared]", "synthetic-long-cpu", None,
+        [*_pattern("ksa,ksa"), *CHUNK, *REC, *SHARED, *FINE], seeded=True),
+    Run("lrn-ksa,ksa[chunk,rec0.3,shared]", "synthetic-long-cpu", None,
+        [*_pattern("ksa,ksa"), *CHUNK, *REC, *SHARED, *NEAR], seeded=True)]
+
 # Issue 18: LiGR layers (gated residuals and a SwiGLU feed-forward block), eSASRec's layer, in place of the plain
 # pre-norm block at each dataset's shipped settings, one change at a time and both together.
 LIGR = {"[gates]": ["--model.encoder.residual_gates", "true"],

@@ -164,7 +164,10 @@ class RuleAttention(AttentionLayer):
         self.cfg = cfg
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.qkv_sum = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False) if with_summaries else None
+        self.with_summaries = with_summaries
+        # None under summary_qkv: shared (both streams through qkv)
+        self.qkv_sum = (nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+                        if with_summaries and cfg.summary_qkv == "own" else None)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def rule(self, with_summaries: bool) -> KsaRule:
@@ -182,8 +185,9 @@ class RuleAttention(AttentionLayer):
 
     def project(self, h: Tensor, num_events: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A stream ``h [N, dim]`` (its first ``num_events`` rows events, the rest summaries) -> rotated q, k, v
-        ``[N, H, Dh]``: each stream through its own projection, then both rotated at once."""
-        if h.shape[0] == num_events:
+        ``[N, H, Dh]``: each stream through its own projection (one shared by both under ``summary_qkv:
+        shared``), then both rotated at once."""
+        if h.shape[0] == num_events or self.qkv_sum is None:
             return self.rotate(self.qkv(h), cos, sin)
         # split, not two slices: its backward is one concatenation, where each slice's is a zero-filled copy
         events, summaries = h.split([num_events, h.shape[0] - num_events])
@@ -235,11 +239,11 @@ class RuleAttention(AttentionLayer):
     def unfixed_user(self, cache: FixedCache, b: int, event_count: int) -> dict[str, Tensor]:
         """User b's rows of ``cache`` after ``event_count`` events, as the jagged state keeps them (no row that no
         later query reads)."""
-        rule = self.rule(self.qkv_sum is not None)
+        rule = self.rule(self.with_summaries)
         return cache.user(b, rule.first_kept_event(event_count), rule.first_kept_summary(event_count) or 0)
 
     def empty_fixed_state(self, batch: int, capacity: int, dtype: torch.dtype, device) -> FixedCache:
-        return FixedCache.empty(self.rule(self.qkv_sum is not None), batch, capacity, self.num_heads,
+        return FixedCache.empty(self.rule(self.with_summaries), batch, capacity, self.num_heads,
                                 self.cfg.dim // self.num_heads, dtype, device)
 
 

@@ -176,6 +176,37 @@ def test_chunk_seeded_summaries_match_the_dense_oracle_on_every_backend(pattern,
             torch.testing.assert_close(g.double(), w, **tol)
 
 
+@pytest.mark.parametrize("summary_init", ["slot", "chunk"])
+@pytest.mark.parametrize("pattern", ["ksa,ksa", "swa,ksa", "ksa*3,full"])
+def test_shared_summary_projection_is_the_own_one_tied_to_the_events(pattern, summary_init):
+    """summary_qkv: shared = an encoder with its own summary projections set equal to the events' (and, chunk-seeded,
+    its pooling map set to the identity, where shared starts it), forward and in each tied weight's gradient."""
+    tokens, offsets, positions = _inputs(LENGTHS)
+    shared = _encoder(pattern, summary_init=summary_init, summary_qkv="shared")
+    own = _encoder(pattern, summary_init=summary_init)
+    assert all(block.attn.qkv_sum is None for block in shared.blocks)
+    tied = dict(shared.state_dict())
+    for i in range(len(own.blocks)):
+        tied[f"blocks.{i}.attn.qkv_sum.weight"] = tied[f"blocks.{i}.attn.qkv.weight"]
+    if summary_init == "chunk":
+        torch.testing.assert_close(shared.summary_pool.weight, torch.eye(16, dtype=torch.float64), atol=0, rtol=0)
+    own.load_state_dict(tied)
+    got, got_grads = _outputs_and_grads(shared, tokens, offsets, positions)
+    want, want_grads = _outputs_and_grads(own, tokens, offsets, positions)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    want_by_name = dict(zip([n for n, _ in sorted(own.named_parameters())], want_grads))
+    for name, grad in zip([n for n, _ in sorted(shared.named_parameters())], got_grads):
+        expected = want_by_name[name]
+        if name.endswith("attn.qkv.weight"):  # the shared projection gets both streams' gradients
+            expected = expected + want_by_name[name.replace("attn.qkv.", "attn.qkv_sum.")]
+        torch.testing.assert_close(grad, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_unknown_summary_qkv_names_the_field():
+    with pytest.raises(ValueError, match="encoder.summary_qkv"):
+        EncoderConfig(summary_qkv="tied")
+
+
 def test_chunk_seeding_is_unused_without_a_summary_stream():
     """Like window for a full-only pattern: a config default that patterns without ksa layers do not use."""
     tokens, offsets, positions = _inputs(LENGTHS)

@@ -14,7 +14,8 @@ PATTERNS = ["full,full", "ksa,ksa", "ksa*3,full", "sca,full", "swa,ksa", "sca", 
 VARIANTS = [("ksa,ksa", dict(summary_init="chunk")), ("ksa*3,full", dict(summary_init="chunk")),
             ("swa,ksa", dict(summary_init="chunk", summary_tokens=2)), ("ksa,full", dict(summary_tokens=2)),
             ("ksa,ksa", dict(max_summaries=1)), ("ksa,sca", dict(max_summaries=2, summary_init="chunk")),
-            ("ksa,ksa", dict(window=0)), ("ksa,full", dict(residual_gates=True, ffn_activation="swiglu"))]
+            ("ksa,ksa", dict(window=0)), ("ksa,full", dict(residual_gates=True, ffn_activation="swiglu")),
+            ("ksa,ksa", dict(summary_init="chunk", summary_qkv="shared"))]
 
 
 def _encoder(pattern, **kw):

@@ -109,6 +109,19 @@ def test_chunk_seeded_summaries_stream_like_the_full_pass(pattern, seed):
         assert kept.shape[0] == n % 4 and torch.equal(kept, tokens[b][n - n % 4:])
 
 
+@pytest.mark.parametrize("summary_init", ["slot", "chunk"])
+@pytest.mark.parametrize("pattern", ["ksa,ksa", "ksa*3,full", "swa,ksa"])
+def test_shared_summary_projections_stream_like_the_full_pass(pattern, summary_init):
+    """summary_qkv: shared sends both streams through the events' projection, in the step as in the full pass."""
+    rnd = random.Random(11)
+    lengths = [rnd.randint(0, 40) for _ in range(4)]
+    enc = _encoder(pattern, summary_init=summary_init, summary_qkv="shared", summary_tokens=2)
+    tokens, times = _histories(lengths, 11)
+    full = _full_pass(enc, tokens, times)
+    streamed, _ = _streamed(enc, tokens, times, [_random_pieces(n, rnd) for n in lengths])
+    torch.testing.assert_close(streamed, full, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("pattern", ["full,full", "ksa,ksa", "sca,full", "hstu,full", "mka,full"])
 def test_gated_residuals_and_swiglu_stream_like_the_full_pass(pattern):
     """The gates and the SwiGLU block are per token, so the step computes them as the full pass does."""
