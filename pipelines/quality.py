@@ -435,7 +435,11 @@ STUDIES["long-range-cpu-shared"] = [
     Run("lr2-ksa,ksa[chunk,rec0.3,shared]", "synthetic-long-cpu", None,
         [*_pattern("ksa,ksa"), *CHUNK, *REC, *SHARED, *FINE], seeded=True),
     Run("lrn-ksa,ksa[chunk,rec0.3,shared]", "synthetic-long-cpu", None,
-        [*_pattern("ksa,ksa"), *CHUNK, *REC, *SHARED, *NEAR], seeded=True)]
+        [*_pattern("ksa,ksa"), *CHUNK, *REC, *SHARED, *NEAR], seeded=True),
+    # shared lifted 3-19 back to full attention's level but not 150+ (long-range.md 2q): the events' projection
+    # plus a summary-only correction starting at zero, free to specialise the summary keys
+    Run("lr2-ksa,ksa[chunk,rec0.3,delta]", "synthetic-long-cpu", None,
+        [*_pattern("ksa,ksa"), *CHUNK, *REC, "--model.encoder.summary_qkv", "delta", *FINE], seeded=True)]
 
 # Issue 18: LiGR layers (gated residuals and a SwiGLU feed-forward block), eSASRec's layer, in place of the plain
 # pre-norm block at each dataset's shipped settings, one change at a time and both together.

@@ -165,9 +165,13 @@ class RuleAttention(AttentionLayer):
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.with_summaries = with_summaries
-        # None under summary_qkv: shared (both streams through qkv)
+        # The summary stream's projection (EncoderConfig.summary_qkv): its own; None (qkv's); or a correction
+        # added to qkv's weight, starting at zero
         self.qkv_sum = (nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-                        if with_summaries and cfg.summary_qkv == "own" else None)
+                        if with_summaries and cfg.summary_qkv != "shared" else None)
+        self.summary_delta = with_summaries and cfg.summary_qkv == "delta"
+        if self.summary_delta:
+            nn.init.zeros_(self.qkv_sum.weight)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def rule(self, with_summaries: bool) -> KsaRule:
@@ -185,13 +189,14 @@ class RuleAttention(AttentionLayer):
 
     def project(self, h: Tensor, num_events: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A stream ``h [N, dim]`` (its first ``num_events`` rows events, the rest summaries) -> rotated q, k, v
-        ``[N, H, Dh]``: each stream through its own projection (one shared by both under ``summary_qkv:
-        shared``), then both rotated at once."""
+        ``[N, H, Dh]``: each stream through its projection (``EncoderConfig.summary_qkv``), then both rotated at
+        once."""
         if h.shape[0] == num_events or self.qkv_sum is None:
             return self.rotate(self.qkv(h), cos, sin)
         # split, not two slices: its backward is one concatenation, where each slice's is a zero-filled copy
         events, summaries = h.split([num_events, h.shape[0] - num_events])
-        return self.rotate(torch.cat([self.qkv(events), self.qkv_sum(summaries)]), cos, sin)
+        weight = self.qkv.weight + self.qkv_sum.weight if self.summary_delta else self.qkv_sum.weight
+        return self.rotate(torch.cat([self.qkv(events), nn.functional.linear(summaries, weight)]), cos, sin)
 
     def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:
         n = layout.num_events

@@ -65,10 +65,11 @@ class EncoderConfig:
     window, unused by patterns without a ksa layer."""
     summary_qkv: str = "own"
     """How a layer projects the summary stream to queries, keys and values: "own" (a Q/K/V projection of its
-    own, as the KSA paper) or "shared" (the events' projection). Shared puts summary keys in the event keys'
-    space, so one lookup serves raw events in the window and summaries beyond it, trained by targets at every
-    distance; with ``summary_init: chunk`` the pooling map then starts as the identity (a summary's first input
-    starts as its slot plus its chunk's mean input)."""
+    own, as the KSA paper), "shared" (the events' projection) or "delta" (the events' projection plus a
+    summary-only correction that starts at zero). Shared puts summary keys in the event keys' space, so one
+    lookup serves raw events in the window and summaries beyond it, trained by targets at every distance; delta
+    starts there and may move away. Under both, ``summary_init: chunk``'s pooling map starts as the identity (a
+    summary's first input starts as its slot plus its chunk's mean input)."""
     rope_base: float = 10000.0
     """Base of the rotary position embedding's frequencies."""
     time_gap_buckets: int = 0
@@ -115,8 +116,8 @@ class EncoderConfig:
         require(self.max_summaries is None or self.max_summaries >= 0, "encoder.max_summaries", "must be None or >= 0")
         require(self.summary_init in ("slot", "chunk"), "encoder.summary_init",
                 f"must be slot or chunk, got {self.summary_init!r}")
-        require(self.summary_qkv in ("own", "shared"), "encoder.summary_qkv",
-                f"must be own or shared, got {self.summary_qkv!r}")
+        require(self.summary_qkv in ("own", "shared", "delta"), "encoder.summary_qkv",
+                f"must be own, shared or delta, got {self.summary_qkv!r}")
         require(self.time_gap_buckets >= 0, "encoder.time_gap_buckets", "must be >= 0")
         require(self.attention_backend in (None, "torch", "flex", "triton"), "encoder.attention_backend",
                 f"must be null, torch, flex or triton, got {self.attention_backend!r}")

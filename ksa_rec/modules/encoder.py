@@ -146,7 +146,7 @@ class SequenceEncoder(nn.Module):
             self.summary_embedding = nn.Parameter(torch.randn(cfg.summary_tokens, cfg.dim) * cfg.dim ** -0.5)
             if cfg.summary_init == "chunk":
                 self.summary_pool = nn.Linear(cfg.dim, cfg.dim, bias=False)
-                if cfg.summary_qkv == "shared":
+                if cfg.summary_qkv != "own":
                     nn.init.eye_(self.summary_pool.weight)
 
     @property

@@ -202,6 +202,30 @@ def test_shared_summary_projection_is_the_own_one_tied_to_the_events(pattern, su
         torch.testing.assert_close(grad, expected, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("pattern", ["ksa,ksa", "swa,ksa"])
+def test_delta_summary_projection_is_the_events_plus_its_correction(pattern):
+    """summary_qkv: delta = own summary projections holding the events' weight plus the correction: equal to shared
+    at initialisation (the correction starts at zero), and to own with the summed weight once it has moved."""
+    tokens, offsets, positions = _inputs(LENGTHS)
+    delta = _encoder(pattern, summary_init="chunk", summary_qkv="delta")
+    shared = _encoder(pattern, summary_init="chunk", summary_qkv="shared")
+    assert all(torch.count_nonzero(block.attn.qkv_sum.weight) == 0 for block in delta.blocks)
+    shared.load_state_dict({n: v for n, v in delta.state_dict().items() if "qkv_sum" not in n})
+    torch.testing.assert_close(delta(tokens, offsets, positions), shared(tokens, offsets, positions), atol=0, rtol=0)
+    with torch.no_grad():
+        for block in delta.blocks:
+            block.attn.qkv_sum.weight.normal_()
+    own = _encoder(pattern, summary_init="chunk")
+    summed = dict(delta.state_dict())
+    for i in range(len(delta.blocks)):
+        summed[f"blocks.{i}.attn.qkv_sum.weight"] = summed[f"blocks.{i}.attn.qkv.weight"] + summed[
+            f"blocks.{i}.attn.qkv_sum.weight"]
+    own.load_state_dict(summed)
+    moved = delta(tokens, offsets, positions)
+    assert not torch.allclose(moved, shared(tokens, offsets, positions))
+    torch.testing.assert_close(moved, own(tokens, offsets, positions), atol=1e-12, rtol=1e-12)
+
+
 def test_unknown_summary_qkv_names_the_field():
     with pytest.raises(ValueError, match="encoder.summary_qkv"):
         EncoderConfig(summary_qkv="tied")

@@ -15,7 +15,8 @@ VARIANTS = [("ksa,ksa", dict(summary_init="chunk")), ("ksa*3,full", dict(summary
             ("swa,ksa", dict(summary_init="chunk", summary_tokens=2)), ("ksa,full", dict(summary_tokens=2)),
             ("ksa,ksa", dict(max_summaries=1)), ("ksa,sca", dict(max_summaries=2, summary_init="chunk")),
             ("ksa,ksa", dict(window=0)), ("ksa,full", dict(residual_gates=True, ffn_activation="swiglu")),
-            ("ksa,ksa", dict(summary_init="chunk", summary_qkv="shared"))]
+            ("ksa,ksa", dict(summary_init="chunk", summary_qkv="shared")),
+            ("ksa,sca", dict(summary_init="chunk", summary_qkv="delta"))]
 
 
 def _encoder(pattern, **kw):

@@ -109,13 +109,18 @@ def test_chunk_seeded_summaries_stream_like_the_full_pass(pattern, seed):
         assert kept.shape[0] == n % 4 and torch.equal(kept, tokens[b][n - n % 4:])
 
 
-@pytest.mark.parametrize("summary_init", ["slot", "chunk"])
+@pytest.mark.parametrize(("summary_init", "summary_qkv"), [("slot", "shared"), ("chunk", "shared"), ("chunk", "delta")])
 @pytest.mark.parametrize("pattern", ["ksa,ksa", "ksa*3,full", "swa,ksa"])
-def test_shared_summary_projections_stream_like_the_full_pass(pattern, summary_init):
-    """summary_qkv: shared sends both streams through the events' projection, in the step as in the full pass."""
+def test_shared_summary_projections_stream_like_the_full_pass(pattern, summary_init, summary_qkv):
+    """summary_qkv: shared sends both streams through the events' projection, delta the summaries through it plus
+    their correction, in the step as in the full pass."""
     rnd = random.Random(11)
     lengths = [rnd.randint(0, 40) for _ in range(4)]
-    enc = _encoder(pattern, summary_init=summary_init, summary_qkv="shared", summary_tokens=2)
+    enc = _encoder(pattern, summary_init=summary_init, summary_qkv=summary_qkv, summary_tokens=2)
+    if summary_qkv == "delta":  # away from its zero start, so that the correction is exercised
+        with torch.no_grad():
+            for block in enc.blocks:
+                block.attn.qkv_sum.weight.normal_(std=0.3)
     tokens, times = _histories(lengths, 11)
     full = _full_pass(enc, tokens, times)
     streamed, _ = _streamed(enc, tokens, times, [_random_pieces(n, rnd) for n in lengths])
