@@ -184,6 +184,13 @@ def test_studies_run_before_a_config_changed_pin_the_settings_they_ran(quality):
                                                                     "1.0" if "aux" in run.name else "0"), run.name
             assert run.overrides.count("--model.encoder.pattern") == 1, run.name
     assert {r.config for study in cpu_studies for r in quality.STUDIES[study]} == {"synthetic-long-cpu"}
+    # then it went to summary_qkv delta (long-range.md 2r): every study before, of both generations, keeps own
+    for study in [*cpu_studies, "long-range-cpu-rec-weight", "long-range-cpu-near"]:
+        for run in quality.STUDIES[study]:
+            assert args(run)["--model.encoder.summary_qkv"] == "own" and \
+                run.overrides.count("--model.encoder.summary_qkv") == 1, run.name
+    assert {args(r)["--model.encoder.summary_qkv"] for r in quality.STUDIES["long-range-cpu-shared"]} == {"shared",
+                                                                                                        "delta"}
     for study in ("ml-1m-converged", "ml-1m-deep", "ml-1m-cosine", "ml-1m-regularise"):  # dropout 0.2 until then
         for run in quality.STUDIES[study]:
             want = run.name.split("[drop")[1].split("]")[0] if "[drop" in run.name else "0.2"
