@@ -111,7 +111,7 @@ def test_chunk_seeded_summaries_stream_like_the_full_pass(pattern, seed):
 
 @pytest.mark.parametrize(("summary_init", "summary_qkv"), [("slot", "shared"), ("chunk", "shared"), ("chunk", "delta")])
 @pytest.mark.parametrize("pattern", ["ksa,ksa", "ksa*3,full", "swa,ksa"])
-def test_shared_summary_projections_stream_like_the_full_pass(pattern, summary_init, summary_qkv):
+def test_summary_projection_modes_stream_like_the_full_pass(pattern, summary_init, summary_qkv):
     """summary_qkv: shared sends both streams through the events' projection, delta the summaries through it plus
     their correction, in the step as in the full pass."""
     rnd = random.Random(11)
