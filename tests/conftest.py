@@ -63,3 +63,20 @@ def host_reads():
     """``with host_reads() as reads: ...`` then ``reads.found``: the host reads of the block, counted on the CPU (ops
     that wait for a CUDA device, which a CUDA graph cannot capture: ``ksa_rec.modules.graphs``)."""
     return HostReads
+
+
+@pytest.fixture
+def built_block_plans(monkeypatch):
+    """Every KSA Triton block plan (``triton_op._Plan``) built while the test runs, in order: how tests see whether
+    calls share their block tables or build their own."""
+    from ksa_rec.ops.ksa import triton_op
+
+    built = []
+    original_init = triton_op._Plan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_op._Plan, "__init__", counting_init)
+    return built

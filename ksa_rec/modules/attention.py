@@ -169,8 +169,7 @@ class RuleAttention(AttentionLayer):
         # added to qkv's weight, starting at zero
         self.qkv_sum = (nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
                         if with_summaries and cfg.summary_qkv != "shared" else None)
-        self.summary_delta = with_summaries and cfg.summary_qkv == "delta"
-        if self.summary_delta:
+        if self.qkv_sum is not None and cfg.summary_qkv == "delta":
             nn.init.zeros_(self.qkv_sum.weight)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
@@ -195,7 +194,9 @@ class RuleAttention(AttentionLayer):
             return self.rotate(self.qkv(h), cos, sin)
         # split, not two slices: its backward is one concatenation, where each slice's is a zero-filled copy
         events, summaries = h.split([num_events, h.shape[0] - num_events])
-        weight = self.qkv.weight + self.qkv_sum.weight if self.summary_delta else self.qkv_sum.weight
+        weight = self.qkv_sum.weight
+        if self.cfg.summary_qkv == "delta":  # the events' projection plus the summaries' correction
+            weight = weight + self.qkv.weight
         return self.rotate(torch.cat([self.qkv(events), nn.functional.linear(summaries, weight)]), cos, sin)
 
     def forward(self, h: Tensor, layout: StreamLayout) -> Tensor:

@@ -173,17 +173,10 @@ def test_strided_inputs():
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
 
 
-def test_calls_over_one_batch_share_block_tables(monkeypatch):
+def test_calls_over_one_batch_share_block_tables(built_block_plans):
     """The layers of one forward pass pass one ``tables`` dict: the block tables are built once per batch
     and rule, and the results are those of calls that build their own, forward and backward."""
-    built = []
-    original_init = triton_op._Plan.__init__
-
-    def counting_init(self, *args, **kwargs):
-        built.append(self)
-        original_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(triton_op._Plan, "__init__", counting_init)
+    built = built_block_plans
     tensors, offsets = _inputs(MIXED, 4, 1, seed=3)
     gen = torch.Generator().manual_seed(4)
     grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(DEVICE) for t in (tensors[0], tensors[3])]

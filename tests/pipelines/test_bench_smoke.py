@@ -297,19 +297,10 @@ def test_stage_rates_count_only_the_matmuls_a_kernel_runs(kernels):
 
 
 @pytest.mark.slow
-def test_ksa_triton_row_with_reused_tables_builds_them_once(kernels, monkeypatch):
+def test_ksa_triton_row_with_reused_tables_builds_them_once(kernels, built_block_plans):
     """The "block tables reused" row must not rebuild the op's tables on every call (the other row must)."""
-    from ksa_rec.ops.ksa import triton_op
-
     assert os.environ.get("TRITON_INTERPRET") == "1"  # (tests/conftest.py: the kernels run on CPU)
-    built = []
-    original_init = triton_op._Plan.__init__
-
-    def counting_init(self, *args, **kwargs):
-        built.append(self)
-        original_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(triton_op._Plan, "__init__", counting_init)
+    built = built_block_plans
     s = kernels.Setup(heads=1, dim=16, chunk=4, window=1, sums=1, dtype=torch.float32)
     batch = kernels.make_batch("uniform", 32, 64, s, torch.device("cpu"))
     counts = {}
